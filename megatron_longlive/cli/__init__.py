@@ -1,0 +1,1 @@
+"""Thin command-line entry points; the library itself parses no CLI."""

@@ -1,0 +1,55 @@
+"""Streaming generation settings for `longlive generate` / `longlive serve`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from .base import ConfigBase
+
+
+@dataclasses.dataclass
+class InferConfig(ConfigBase):
+    """Chunk loop, sampling schedule and KV-cache geometry (all in latent frames)."""
+
+    _section: ClassVar[str] = "infer"
+
+    denoising_steps: list[int] = dataclasses.field(default_factory=lambda: [1000, 750, 500, 250])
+    """Timesteps (out of 1000) visited per chunk, high to low (LongLive: [1000, 750, 500, 250])."""
+    timestep_shift: float = 5.0
+    """Shift applied to the timestep list (Wan's flow schedule)."""
+    chunk_frames: int = 1
+    """Latent frames generated per chunk."""
+    num_chunks: int = 8
+    """Chunks to generate."""
+    window_frames: int = 4
+    """Rolling attention window in latent frames, sinks included (LongLive v1: 12)."""
+    sink_frames: int = 1
+    """Global sink: the first latent frames of the video, kept for the whole stream (LongLive v1: 3)."""
+    shot_sink_frames: int = 0
+    """Shot sink: the first latent frames of the current shot (0 disables)."""
+    height: int = 64
+    """Output height in pixels."""
+    width: int = 64
+    """Output width in pixels."""
+    fps: float = 8.0
+    """Frames per second of the written video."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance scale (1 = off)."""
+    seed: int = 0
+    """Noise seed."""
+    output: str = "outputs/video.mp4"
+    """Where the mp4 goes."""
+
+    def validate(self) -> None:
+        if not self.denoising_steps:
+            raise self.error("denoising_steps", "is empty", "give at least one timestep, e.g. [1000, 500]")
+        if any(not 0 < t <= 1000 for t in self.denoising_steps):
+            raise self.error("denoising_steps", f"{self.denoising_steps} has values outside (0, 1000]",
+                             "use timesteps in (0, 1000]")
+        for name in ("chunk_frames", "num_chunks", "window_frames"):
+            if getattr(self, name) < 1:
+                raise self.error(name, f"must be >= 1, got {getattr(self, name)}", f"set infer.{name} >= 1")
+        if self.sink_frames + self.shot_sink_frames >= self.window_frames:
+            raise self.error("window_frames", f"window_frames={self.window_frames} must exceed sink_frames + "
+                             f"shot_sink_frames={self.sink_frames + self.shot_sink_frames}",
+                             "enlarge infer.window_frames or shrink the sinks")

@@ -1,0 +1,76 @@
+"""Optimisation, checkpointing and logging for `longlive train` / `longlive distill`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+from .base import ConfigBase
+
+
+@dataclasses.dataclass
+class TrainConfig(ConfigBase):
+    """Teacher-forcing AR training (and the shared knobs of distillation)."""
+
+    _section: ClassVar[str] = "train"
+
+    output_dir: str = "runs/tiny"
+    """Run directory: checkpoints, metrics.jsonl, wandb files, the resolved config."""
+    max_steps: int = 200
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """Peak learning rate (LongLive-2.0 5B: 1e-5)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of `lr`."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (LongLive-2.0: (0, 0.999))."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    micro_batch: int = 1
+    """Videos per micro-batch."""
+    chunk_frames: int = 1
+    """Latent frames per AR chunk (LongLive v1: 3, LongLive-2.0: 8)."""
+    timestep_shift: float = 5.0
+    """Shift of Wan's flow-matching sigma schedule."""
+    num_train_timesteps: int = 1000
+    """Discrete training timesteps."""
+    ema_decay: float = 0.0
+    """EMA decay of the weights; 0 disables EMA (LongLive-2.0: 0.99)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast dtype for the forward (bf16 on GPU)."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward."""
+    lora_rank: int = 0
+    """0: full fine-tune; > 0: frozen base + LoRA of this rank."""
+    lora_alpha: float = 0.0
+    """LoRA alpha (scale alpha/rank); 0 means alpha = rank."""
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["self_attn.q", "self_attn.k", "self_attn.v",
+                                                                          "self_attn.o", "cross_attn.q", "cross_attn.k",
+                                                                          "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"])
+    """Module-name suffixes that get LoRA adapters."""
+    save_interval: int = 50
+    """Steps between checkpoints (and one on SIGTERM)."""
+    keep_last: int = 3
+    """Checkpoints to keep."""
+    log_interval: int = 1
+    """Steps between metric lines."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode; offline by default (no network needed)."""
+    seed: int = 0
+    """Global seed."""
+
+    def validate(self) -> None:
+        for name in ("max_steps", "grad_accum", "micro_batch", "chunk_frames", "keep_last", "num_train_timesteps"):
+            if getattr(self, name) < 1:
+                raise self.error(name, f"must be >= 1, got {getattr(self, name)}", f"set train.{name} >= 1")
+        if self.lr <= 0:
+            raise self.error("lr", f"must be positive, got {self.lr}", "use e.g. 1e-4")
+        if not 0 <= self.ema_decay < 1:
+            raise self.error("ema_decay", f"must be in [0, 1), got {self.ema_decay}", "use 0 (off) or e.g. 0.99")
+        if self.lora_rank < 0:
+            raise self.error("lora_rank", f"must be >= 0, got {self.lora_rank}", "use 0 (full) or e.g. 16")

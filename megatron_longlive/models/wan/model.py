@@ -1,0 +1,259 @@
+"""Wan-family diffusion transformer, written as plain math (no process groups, no precision flags).
+
+Parameter names follow the official Wan checkpoints (`blocks.0.self_attn.q.weight`, `head.head`, ...),
+so official files load without renaming. Two details make it fit autoregressive training:
+
+* Time modulation is per latent frame: `t` is [B, F], so clean (t=0) and noisy chunks can share one
+  sequence. The token sequence is always a concatenation of whole frames of `tokens_per_frame` tokens.
+* RoPE positions are explicit (`positions` [S, 3]), so a clean chunk and its noisy twin share
+  temporal positions and streaming can keep counting frames.
+
+Linear layers and QK norms come from a `LinearProvider` (precision and tensor parallelism are chosen
+there); the self-attention core is an `AttentionCore` module that sequence parallelism may wrap.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config.model import ModelConfig
+from ..provider import LinearProvider
+from .attention import AttentionCore, ChunkMask
+from .rope import apply_rope, grid_positions, rope_cos_sin
+
+# A per-layer hook of the streaming KV cache: given this chunk's (k, v) [B, S, H, D] and the mask,
+# return the (k, v, mask) to attend over (cache contents + this chunk), writing the cache as it likes.
+KVHook = Callable[[torch.Tensor, torch.Tensor, "ChunkMask | None"], tuple]
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, cast back (as Wan does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = hi(x)
+        w = self.weight.to(xf.dtype) if self.weight is not None else None
+        b = self.bias.to(xf.dtype) if self.bias is not None else None
+        return F.layer_norm(xf, self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+def hi(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to at least float32 (bf16 -> fp32; fp64 stays fp64) for norms, modulation and residuals."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift with per-frame shift/scale. x: [B, S, D]; shift, scale: [B, F, D]."""
+    b, s, d = x.shape
+    xf = hi(x).view(b, shift.shape[1], -1, d)
+    return (xf * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, s, d).type_as(x)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate with a per-frame gate [B, F, D], in float32."""
+    b, s, d = x.shape
+    out = hi(x).view(b, gate.shape[1], -1, d) + hi(y).view(b, gate.shape[1], -1, d) * gate[:, :, None]
+    return out.view(b, s, d).type_as(x)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep embedding: [cos, sin] of t * 10000^(-i/half), computed in float64. t: [...] -> [..., dim]."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, provider: LinearProvider, prefix: str):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q = provider.linear(f"{prefix}.q", cfg.dim, cfg.dim, True, "column")
+        self.k = provider.linear(f"{prefix}.k", cfg.dim, cfg.dim, True, "column")
+        self.v = provider.linear(f"{prefix}.v", cfg.dim, cfg.dim, True, "column")
+        self.o = provider.linear(f"{prefix}.o", cfg.dim, cfg.dim, True, "row")
+        self.norm_q = provider.qk_norm(f"{prefix}.norm_q", cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = provider.qk_norm(f"{prefix}.norm_k", cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.core = AttentionCore()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: ChunkMask | torch.Tensor | None = None, kv_hook: KVHook | None = None) -> torch.Tensor:
+        # 1. project and split heads: [B, S, H, D] (H is the local head count under TP)
+        q = self.norm_q(self.q(x)).unflatten(-1, (-1, self.head_dim))
+        k = self.norm_k(self.k(x)).unflatten(-1, (-1, self.head_dim))
+        v = self.v(x).unflatten(-1, (-1, self.head_dim))
+        # 2. rotary positions
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # 3. streaming: let the KV cache add its history (and store this chunk)
+        if kv_hook is not None:
+            k, v, mask = kv_hook(k, v, mask)
+        # 4. attention, merge heads, output projection
+        return self.o(self.core(q, k, v, mask).flatten(2))
+
+
+class WanCrossAttention(nn.Module):
+    """Attention from video tokens to text tokens (no mask, no RoPE)."""
+
+    def __init__(self, cfg: ModelConfig, provider: LinearProvider, prefix: str):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q = provider.linear(f"{prefix}.q", cfg.dim, cfg.dim, True, "column")
+        self.k = provider.linear(f"{prefix}.k", cfg.dim, cfg.dim, True, "column")
+        self.v = provider.linear(f"{prefix}.v", cfg.dim, cfg.dim, True, "column")
+        self.o = provider.linear(f"{prefix}.o", cfg.dim, cfg.dim, True, "row")
+        self.norm_q = provider.qk_norm(f"{prefix}.norm_q", cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = provider.qk_norm(f"{prefix}.norm_k", cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.core = AttentionCore()
+
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text K/V [B, L, H, D]; computed once per prompt and reusable across chunks."""
+        k = self.norm_k(self.k(context)).unflatten(-1, (-1, self.head_dim))
+        v = self.v(context).unflatten(-1, (-1, self.head_dim))
+        return k, v
+
+    def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (-1, self.head_dim))
+        k, v = context_kv
+        return self.o(self.core(q, k, v).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, provider: LinearProvider, prefix: str):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(cfg, provider, f"{prefix}.self_attn")
+        self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = WanCrossAttention(cfg, provider, f"{prefix}.cross_attn")
+        self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(provider.linear(f"{prefix}.ffn.0", cfg.dim, cfg.ffn_dim, True, "column"),
+                                 nn.GELU(approximate="tanh"),
+                                 provider.linear(f"{prefix}.ffn.2", cfg.ffn_dim, cfg.dim, True, "row"))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                context_kv: tuple[torch.Tensor, torch.Tensor], mask: ChunkMask | torch.Tensor | None = None,
+                kv_hook: KVHook | None = None) -> torch.Tensor:
+        """x: [B, S, D]; e: [B, F, 6, D] float32 time projection per frame."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (hi(self.modulation)[:, None] + e).unbind(2)
+        y = self.self_attn(modulate(self.norm1(x), shift, scale), cos, sin, mask, kv_hook)
+        x = gated_residual(x, y, gate)
+        x = x + self.cross_attn(self.norm3(x), context_kv)
+        y = self.ffn(modulate(self.norm2(x), c_shift, c_scale))
+        return gated_residual(x, y, c_gate)
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, provider: LinearProvider):
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = provider.linear("head.head", cfg.dim, math.prod(cfg.patch_size) * cfg.out_channels, True,
+                                    "replicated")
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e_time: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, D]; e_time: [B, F, D] float32 time embedding per frame."""
+        shift, scale = (hi(self.modulation)[:, None] + e_time[:, :, None]).unbind(2)
+        return self.head(modulate(self.norm(x), shift, scale))
+
+
+class WanDiT(nn.Module):
+    """The Wan DiT. `forward` runs a whole video (bidirectional or masked); the finer-grained methods
+    (`patchify`, `time_embed`, `embed_context`, `forward_tokens`, `unpatchify`) let teacher forcing and
+    the streaming engine assemble their own token sequences."""
+
+    def __init__(self, cfg: ModelConfig, provider: LinearProvider | None = None):
+        super().__init__()
+        provider = provider or LinearProvider()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(provider.linear("text_embedding.0", cfg.text_dim, d),
+                                            nn.GELU(approximate="tanh"),
+                                            provider.linear("text_embedding.2", d, d))
+        self.time_embedding = nn.Sequential(provider.linear("time_embedding.0", cfg.freq_dim, d), nn.SiLU(),
+                                            provider.linear("time_embedding.2", d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), provider.linear("time_projection.1", d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(cfg, provider, f"blocks.{i}") for i in range(cfg.num_layers))
+        self.head = WanHead(cfg, provider)
+
+    # ----- pieces -------------------------------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B, C, T, H, W] latents -> tokens [B, S, D] (frame-major raster) and the token grid (F, H', W')."""
+        x = self.patch_embedding(x)
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid
+
+    def unpatchify(self, tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """[B, S, p*C] head output -> [B, C, T, H, W]."""
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        x = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, -1)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
+
+    def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame timesteps [B, F] (0..1000) -> (embedding [B, F, D], projection [B, F, 6, D]), >= float32."""
+        w = self.time_embedding[0].weight
+        e = hi(self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(hi(w).dtype)))
+        e0 = hi(self.time_projection(e)).unflatten(-1, (6, self.cfg.dim))
+        return e, e0
+
+    def embed_context(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Text tokens [B, L, text_dim] -> per-layer cross-attention (k, v), reusable across chunks."""
+        ctx = self.text_embedding(context)
+        return [blk.cross_attn.project_context(ctx) for blk in self.blocks]
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer positions [S, 3] -> cos, sin [S, head_dim/2]."""
+        return rope_cos_sin(positions, self.cfg.rope_dims, self.cfg.rope_theta)
+
+    def forward_tokens(self, tokens: torch.Tensor, t: torch.Tensor, context_kv: list, positions: torch.Tensor,
+                       mask: ChunkMask | torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        """Run all blocks and the head on an assembled token sequence.
+
+        tokens: [B, S, D], whole frames; t: [B, F] timesteps of those frames (S = F * tokens_per_frame);
+        context_kv: from `embed_context`; positions: [S, 3]; mask: over the S tokens (or None = full);
+        kv_cache: None, or an object whose `.hook(layer_index)` returns a `KVHook`.
+        Returns the head output [B, S, prod(patch) * out_channels].
+        """
+        e, e0 = self.time_embed(t)
+        cos, sin = self.rope(positions)
+        x = tokens
+        for i, block in enumerate(self.blocks):
+            hook = kv_cache.hook(i) if kv_cache is not None else None
+            x = block(x, e0, cos, sin, context_kv[i], mask, hook)
+        return self.head(x, e)
+
+    # ----- whole video --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, frame_offset: int = 0,
+                mask: ChunkMask | torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow velocity of a latent video.
+
+        x: [B, C, T, H, W]; t: [B] (one timestep per video, as Wan) or [B, T'] (per latent frame after
+        temporal patching); context: [B, L, text_dim]. mask=None is the bidirectional base model.
+        """
+        tokens, grid = self.patchify(x)
+        if t.ndim == 1:
+            t = t[:, None].expand(-1, grid[0])
+        positions = grid_positions(*grid, frame_offset=frame_offset, device=x.device)
+        out = self.forward_tokens(tokens, t, self.embed_context(context), positions, mask)
+        return self.unpatchify(out, grid)
+
+    # ----- initialisation (Wan's scheme) -----------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in list(self.text_embedding) + list(self.time_embedding):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        if self.head.head.bias is not None:
+            nn.init.zeros_(self.head.head.bias)
