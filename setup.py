@@ -31,7 +31,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],
         "gpu": ["triton>=3.2", "transformer-engine[pytorch]", "nvidia-dali-cuda120"],
-        "triton": ["triton>=3.2"],
+        "triton": ["triton==3.6.0"],
         "mpi": ["mpi4py"],
     },
     entry_points={"console_scripts": ["longlive=megatron_longlive.cli.main:main"]},
