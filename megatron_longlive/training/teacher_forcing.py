@@ -5,12 +5,18 @@ chunk is `chunk_frames` latent frames of `tokens_per_frame` tokens. Block id of 
 of noisy chunk i is n + i. Attention rule (block granularity):
   * clean x_i attends clean x_j for j <= i;
   * noisy z_i attends clean x_j for j < i, and itself; never another noisy chunk.
+A clean chunk and its noisy twin share RoPE positions; each noisy chunk has its own sigma on Wan's
+shifted flow schedule; the loss is the flow-matching velocity MSE on noisy tokens only.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from ..models.wan.attention import ChunkMask
+from ..models.wan.rope import grid_positions
+from .schedule import noise_latents, sample_sigmas, sigma_to_timestep, velocity_target
 
 
 def tf_block_table(num_chunks: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -36,3 +42,107 @@ def teacher_forcing_mask(num_chunks: int, chunk_frames: int, tokens_per_frame: i
     """The teacher-forcing mask over the [clean | noisy] token sequence."""
     ids = tf_block_ids(num_chunks, chunk_frames, tokens_per_frame, device)
     return ChunkMask(ids, ids, tf_block_table(num_chunks, device))
+
+
+# ----- assembling the [clean | noisy] sequence and the loss ------------------------------------------
+
+@dataclasses.dataclass
+class TFInputs:
+    """Everything the model needs for one teacher-forcing forward (F' = token frames after temporal patching).
+
+    tokens: [B, 2S, D] patch embeddings, clean half then noisy half (S = F' * tokens_per_frame);
+    t: [B, 2F'] timesteps per token frame (0 for the clean half); positions: [2S, 3] RoPE positions, the
+    clean grid repeated so a chunk and its noisy twin share positions; mask: the teacher-forcing ChunkMask;
+    grid: (F', H', W') of one half; target: [B, C, F, H, W] velocity eps - x of the noisy half.
+    """
+
+    tokens: torch.Tensor
+    t: torch.Tensor
+    positions: torch.Tensor
+    mask: ChunkMask
+    grid: tuple[int, int, int]
+    target: torch.Tensor
+    num_chunks: int
+    chunk_frames: int
+
+    @property
+    def num_clean_tokens(self) -> int:
+        return self.tokens.shape[1] // 2
+
+
+def chunk_to_frames(per_chunk: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """[B, n] per-chunk values -> [B, n * chunk_frames] per-frame values."""
+    return per_chunk.repeat_interleave(chunk_frames, dim=1)
+
+
+def build_tf_inputs(model, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, chunk_frames: int,
+                    num_train_timesteps: int = 1000) -> TFInputs:
+    """Noise every chunk at its own sigma and assemble the [clean | noisy] token sequence.
+
+    latents, noise: [B, C, F, H, W] (F latent frames, a multiple of chunk_frames); sigma: [B, n] per chunk.
+    `model` provides `patchify` and `cfg.patch_size` (a WanDiT).
+    """
+    b, _, f, _, _ = latents.shape
+    pt = model.cfg.patch_size[0]
+    assert f % chunk_frames == 0, f"latent frames {f} must be a multiple of chunk_frames {chunk_frames}"
+    assert chunk_frames % pt == 0, f"chunk_frames {chunk_frames} must be a multiple of the temporal patch {pt}"
+    n = f // chunk_frames
+    assert sigma.shape == (b, n), f"sigma {tuple(sigma.shape)} must be [batch, num_chunks] = {(b, n)}"
+    # 1. noisy twin of every chunk: z_i = (1 - s_i) x_i + s_i eps_i
+    sigma_f = chunk_to_frames(sigma, chunk_frames).to(latents.dtype)          # [B, F]
+    noisy = noise_latents(latents, noise, sigma_f[:, None, :, None, None])
+    # 2. tokens of both halves (same patch embedding), frame-major raster order
+    clean_tok, grid = model.patchify(latents)                                 # [B, S, D]
+    noisy_tok, _ = model.patchify(noisy)
+    tokens = torch.cat([clean_tok, noisy_tok], dim=1)                         # [B, 2S, D]
+    # 3. per token-frame timesteps: 0 for clean, sigma * 1000 for noisy (one value per temporal patch)
+    sigma_hi = chunk_to_frames(sigma, chunk_frames).to(torch.promote_types(sigma.dtype, torch.float32))
+    t_noisy = sigma_to_timestep(sigma_hi[:, ::pt], num_train_timesteps)      # [B, F']
+    t = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)               # [B, 2F']
+    # 4. positions: the clean grid, repeated for the noisy half
+    pos = grid_positions(*grid, device=latents.device)                        # [S, 3]
+    positions = torch.cat([pos, pos], dim=0)
+    # 5. the block mask, chunk = block
+    mask = teacher_forcing_mask(n, chunk_frames // pt, grid[1] * grid[2], latents.device)
+    return TFInputs(tokens, t, positions, mask, grid, velocity_target(latents, noise), n, chunk_frames)
+
+
+def tf_forward(model, inputs: TFInputs, context_kv: list) -> torch.Tensor:
+    """Head output over the whole [clean | noisy] sequence: [B, 2S, prod(patch) * C].
+
+    context_kv: `model.embed_context(text)` - one text context for the whole video. Per-chunk prompts
+    (multi-shot) will enter here as a per-token context; the sequence layout does not change.
+    """
+    return model.forward_tokens(inputs.tokens, inputs.t, context_kv, inputs.positions, inputs.mask)
+
+
+def noisy_prediction(model, out: torch.Tensor, inputs: TFInputs) -> torch.Tensor:
+    """Velocity prediction of the noisy half as latents [B, C, F, H, W]; the clean half is dropped."""
+    return model.unpatchify(out[:, inputs.num_clean_tokens:], inputs.grid)
+
+
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE of the velocity over noisy tokens, in float32. pred, target: [B, C, F, H, W]."""
+    return (pred.float() - target.float()).pow(2).mean()
+
+
+def per_chunk_loss(pred: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """[B, n] MSE per video and chunk (for diagnostics and causality checks)."""
+    err = (pred.float() - target.float()).pow(2)                              # [B, C, F, H, W]
+    b, c, f, h, w = err.shape
+    return err.view(b, c, f // chunk_frames, chunk_frames, h, w).mean(dim=(1, 3, 4, 5))
+
+
+def teacher_forcing_loss(model, latents: torch.Tensor, text: torch.Tensor, chunk_frames: int,
+                         generator: torch.Generator | None = None, shift: float = 5.0,
+                         num_train_timesteps: int = 1000) -> tuple[torch.Tensor, TFInputs]:
+    """Sample per-chunk sigmas and noise (on `generator`, CPU), run the TF forward, return (loss, inputs).
+
+    latents: [B, C, F, H, W]; text: [B, L, text_dim] one caption per video.
+    """
+    b, f = latents.shape[0], latents.shape[2]
+    sigma = sample_sigmas((b, f // chunk_frames), shift, num_train_timesteps, generator)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
+    inputs = build_tf_inputs(model, latents, noise, sigma.to(latents.device), chunk_frames, num_train_timesteps)
+    out = tf_forward(model, inputs, model.embed_context(text))
+    return flow_matching_loss(noisy_prediction(model, out, inputs), inputs.target), inputs
