@@ -15,6 +15,7 @@ import yaml
 from .base import ConfigBase, ConfigError
 from .data import DataConfig
 from .infer import InferConfig
+from .launch import LaunchConfig
 from .model import ModelConfig, preset_config
 from .parallel import ParallelConfig
 from .quant import QuantConfig
@@ -39,6 +40,8 @@ class RunConfig(ConfigBase):
     """Optimisation and checkpoints."""
     infer: InferConfig = dataclasses.field(default_factory=InferConfig)
     """Streaming generation."""
+    launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
+    """Cluster launch (Slurm / mpirun)."""
 
     def validate(self) -> None:
         for name in ("tp_size", "sp_size"):
@@ -52,7 +55,7 @@ class RunConfig(ConfigBase):
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "quant": QuantConfig,
-            "train": TrainConfig, "infer": InferConfig}
+            "train": TrainConfig, "infer": InferConfig, "launch": LaunchConfig}
 
 
 def to_plain(cfg: Any) -> Any:
