@@ -1,0 +1,209 @@
+"""The dataset protocol the trainer consumes, a `.pt`/in-memory implementation, and a resumable loader.
+
+An item is a dict: 'latents' [C, F, H, W] float (VAE-normalised latents), 'text' [L, text_dim] (text
+encoder output, padded), 'caption' str. Sources are registered by `data.source` name; `build_dataset`
+looks one up. `synthetic` is provided by `dataloaders/synthetic.py`, which must define
+`build_dataset(cfg: RunConfig) -> LatentDataset`. `LatentLoader` shuffles per epoch from a seed,
+shards indices over data-parallel ranks, crops clips to the configured latent frames, and its
+position (epoch, index, seed) is a small state dict that checkpoints restore exactly.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+# VAE compression (temporal, spatial) per model.vae family.
+VAE_STRIDES = {"wan2.1": (4, 8), "wan2.2": (4, 16)}
+
+
+@runtime_checkable
+class LatentDataset(Protocol):
+    """Map-style dataset of latent clips; `name` is used in error messages (a file path, a source)."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict: ...
+
+
+class InMemoryLatentDataset:
+    """Items held in memory: latents [N, C, F, H, W], text [N, L, text_dim], captions (N strings)."""
+
+    def __init__(self, latents: torch.Tensor, text: torch.Tensor, captions: list[str] | None = None,
+                 name: str = "<memory>"):
+        if latents.ndim != 5:
+            raise ValueError(f"{name}: 'latents' must be [N, C, F, H, W], got shape {tuple(latents.shape)}. "
+                             f"Fix: stack one [C, F, H, W] latent per video.")
+        if text.ndim != 3 or text.shape[0] != latents.shape[0]:
+            raise ValueError(f"{name}: 'text' must be [N, L, text_dim] with N={latents.shape[0]}, got "
+                             f"{tuple(text.shape)}. Fix: one padded text-encoder output per video.")
+        captions = list(captions) if captions is not None else [""] * latents.shape[0]
+        if len(captions) != latents.shape[0]:
+            raise ValueError(f"{name}: {len(captions)} captions for {latents.shape[0]} videos. "
+                             f"Fix: give one caption per video.")
+        self.latents, self.text, self.captions, self.name = latents, text, captions, name
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, index: int) -> dict:
+        return {"latents": self.latents[index], "text": self.text[index], "caption": self.captions[index]}
+
+
+def save_latent_file(path: str | os.PathLike, latents: torch.Tensor, text: torch.Tensor,
+                     captions: list[str] | None = None) -> None:
+    """Write a `.pt` latent file readable by `PtLatentDataset`."""
+    captions = list(captions) if captions is not None else [""] * latents.shape[0]
+    torch.save({"latents": latents.contiguous(), "text": text.contiguous(), "captions": captions}, path)
+
+
+class PtLatentDataset(InMemoryLatentDataset):
+    """A `.pt` file holding {'latents': [N, C, F, H, W], 'text': [N, L, text_dim], 'captions': [...]}."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = str(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data.path: latent file {path!r} not found. Fix: point data.path at a .pt "
+                                    f"file written by dataloaders.latent_dataset.save_latent_file.")
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("latents", "text") if k not in blob]
+        if missing:
+            raise ValueError(f"{path}: missing field(s) {missing}. Fix: write the file with save_latent_file().")
+        super().__init__(blob["latents"], blob["text"], blob.get("captions"), name=path)
+
+
+# ----- sources --------------------------------------------------------------------------------------
+
+_SOURCES: dict[str, Callable] = {}
+
+
+def register_source(name: str):
+    """Decorator: register `factory(cfg: RunConfig) -> LatentDataset` under `data.source == name`."""
+    def wrap(factory):
+        _SOURCES[name] = factory
+        return factory
+    return wrap
+
+
+@register_source("synthetic")
+def _synthetic(cfg):
+    try:
+        module = importlib.import_module("dataloaders.synthetic")
+    except ModuleNotFoundError as e:
+        raise ValueError("data.source='synthetic': dataloaders/synthetic.py is not available "
+                         f"({e}). Fix: use data.source=zarr with a .pt latent file in data.path.") from None
+    if not hasattr(module, "build_dataset"):
+        raise ValueError("data.source='synthetic': dataloaders.synthetic has no build_dataset(cfg). "
+                         "Fix: use data.source=zarr with a .pt latent file in data.path.")
+    return module.build_dataset(cfg)
+
+
+@register_source("zarr")
+def _zarr(cfg):
+    path = cfg.data.path
+    if path.endswith(".pt"):
+        return PtLatentDataset(path)
+    try:
+        module = importlib.import_module("dataloaders.zarr_cache")
+    except ModuleNotFoundError:
+        raise ValueError(f"data.path={path!r}: no Zarr latent reader is installed yet. "
+                         f"Fix: give a .pt latent file (dataloaders.latent_dataset.save_latent_file).") from None
+    return module.build_dataset(cfg)
+
+
+def build_dataset(cfg) -> LatentDataset:
+    """The dataset for `cfg.data.source` (a RunConfig)."""
+    if cfg.data.source not in _SOURCES:
+        raise ValueError(f"data.source={cfg.data.source!r} has no latent dataset. "
+                         f"Fix: use one of {', '.join(sorted(_SOURCES))}.")
+    return _SOURCES[cfg.data.source](cfg)
+
+
+# ----- shapes ---------------------------------------------------------------------------------------
+
+def latent_shape(cfg) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) asked for by cfg.data and cfg.model.vae."""
+    st, ss = VAE_STRIDES[cfg.model.vae]
+    return 1 + (cfg.data.num_frames - 1) // st, cfg.data.height // ss, cfg.data.width // ss
+
+
+def check_item(item: dict, index: int, dataset_name: str, cfg) -> None:
+    """Clear errors for items that cannot serve the configured clip (file / field / fix)."""
+    frames, h, w = latent_shape(cfg)
+    lat = item["latents"]
+    st, ss = VAE_STRIDES[cfg.model.vae]
+    if lat.ndim != 4 or lat.shape[0] != cfg.model.in_channels:
+        raise ValueError(f"{dataset_name}: item {index} 'latents' has shape {tuple(lat.shape)}, expected "
+                         f"[C={cfg.model.in_channels}, F, H, W]. Fix: encode with the model.vae={cfg.model.vae!r} VAE.")
+    if lat.shape[1] < frames:
+        have = 1 + (lat.shape[1] - 1) * st
+        raise ValueError(f"{dataset_name}: item {index} holds {lat.shape[1]} latent frames ({have} pixel frames) but "
+                         f"data.num_frames={cfg.data.num_frames} needs {frames} latent frames. "
+                         f"Fix: set data.num_frames <= {have} or use longer clips.")
+    if tuple(lat.shape[2:]) != (h, w):
+        raise ValueError(f"{dataset_name}: item {index} latents are {tuple(lat.shape[2:])} (H, W) but "
+                         f"data.height x data.width = {cfg.data.height}x{cfg.data.width} needs ({h}, {w}). "
+                         f"Fix: set data.height={lat.shape[2] * ss} data.width={lat.shape[3] * ss}.")
+    if item["text"].ndim != 2 or item["text"].shape[1] != cfg.model.text_dim:
+        raise ValueError(f"{dataset_name}: item {index} 'text' has shape {tuple(item['text'].shape)}, expected "
+                         f"[L, text_dim={cfg.model.text_dim}]. Fix: encode captions with the model's text encoder.")
+
+
+# ----- loader ---------------------------------------------------------------------------------------
+
+class LatentLoader:
+    """Endless, resumable batches: per-epoch shuffle from `seed`, DP sharding, latent-frame crop.
+
+    Each rank sees indices perm[rank::world] of epoch e's permutation (drop-last to equal lengths), in
+    batches of `batch_size`; `state_dict()` = (epoch, index, seed) restores the exact position.
+    """
+
+    def __init__(self, dataset: LatentDataset, batch_size: int, num_latent_frames: int, seed: int = 0,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1, check=None):
+        self.dataset, self.batch_size, self.frames = dataset, batch_size, num_latent_frames
+        self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world_size
+        self.epoch, self.index = 0, 0
+        self.check = check
+        self.per_rank = len(dataset) // world_size
+        if self.per_rank < batch_size:
+            raise ValueError(f"{dataset.name}: {len(dataset)} videos over {world_size} data-parallel rank(s) is fewer "
+                             f"than train.micro_batch={batch_size}. Fix: lower train.micro_batch or add videos.")
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.dataset)
+        if self.shuffle:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        else:
+            perm = torch.arange(n)
+        return perm[: self.per_rank * self.world][self.rank::self.world]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.index + self.batch_size > self.per_rank:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = self._order()[self.index:self.index + self.batch_size].tolist()
+        self.index += self.batch_size
+        items = []
+        for i in order:
+            item = self.dataset[i]
+            if self.check is not None:
+                self.check(item, i)
+            items.append(item)
+        return {"latents": torch.stack([it["latents"][:, :self.frames] for it in items]).float(),
+                "text": torch.stack([it["text"] for it in items]).float(),
+                "caption": [it["caption"] for it in items], "index": order}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"resume: the checkpoint's data seed {state['seed']} differs from data.seed={self.seed}. "
+                             f"Fix: resume with the same data.seed.")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

@@ -1,0 +1,128 @@
+"""LoRA adapters applied from outside the model, saved in peft's file format.
+
+`apply_lora(model, targets, rank, alpha)` freezes the model and wraps every module whose name ends
+with one of `targets` (e.g. "self_attn.q", "ffn.0") in `LoRALinear`: y = base(x) + B(A(x)) * alpha/r,
+A Kaiming-uniform and B zero as in peft, so training starts from the base model. The wrapper mirrors
+peft's layout (`base_layer`, `lora_A`, `lora_B`), and `save_adapter` writes `adapter_model.safetensors`
+with keys `base_model.model.<module>.lora_A.weight` plus `adapter_config.json`, which
+`peft.PeftModel.from_pretrained` loads. `merge_lora` folds adapters into plain linears for inference.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear plus a trainable low-rank update. base_layer: any module with in/out_features."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        w = base_layer.weight
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float = 0.0) -> list[str]:
+    """Freeze `model` and wrap target linears in place. Returns the wrapped module names."""
+    alpha = alpha or float(rank)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if _matches(n, targets) and hasattr(m, "in_features")]
+    if not names:
+        raise ValueError(f"train.lora_targets={targets} matched no linear module. "
+                         f"Fix: use module-name suffixes such as 'self_attn.q' or 'ffn.0'.")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """peft-named adapter tensors: base_model.model.<module>.lora_{A,B}.weight."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str, targets: list[str] | None = None) -> None:
+    """Write adapter_model.safetensors + adapter_config.json (peft's LoRA format)."""
+    mods = lora_modules(model)
+    assert mods, "save_adapter: the model has no LoRA modules"
+    first = next(iter(mods.values()))
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, os.path.join(directory, ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": None, "r": first.rank, "lora_alpha": first.alpha,
+              "target_modules": sorted(targets) if targets else sorted(mods), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "base_model_name_or_path": None, "inference_mode": True}
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_adapter(model: nn.Module, directory: str) -> None:
+    """Load a peft LoRA adapter into a model (wrapping its target modules first if needed)."""
+    cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
+    for path in (cfg_path, w_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: LoRA adapter file missing. Fix: point at a directory written by "
+                                    f"save_adapter or peft's save_pretrained.")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    if not lora_modules(model):
+        apply_lora(model, list(config["target_modules"]), int(config["r"]), float(config["lora_alpha"]))
+    tensors = load_file(w_path)
+    own = adapter_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{w_path}: adapter keys do not match the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}). Fix: load the adapter into the model it was trained on.")
+    mods = lora_modules(model)
+    with torch.no_grad():
+        for name, m in mods.items():
+            m.lora_A.weight.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
+            m.lora_B.weight.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Fold W += scaling * B @ A into each base linear and unwrap (no adapter cost at inference)."""
+    for name, m in lora_modules(model).items():
+        base = m.base_layer
+        delta = (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scaling
+        base.weight.add_(delta.to(base.weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, base)
