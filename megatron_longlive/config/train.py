@@ -63,6 +63,8 @@ class TrainConfig(ConfigBase):
     """wandb mode; offline by default (no network needed)."""
     seed: int = 0
     """Global seed."""
+    init_from: str = ""
+    """Starting weights: a safetensors file of WanDiT weights (official Wan names); empty = Wan's random init."""
 
     def validate(self) -> None:
         for name in ("max_steps", "grad_accum", "micro_batch", "chunk_frames", "keep_last", "num_train_timesteps"):
