@@ -28,9 +28,11 @@ setup(
         "imageio-ffmpeg",
         "tqdm",
         "numpy",
+        "opencv-python-headless",
+        "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-image"],
         "gpu": ["triton>=3.2", "transformer-engine[pytorch]", "nvidia-dali-cuda120"],
         "triton": ["triton==3.6.0"],
         "mpi": ["mpi4py"],
