@@ -39,6 +39,11 @@ class InferConfig(ConfigBase):
     """Noise seed."""
     output: str = "outputs/video.mp4"
     """Where the mp4 goes."""
+    vae_path: str = ""
+    """Local VAE weights (diffusers directory or official Wan .pth); empty = the tiny random VAE (seed 0) that the
+    synthetic data is encoded with."""
+    text_encoder_path: str = ""
+    """Local umT5 directory; empty = the tiny random text encoder (seed 0) that the synthetic data is encoded with."""
 
     def validate(self) -> None:
         if not self.denoising_steps:
