@@ -96,3 +96,43 @@ def read_latents(path: str | os.PathLike, layout: str = "CTHW") -> torch.Tensor:
     if layout == "CTHW":
         latents = latents.permute(1, 0, 2, 3)
     return latents.float().contiguous()
+
+
+def parse_shots(spec: str | None, video_path: str | os.PathLike | None = None) -> list[int] | None:
+    """Shot start frames from `--shots`: "0,17,33" or a JSON / JSONL file.
+
+    A file holds either a list of start frames, {"shots": [{"start_frame": ...}, ...]}, or JSONL lines of that
+    form with a "path" (the synthetic-data manifest); a manifest line is matched to the video by file name."""
+    if spec is None:
+        return None
+    if not os.path.exists(spec):
+        try:
+            return sorted({int(s) for s in spec.split(",") if s.strip()})
+        except ValueError:
+            raise ValueError(f"--shots {spec!r}: give comma-separated start frames (e.g. 0,17,33) or a JSON/JSONL "
+                             "file; no such file either") from None
+    import json
+
+    with open(spec) as f:
+        text = f.read()
+    try:
+        entries = [json.loads(text)]
+    except json.JSONDecodeError:
+        try:
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{spec}: neither JSON nor JSONL ({e})") from e
+    if len(entries) == 1 and isinstance(entries[0], list) and all(isinstance(s, int) for s in entries[0]):
+        return sorted(set(entries[0]))
+    if len(entries) > 1 or (entries and "path" in entries[0]):
+        name = os.path.basename(os.fspath(video_path)) if video_path is not None else None
+        matches = [e for e in entries if name is not None and os.path.basename(e.get("path", "")) == name]
+        if not matches:
+            raise ValueError(f"{spec}: no manifest line has path ending in {name!r}. Fix: evaluate videos listed "
+                             "in the manifest, or give start frames as 0,17,33")
+        entries = matches[:1]
+    try:
+        return sorted({int(s["start_frame"]) for s in entries[0]["shots"]})
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{spec}: expected a list of start frames or {{\"shots\": [{{\"start_frame\": N}}, ...]}}"
+                         ) from e
