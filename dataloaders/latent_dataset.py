@@ -54,6 +54,18 @@ class InMemoryLatentDataset:
         return {"latents": self.latents[index], "text": self.text[index], "caption": self.captions[index]}
 
 
+def random_latent_dataset(cfg, num_videos: int = 4, seed: int = 0, frames: int | None = None) -> InMemoryLatentDataset:
+    """Fixed N(0, 1) latents and text shaped for `cfg` (a RunConfig): tests, benchmarks, golden curves.
+
+    Not a video generator: a small fixed set the model can learn (memorise), drawn from `seed`.
+    """
+    f, h, w = latent_shape(cfg)
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(num_videos, cfg.model.in_channels, frames or f, h, w, generator=g)
+    text = torch.randn(num_videos, cfg.model.text_len, cfg.model.text_dim, generator=g)
+    return InMemoryLatentDataset(latents, text, [f"random video {i}" for i in range(num_videos)], name="<random>")
+
+
 def save_latent_file(path: str | os.PathLike, latents: torch.Tensor, text: torch.Tensor,
                      captions: list[str] | None = None) -> None:
     """Write a `.pt` latent file readable by `PtLatentDataset`."""
@@ -102,17 +114,38 @@ def _synthetic(cfg):
     return module.build_dataset(cfg)
 
 
+class ZarrLatentDataset:
+    """Adapter over the Zarr latent cache (`dataloaders.zarr_cache.CacheReader`).
+
+    One text context per video for now: the first shot's embedding and caption (per-chunk shot prompts
+    are a later issue; the cache already stores one text per shot).
+    """
+
+    def __init__(self, path: str):
+        from .zarr_cache import CacheReader
+
+        self.reader, self.name = CacheReader(path), path
+        if len(self.reader) == 0:
+            raise ValueError(f"data.path={path!r}: the latent cache holds no committed videos. "
+                             f"Fix: run `longlive preprocess` into it first.")
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.reader.videos[index]
+        captions = self.reader.read_attrs(rec).get("captions") or [""]
+        return {"latents": self.reader.read_latents(rec).float(), "text": self.reader.read_text(rec)[0].float(),
+                "caption": captions[0]}
+
+
 @register_source("zarr")
 def _zarr(cfg):
+    """A Zarr latent cache directory, or a `.pt` latent file (tests, small experiments)."""
     path = cfg.data.path
     if path.endswith(".pt"):
         return PtLatentDataset(path)
-    try:
-        module = importlib.import_module("dataloaders.zarr_cache")
-    except ModuleNotFoundError:
-        raise ValueError(f"data.path={path!r}: no Zarr latent reader is installed yet. "
-                         f"Fix: give a .pt latent file (dataloaders.latent_dataset.save_latent_file).") from None
-    return module.build_dataset(cfg)
+    return ZarrLatentDataset(path)
 
 
 def build_dataset(cfg) -> LatentDataset:

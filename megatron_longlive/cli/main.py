@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "eval": "eval",
     "slurm": "slurm",
+    "train": "train",
 }
 
 

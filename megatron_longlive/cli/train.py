@@ -1,0 +1,26 @@
+"""Teacher-forcing AR training of a Wan DiT: `longlive train --config run.yaml [--set k=v] [--resume]`."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_config_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue from the newest complete checkpoint in train.output_dir (fresh start if none).")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    parser.add_argument("--no-progress", action="store_true", help="Hide the tqdm progress bar.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.trainer import Trainer
+
+    cfg = config_from_args(args)
+    trainer = Trainer(cfg, device=args.device, resume=args.resume, progress=not args.no_progress)
+    losses = trainer.train()
+    final = f"{losses[-1]:.5f}" if losses else "n/a"
+    print(f"trained to step {trainer.step} (final loss {final}); checkpoint {trainer.last_checkpoint}; "
+          f"metrics {cfg.train.output_dir}/metrics.jsonl")
+    return 0

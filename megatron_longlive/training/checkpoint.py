@@ -1,0 +1,166 @@
+"""Atomic, resumable training checkpoints in torch.distributed.checkpoint (DCP) format.
+
+Layout under `<run_dir>/checkpoints/`:
+  step_00000100/            a complete checkpoint
+    .metadata, *.distcp     DCP: model, optimizer, EMA (tensors; sharded the same way by later SP/TP/DP runs)
+    trainer_rank0.pt        step, scheduler, data-loader position, RNG states (torch, numpy, python, CUDA, noise)
+    adapter/                peft LoRA files (LoRA runs only)
+    COMPLETE                written and fsynced last
+  latest                    name of the newest complete checkpoint, replaced atomically after the rename
+  .tmp-step_00000100-<pid>  a write in progress; never loaded, removed by the next save
+
+A save writes everything into the temp dir, fsyncs files and the dir, renames it to its final name,
+fsyncs the parent, then updates `latest`. A checkpoint counts only with its COMPLETE marker, so a
+crash at any point leaves the previous checkpoint as the one resumed from. DCP runs in a single
+process without `init_process_group`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every RNG the training loop may touch."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None:
+        generator.set_state(state["generator"])
+
+
+def _dcp_quiet(fn, *args, **kwargs):
+    # Single-process DCP warns that no process group exists; that is the intended mode here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        return fn(*args, **kwargs)
+
+
+class CheckpointManager:
+    """Save / find / load checkpoints of one run directory (single process now; rank-aware file names)."""
+
+    def __init__(self, run_dir: str, keep_last: int = 3, rank: int = 0):
+        self.root = os.path.join(run_dir, "checkpoints")
+        self.keep_last, self.rank = keep_last, rank
+        os.makedirs(self.root, exist_ok=True)
+
+    # ----- discovery ------------------------------------------------------------------------------
+    def complete_steps(self) -> list[int]:
+        steps = []
+        for name in os.listdir(self.root):
+            m = _STEP_DIR.match(name)
+            if m and os.path.exists(os.path.join(self.root, name, COMPLETE)):
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, f"step_{step:08d}")
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint: the `latest` pointer if it names a complete one, else a scan."""
+        pointer = os.path.join(self.root, LATEST)
+        if os.path.exists(pointer):
+            name = open(pointer).read().strip()
+            if _STEP_DIR.match(name) and os.path.exists(os.path.join(self.root, name, COMPLETE)):
+                return os.path.join(self.root, name)
+        steps = self.complete_steps()
+        return self.path(steps[-1]) if steps else None
+
+    # ----- save -----------------------------------------------------------------------------------
+    def save(self, step: int, model, optimizer, ema_state: dict | None, trainer_state: dict,
+             save_extra=None) -> str:
+        """Write checkpoint `step` atomically. save_extra(dir) may add files (e.g. LoRA adapters)."""
+        final = self.path(step)
+        for name in os.listdir(self.root):  # leftovers of crashed writes
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        tmp = os.path.join(self.root, f".tmp-step_{step:08d}-{os.getpid()}")
+        os.makedirs(tmp)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if ema_state is not None:
+            state["ema"] = ema_state
+        _dcp_quiet(dcp.save, state, checkpoint_id=tmp)
+        torch.save(trainer_state, os.path.join(tmp, f"trainer_rank{self.rank}.pt"))
+        if save_extra is not None:
+            save_extra(tmp)
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            f.write(f"{step}\n")
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_path(self.root)
+        self._write_latest(os.path.basename(final))
+        self._prune()
+        return final
+
+    def _write_latest(self, name: str) -> None:
+        tmp = os.path.join(self.root, f".latest-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.root, LATEST))
+        _fsync_path(self.root)
+
+    def _prune(self) -> None:
+        for step in self.complete_steps()[:-self.keep_last]:
+            shutil.rmtree(self.path(step), ignore_errors=True)
+
+    # ----- load -----------------------------------------------------------------------------------
+    def load(self, path: str, model, optimizer, ema_state: dict | None) -> dict:
+        """Restore model / optimizer / EMA in place from `path`; return the trainer state dict."""
+        if not os.path.exists(os.path.join(path, COMPLETE)):
+            raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker (an interrupted write). "
+                             f"Fix: resume from another checkpoint or delete this directory.")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if ema_state is not None:
+            state["ema"] = ema_state
+        try:
+            _dcp_quiet(dcp.load, state, checkpoint_id=path)
+        except Exception as e:  # noqa: BLE001 - re-raised with the path and a fix
+            raise ValueError(f"{path}: cannot load into this model/optimizer ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}). Fix: resume with the config the "
+                             f"checkpoint was written with (model, train.lora_rank, train.ema_decay).") from e
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return torch.load(os.path.join(path, f"trainer_rank{self.rank}.pt"), weights_only=False)

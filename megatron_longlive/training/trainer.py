@@ -1,0 +1,251 @@
+"""Teacher-forcing trainer: one loop for single-process runs now and SP/TP/DP runs later.
+
+Seams for parallelism (applied from outside, STYLE.md §1):
+  * `StepStrategy` - model forward + loss for one micro-batch. `TeacherForcingStep` is the
+    single-process one; Balanced SP supplies its own (sharded layout, all-to-all attention).
+  * data sharding - `LatentLoader(rank, world_size)`; the trainer takes `dp_rank` / `dp_size`.
+The loop: AdamW, linear warm-up + cosine to `min_lr_ratio`, gradient accumulation and clipping,
+bf16 autocast on CUDA (fp32 on CPU), optional activation checkpointing and LoRA, EMA, metrics.jsonl
++ wandb, tqdm, periodic / SIGTERM checkpoints, exact resume, and a clear stop on a NaN/Inf loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import time
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dataloaders.latent_dataset import LatentLoader, build_dataset, check_item, latent_shape
+from ..config import RunConfig, to_plain
+from ..models.provider import LinearProvider
+from ..models.wan import WanDiT
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .ema import EMA
+from .lora import apply_lora, save_adapter
+from .metrics import MetricsLogger
+from .teacher_forcing import teacher_forcing_loss
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN/Inf; carries the step and the last good checkpoint."""
+
+
+class StepStrategy(Protocol):
+    """Forward + loss of one micro-batch. Returns (loss to backpropagate, number of tokens processed)."""
+
+    def __call__(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]: ...
+
+
+@dataclasses.dataclass
+class TeacherForcingStep:
+    """Single-process teacher forcing: [clean | noisy] sequence, noisy-token velocity MSE."""
+
+    chunk_frames: int
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+    device: torch.device = torch.device("cpu")
+    autocast_dtype: torch.dtype | None = None
+
+    def __call__(self, model, batch, generator):
+        latents = batch["latents"].to(self.device, non_blocking=True)
+        text = batch["text"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss, inputs = teacher_forcing_loss(model, latents, text, self.chunk_frames, generator, self.shift,
+                                                self.num_train_timesteps)
+        return loss, inputs.tokens.shape[0] * inputs.tokens.shape[1]
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to 1 over `warmup_steps`, then cosine to `min_lr_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def apply_activation_checkpointing(model: WanDiT) -> None:
+    """Recompute each block's activations in backward (non-reentrant checkpoint), from outside the model.
+
+    The block's forward is replaced on the instance, so parameter names and state dicts are unchanged.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        inner = block.forward
+
+        def ckpt_forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = ckpt_forward
+
+
+def build_model(cfg: RunConfig, provider: LinearProvider | None = None, device="cpu") -> WanDiT:
+    """WanDiT with Wan's init (seeded from train.seed), or weights from train.init_from."""
+    torch.manual_seed(cfg.train.seed)
+    model = WanDiT(cfg.model, provider)
+    model.init_weights()
+    if cfg.train.init_from:
+        from safetensors.torch import load_file
+
+        if not os.path.exists(cfg.train.init_from):
+            raise FileNotFoundError(f"train.init_from: {cfg.train.init_from!r} not found. Fix: give a safetensors "
+                                    f"file of WanDiT weights (official Wan names) or leave it empty.")
+        missing, unexpected = model.load_state_dict(load_file(cfg.train.init_from), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{cfg.train.init_from}: weights do not match model.preset={cfg.model.preset!r} "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]}). Fix: use the matching preset.")
+    return model.to(device)
+
+
+class Trainer:
+    """Owns model, optimizer, scheduler, EMA, loader, metrics and checkpoints of one run."""
+
+    def __init__(self, cfg: RunConfig, dataset=None, device: str | torch.device | None = None,
+                 strategy: StepStrategy | None = None, model: nn.Module | None = None, resume: bool = False,
+                 progress: bool = True, dp_rank: int = 0, dp_size: int = 1):
+        tc = cfg.train
+        self.cfg, self.tc, self.progress = cfg, tc, progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        os.makedirs(tc.output_dir, exist_ok=True)
+        with open(os.path.join(tc.output_dir, "config.yaml"), "w") as f:
+            f.write(cfg.to_yaml())
+        # 1. data
+        frames, _, _ = latent_shape(cfg)
+        if frames % tc.chunk_frames:
+            raise ValueError(f"train.chunk_frames={tc.chunk_frames} must divide the {frames} latent frames of "
+                             f"data.num_frames={cfg.data.num_frames}. Fix: pick data.num_frames = 1 + 4 * k with "
+                             f"1 + k a multiple of {tc.chunk_frames}, or change train.chunk_frames.")
+        dataset = dataset if dataset is not None else build_dataset(cfg)
+        check = functools.partial(check_item, dataset_name=dataset.name, cfg=cfg)
+        check(dataset[0], 0)
+        self.loader = LatentLoader(dataset, tc.micro_batch, frames, seed=cfg.data.seed, rank=dp_rank,
+                                   world_size=dp_size, check=lambda item, i: check(item, i))
+        # 2. model (+ LoRA, activation checkpointing), optimizer, schedule, EMA
+        self.model = model if model is not None else build_model(cfg, device=self.device)
+        self.model.train()
+        if tc.lora_rank > 0:
+            apply_lora(self.model, tc.lora_targets, tc.lora_rank, tc.lora_alpha)
+        if tc.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(lr_lambda, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps,
+                                              min_lr_ratio=tc.min_lr_ratio))
+        self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
+        autocast = torch.bfloat16 if (tc.precision == "bf16" and self.device.type == "cuda") else None
+        self.strategy = strategy or TeacherForcingStep(tc.chunk_frames, tc.timestep_shift, tc.num_train_timesteps,
+                                                       self.device, autocast)
+        self.generator = torch.Generator().manual_seed(tc.seed + 1)  # sigmas and noise
+        # 3. checkpoints and resume
+        self.ckpt = CheckpointManager(tc.output_dir, tc.keep_last, rank=dp_rank)
+        self.step = 0
+        self.last_checkpoint = None
+        if resume:
+            path = self.ckpt.latest()
+            if path is not None:
+                self._restore(path)
+        self._stop_signal = None
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                "rng": rng_state(self.generator)}
+
+    def save_checkpoint(self) -> str:
+        extra = None
+        if self.tc.lora_rank > 0:
+            extra = lambda d: save_adapter(self.model, os.path.join(d, "adapter"), self.tc.lora_targets)  # noqa: E731
+        self.last_checkpoint = self.ckpt.save(self.step, self.model, self.optimizer,
+                                              self.ema.state_dict() if self.ema else None, self._trainer_state(), extra)
+        return self.last_checkpoint
+
+    def _restore(self, path: str) -> None:
+        state = self.ckpt.load(path, self.model, self.optimizer, self.ema.state_dict() if self.ema else None)
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"], self.generator)
+        self.last_checkpoint = path
+        tqdm.write(f"resumed from {path} at step {self.step}")
+
+    # ----- loop -----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns its metrics (raises on NaN/Inf)."""
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        total, tokens = 0.0, 0
+        for _ in range(self.tc.grad_accum):
+            batch = next(self.loader)
+            loss, n_tok = self.strategy(self.model, batch, self.generator)
+            value = loss.item()
+            if not math.isfinite(value):
+                kept = self.last_checkpoint or "none (no checkpoint was written yet)"
+                raise TrainingDiverged(
+                    f"step {self.step + 1}: loss is {value} (videos {batch['index']}); training stopped before "
+                    f"applying this step. Last good checkpoint: {kept}. Fix: lower train.lr, check the data, "
+                    f"or resume with --resume.")
+            (loss / self.tc.grad_accum).backward()
+            total += value / self.tc.grad_accum
+            tokens += n_tok
+        clip = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+                "step_time": dt}
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_signal = signum
+
+    def train(self) -> list[float]:
+        """Run to train.max_steps; returns this call's losses. Saves periodically, at the end and on SIGTERM."""
+        tc = self.tc
+        logger = MetricsLogger(tc.output_dir, tc.wandb_mode, to_plain(self.cfg), resume_step=self.step)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        losses: list[float] = []
+        start = time.time()
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        try:
+            while self.step < tc.max_steps:
+                m = self.train_step()
+                m["time"] = time.time() - start
+                losses.append(m["loss"])
+                if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                    logger.log(m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                if self.step % tc.save_interval == 0 or self.step == tc.max_steps:
+                    self.save_checkpoint()
+                if self._stop_signal is not None:
+                    path = self.save_checkpoint()
+                    tqdm.write(f"SIGTERM: saved {path} at step {self.step}; stopping")
+                    break
+        finally:
+            bar.close()
+            logger.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return losses
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
