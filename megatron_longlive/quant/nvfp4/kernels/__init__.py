@@ -1,0 +1,1 @@
+"""Triton NVFP4 kernels (import `ops` to register the torch.library custom ops)."""

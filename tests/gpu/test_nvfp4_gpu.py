@@ -1,0 +1,108 @@
+"""GPU lane: compiled Triton NVFP4 kernels bitwise equal to the CPU reference; FP8 scaled-mm linear vs emulation.
+
+Run through `device`: python -m pytest -q -m gpu tests/gpu/test_nvfp4_gpu.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _bytes_differ(got: torch.Tensor, want: torch.Tensor) -> str:
+    a = got.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+    b = want.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+    assert a.shape == b.shape
+    return f"{int((a != b).sum())} of {a.numel()} bytes differ"
+
+
+def _assert_same(q, ref, what):
+    for name, g, w in zip(("codes", "scales", "tensor scale"), q, ref):
+        msg = _bytes_differ(g, w)
+        assert msg.startswith("0 of"), f"{what} {name}: {msg}"
+
+
+def _data(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    mags = torch.tensor([1.0, 1e-4, 40.0, 0.0, 3.0])
+    x = x * mags[torch.arange(shape[-1] // 16) % 5].repeat_interleave(16)
+    x.view(-1, shape[-1])[0, 0] = 2688.0
+    return x
+
+
+@pytest.mark.parametrize("shape", [(1000, 1536), (257, 8960)])
+def test_quantize_kernels_bitwise_vs_reference(shape):
+    from megatron_longlive.quant.nvfp4 import hadamard as H
+    from megatron_longlive.quant.nvfp4 import reference as R
+    from megatron_longlive.quant.nvfp4.kernels import ops
+
+    x = _data(shape)
+    xc = x.cuda().to(torch.bfloat16)
+    xr = xc.cpu()
+    _assert_same(ops.quantize(xc), R.quantize(xr), "1x16")
+    s = H.rht_signs(3)
+    _assert_same(ops.quantize(xc, rht_signs=s), R.quantize(xr, rht_signs=s), "1x16 rht")
+    bits = ops.philox_bits(77, xc.shape, xc.device)
+    _assert_same(ops.quantize(xc, stochastic=True, seed=77, rht_signs=s),
+                 R.quantize(xr, stochastic=True, rand=bits.cpu(), rht_signs=s), "1x16 rht+sr")
+    m = shape[0] // 16 * 16
+    _assert_same(ops.quantize(xc[:m], block_2d=True), R.quantize(xr[:m], block_2d=True), "16x16")
+    q = R.quantize(xr[:m], block_2d=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = ops.dequantize(*(t.cuda() for t in q), dtype=dtype)
+        msg = _bytes_differ(got, R.dequantize(*q, dtype=dtype))
+        assert msg.startswith("0 of"), f"dequantize {dtype}: {msg}"
+
+
+def test_quantize_compiles_with_inductor():
+    from megatron_longlive.quant.nvfp4 import reference as R
+    from megatron_longlive.quant.nvfp4.kernels import ops
+
+    x = _data((256, 512)).cuda()
+
+    @torch.compile(fullgraph=True)
+    def fq(t):
+        return ops.dequantize(*ops.quantize(t * 2, check_finite=False))
+
+    assert torch.equal(fq(x).cpu(), R.fake_quantize(x.cpu() * 2))
+
+
+def test_nvfp4_linear_gpu_matches_cpu_reference_path():
+    from megatron_longlive.quant.nvfp4.linear import NVFP4Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 128)
+    x = torch.randn(64, 256)
+    cpu = NVFP4Linear.from_linear(lin, rht=True, stochastic_rounding=False)
+    gpu = NVFP4Linear.from_linear(lin, rht=True, stochastic_rounding=False).cuda()
+    xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+    yc, yg = cpu(xc), gpu(xg)
+    assert torch.allclose(yc, yg.cpu(), rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(yc)
+    yc.backward(dy)
+    yg.backward(dy.cuda())
+    assert torch.allclose(xc.grad, xg.grad.cpu(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(cpu.weight.grad, gpu.weight.grad.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_linear_scaled_mm_matches_emulation():
+    from megatron_longlive.quant.fp8 import FP8Linear
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 scaled-mm needs sm89+")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1536, 512).cuda().to(torch.bfloat16)
+    x = torch.randn(256, 1536, device="cuda", dtype=torch.bfloat16)
+    fast = FP8Linear.from_linear(lin, emulate=False)
+    emu = FP8Linear.from_linear(lin, emulate=True)
+    xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf, ye = fast(xf), emu(xe)
+    dy = torch.randn_like(yf)
+    yf.backward(dy)
+    ye.backward(dy)
+    for name, a, b in (("y", yf, ye), ("dx", xf.grad, xe.grad), ("dw", fast.weight.grad, emu.weight.grad)):
+        err = (a.float() - b.float()).norm() / b.float().norm()
+        assert err < 1e-2, (name, err.item())
