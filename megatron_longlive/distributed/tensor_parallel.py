@@ -1,0 +1,155 @@
+"""Tensor parallelism through the provider seam: megatron-core column/row-parallel linears.
+
+`TPLinearProvider` builds megatron-core `ColumnParallelLinear` for "column" layers (q, k, v, ffn.0:
+output features split, heads local) and `RowParallelLinear` for "row" layers (attention o, ffn.2:
+input split, output all-reduced); "replicated" layers stay `nn.Linear`. The subclasses return only
+the output tensor (megatron returns `(out, bias)`) and keep the plain parameter names
+(`q.weight`, `q.bias`), so state dicts shard/unshard by name with `full_state_dict` /
+`load_full_state_dict` (megatron's `partition_dim` attribute says how).
+
+Wan normalises q and k over ALL heads (RMS over the full `dim`), but under TP a rank holds only
+`dim/tp` features; `TPRMSNorm` all-reduces the sum of squares over the TP group (autograd-correct:
+the backward all-reduces too), with its weight sharded like the features.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models.provider import LinearProvider
+
+
+def _megatron_config(tp_size: int, params_dtype: torch.dtype, use_cpu_initialization: bool):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    # Only the fields ColumnParallelLinear/RowParallelLinear read; sequence_parallel (megatron's
+    # activation sharding inside TP) stays off: our SP is Ulysses over the CP group.
+    return ModelParallelConfig(tensor_model_parallel_size=tp_size, params_dtype=params_dtype,
+                               use_cpu_initialization=use_cpu_initialization, perform_initialization=True,
+                               gradient_accumulation_fusion=False, sequence_parallel=False)
+
+
+def _xavier(weight: torch.Tensor) -> None:
+    nn.init.xavier_uniform_(weight)
+
+
+def _mp_layers():
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    class ColumnLinear(ColumnParallelLinear):
+        """ColumnParallelLinear that returns just the (local-shard) output; no `_extra_state` entry."""
+
+        get_extra_state = nn.Module.get_extra_state
+        set_extra_state = nn.Module.set_extra_state
+
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    class RowLinear(RowParallelLinear):
+        """RowParallelLinear (input already split) that returns just the all-reduced output."""
+
+        get_extra_state = nn.Module.get_extra_state
+        set_extra_state = nn.Module.set_extra_state
+
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    return ColumnLinear, RowLinear
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = Σ_ranks x on every rank; dL/dx_r = Σ_ranks dL/dy (each rank's y feeds different shards)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class TPRMSNorm(nn.Module):
+    """RMS norm over the full (all-TP-ranks) feature dim of a column-sharded tensor, in >= float32."""
+
+    def __init__(self, dim: int, eps: float, group, tp_size: int):
+        super().__init__()
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        if dim % tp_size:
+            raise ValueError(f"TPRMSNorm: dim={dim} not divisible by tp_size={tp_size}")
+        self.full_dim, self.eps, self.group = dim, eps, group
+        self.weight = nn.Parameter(torch.ones(dim // tp_size))
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        sum_sq = _AllReduceSum.apply(xf.pow(2).sum(-1, keepdim=True), self.group)
+        return (xf * torch.rsqrt(sum_sq / self.full_dim + self.eps)).type_as(x) * self.weight
+
+
+class TPLinearProvider(LinearProvider):
+    """Column/row-parallel megatron-core linears over `group` (tp_size ranks); replicated ones plain."""
+
+    def __init__(self, group, tp_size: int, params_dtype: torch.dtype = torch.float32,
+                 use_cpu_initialization: bool | None = None):
+        if use_cpu_initialization is None:
+            use_cpu_initialization = not torch.cuda.is_available()
+        self.group, self.tp_size = group, tp_size
+        self.config = _megatron_config(tp_size, params_dtype, use_cpu_initialization)
+        self._column, self._row = _mp_layers()
+
+    def linear(self, name, in_features, out_features, bias=True, style="replicated"):
+        if style == "column":
+            return self._column(in_features, out_features, config=self.config, init_method=_xavier, bias=bias,
+                                gather_output=False, tp_group=self.group)
+        if style == "row":
+            return self._row(in_features, out_features, config=self.config, init_method=_xavier, bias=bias,
+                             input_is_parallel=True, skip_bias_add=False, tp_group=self.group)
+        return super().linear(name, in_features, out_features, bias, style)
+
+    def qk_norm(self, name, dim, eps, style="column"):
+        return TPRMSNorm(dim, eps, self.group, self.tp_size)
+
+
+def _sharded_dim(param: torch.Tensor) -> int | None:
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+
+
+def full_state_dict(model: nn.Module, group, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Parameters (or their gradients) gathered over the TP group into full tensors, by plain name."""
+    out = {}
+    size = dist.get_world_size(group) if group is not None else 1
+    for name, p in model.named_parameters():
+        t = (p.grad if grads else p).detach()
+        dim = _sharded_dim(p)
+        if dim is not None and size > 1:
+            parts = [torch.empty_like(t) for _ in range(size)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            t = torch.cat(parts, dim=dim)
+        out[name] = t.clone()
+    return out
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> None:
+    """Copy full tensors into a (possibly TP-sharded) model: each rank takes its slice along partition_dim."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise KeyError(f"load_full_state_dict: missing parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, p in params.items():
+        t = state[name]
+        dim = _sharded_dim(p)
+        if dim is not None and tp_size > 1:
+            t = t.chunk(tp_size, dim=dim)[tp_rank]
+        if t.shape != p.shape:
+            raise ValueError(f"load_full_state_dict: {name} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(p.shape)} (tp_rank {tp_rank} of {tp_size})")
+        p.copy_(t)
