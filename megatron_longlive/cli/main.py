@@ -13,6 +13,7 @@ import sys
 # name -> module under megatron_longlive.cli; later issues add train, generate, serve, ...
 SUBCOMMANDS: dict[str, str] = {
     "eval": "eval",
+    "preprocess": "preprocess",
     "slurm": "slurm",
     "train": "train",
 }
