@@ -12,7 +12,9 @@ import sys
 
 # name -> module under megatron_longlive.cli; later issues add train, generate, serve, ...
 SUBCOMMANDS: dict[str, str] = {
+    "convert": "convert",
     "eval": "eval",
+    "info": "info",
     "preprocess": "preprocess",
     "slurm": "slurm",
     "train": "train",
