@@ -58,17 +58,30 @@ def _check_frames(frames: np.ndarray, min_frames: int = 1) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Single-video metrics
 # ---------------------------------------------------------------------------------------------------------
-def flicker(frames: np.ndarray) -> MetricResult:
-    """Frame-difference statistics (0..255). Zero for a static video."""
+def crosses_cut(t: int, stride: int, shot_starts: list[int] | None) -> bool:
+    """True when the frame pair (t, t + stride) spans a shot switch (a cut is not motion or flicker)."""
+    return any(t < s <= t + stride for s in shot_starts or ())
+
+
+def flicker(frames: np.ndarray, shot_starts: list[int] | None = None) -> MetricResult:
+    """Frame-difference statistics (0..255). Zero for a static video. Pairs across a shot switch are
+    left out of the statistics (NaN in the series); so are brightness second differences touching one."""
     _check_frames(frames)
     if frames.shape[0] < 2:
         return MetricResult.skip("flicker", "needs at least 2 frames")
     diffs = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3)) * 255.0  # [T-1]
+    cut = np.array([crosses_cut(t, 1, shot_starts) for t in range(len(diffs))])
+    if cut.all():
+        return MetricResult.skip("flicker", "every frame pair spans a shot switch")
+    diffs[cut] = np.nan
     brightness = luminance(frames).mean(axis=(1, 2)) * 255.0  # [T]
-    jerk = np.abs(np.diff(brightness, n=2)) if len(brightness) >= 3 else np.zeros(1)
-    stats = {"mean_abs_diff": float(diffs.mean()), "p95_abs_diff": float(np.percentile(diffs, 95)),
-             "max_abs_diff": float(diffs.max()), "brightness_flicker": float(jerk.mean())}
-    return MetricResult("flicker", float(diffs.mean()), stats, diffs.tolist(), "frame pair")
+    jerk = np.abs(np.diff(brightness, n=2))  # [T-2]; jerk[t] uses pairs t and t+1
+    jerk = jerk[~(cut[:-1] | cut[1:])] if len(jerk) else jerk
+    ok = diffs[~cut]
+    stats = {"mean_abs_diff": float(ok.mean()), "p95_abs_diff": float(np.percentile(ok, 95)),
+             "max_abs_diff": float(ok.max()), "brightness_flicker": float(jerk.mean()) if len(jerk) else 0.0,
+             "cut_pairs_left_out": float(cut.sum())}
+    return MetricResult("flicker", stats["mean_abs_diff"], stats, diffs.tolist(), "frame pair")
 
 
 def color_histogram(frames: np.ndarray, bins: int = 32) -> np.ndarray:
@@ -93,13 +106,7 @@ def default_window(num_frames: int) -> int:
     return max(1, round(0.1 * num_frames))
 
 
-def drift(frames: np.ndarray, window: int | None = None, bins: int = 32) -> MetricResult:
-    """Early-vs-late change. Headline: Hellinger distance between the windows' colour histograms."""
-    _check_frames(frames)
-    t = frames.shape[0]
-    w = window or default_window(t)
-    if 2 * w > t:
-        return MetricResult.skip("drift", f"needs at least 2 windows of {w} frames, got {t} frames")
+def _drift_segment(frames: np.ndarray, w: int, bins: int) -> tuple[dict[str, float], list[float]]:
     early, late = frames[:w], frames[-w:]
     ref = color_histogram(early, bins)
     series = [hellinger(color_histogram(f[None], bins), ref) for f in frames]
@@ -107,8 +114,36 @@ def drift(frames: np.ndarray, window: int | None = None, bins: int = 32) -> Metr
     stats = {"hist_distance": hellinger(color_histogram(late, bins), ref),
              "brightness_change": float((ll.mean() - le.mean()) * 255.0),
              "contrast_change": float((ll.std() - le.std()) * 255.0),
-             "saturation_change": float((_saturation(late).mean() - _saturation(early).mean()) * 255.0),
-             "window_frames": float(w)}
+             "saturation_change": float((_saturation(late).mean() - _saturation(early).mean()) * 255.0)}
+    return stats, series
+
+
+def drift(frames: np.ndarray, window: int | None = None, bins: int = 32,
+          shot_starts: list[int] | None = None) -> MetricResult:
+    """Early-vs-late change. Headline: Hellinger distance between the windows' colour histograms.
+
+    With shot starts, drift is measured inside each shot (a new shot may legitimately look different) and
+    the stats are means over shots; the series is each frame's distance to its own shot's early window."""
+    _check_frames(frames)
+    t = frames.shape[0]
+    starts = sorted({0, *(s for s in (shot_starts or []) if 0 < s < t)})
+    segments = [(a, b) for a, b in zip(starts, starts[1:] + [t])]
+    per_shot, series = [], []
+    for a, b in segments:
+        w = window or default_window(b - a)
+        if 2 * w > b - a:  # too short for an early and a late window: left out (NaN in the series)
+            series += [math.nan] * (b - a)
+            continue
+        stats, seg_series = _drift_segment(frames[a:b], w, bins)
+        per_shot.append(stats)
+        series += seg_series
+    if not per_shot:
+        return MetricResult.skip("drift", f"no shot is long enough for an early and a late window "
+                                 f"(shots {segments}, window {window or 'default 10%'})")
+    stats = {k: float(np.mean([s[k] for s in per_shot])) for k in per_shot[0]}
+    stats["max_shot_hist_distance"] = float(max(s["hist_distance"] for s in per_shot))
+    stats["num_shots"] = float(len(per_shot))
+    stats["short_shots_left_out"] = float(len(segments) - len(per_shot))
     return MetricResult("drift", stats["hist_distance"], stats, series)
 
 
@@ -145,9 +180,11 @@ def optical_flow(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
                                         winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
 
 
-def motion(frames: np.ndarray, stride: int = 1, border: int = 8, progress: bool = False) -> MetricResult:
+def motion(frames: np.ndarray, stride: int = 1, border: int = 8, progress: bool = False,
+           shot_starts: list[int] | None = None) -> MetricResult:
     """Mean optical-flow magnitude (pixels per frame pair) and the median flow vector, from frame pairs
-    (t, t + stride), ignoring `border` pixels at each edge (flow is unreliable where content enters)."""
+    (t, t + stride), ignoring `border` pixels at each edge (flow is unreliable where content enters).
+    Pairs across a shot switch are left out (NaN in the series)."""
     _check_frames(frames)
     try:
         import cv2  # noqa: F401
@@ -160,12 +197,19 @@ def motion(frames: np.ndarray, stride: int = 1, border: int = 8, progress: bool 
     mags, dxs, dys = [], [], []
     pairs = range(0, frames.shape[0] - stride, stride)
     for t in tqdm(pairs, desc="optical flow", disable=not progress, leave=False):
+        if crosses_cut(t, stride, shot_starts):
+            mags.append(math.nan)
+            continue
         flow = optical_flow(frames[t], frames[t + stride])[b:h - b, b:w - b] / stride
         mags.append(float(np.linalg.norm(flow, axis=-1).mean()))
         dxs.append(float(np.median(flow[..., 0])))
         dys.append(float(np.median(flow[..., 1])))
-    stats = {"mean_magnitude": float(np.mean(mags)), "max_magnitude": float(np.max(mags)),
-             "median_dx": float(np.median(dxs)), "median_dy": float(np.median(dys))}
+    if not dxs:
+        return MetricResult.skip("motion", "every frame pair spans a shot switch")
+    ok = [v for v in mags if not math.isnan(v)]
+    stats = {"mean_magnitude": float(np.mean(ok)), "max_magnitude": float(np.max(ok)),
+             "median_dx": float(np.median(dxs)), "median_dy": float(np.median(dys)),
+             "cut_pairs_left_out": float(len(mags) - len(ok))}
     return MetricResult("motion", stats["mean_magnitude"], stats, mags, "frame pair")
 
 

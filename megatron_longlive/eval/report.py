@@ -66,11 +66,11 @@ def evaluate_video(frames: np.ndarray | None, latents: torch.Tensor | None = Non
         out += [MetricResult.skip(m, "no decoded video given (latents only)") for m in pixel]
     else:
         if "flicker" in want:
-            out.append(metrics.flicker(f))
+            out.append(metrics.flicker(f, shots))
         if "drift" in want:
-            out.append(metrics.drift(f, opt.window))
+            out.append(metrics.drift(f, opt.window, shot_starts=shots))
         if "motion" in want:
-            out.append(metrics.motion(f, opt.motion_stride, progress=opt.progress))
+            out.append(metrics.motion(f, opt.motion_stride, progress=opt.progress, shot_starts=shots))
         if "sharpness" in want:
             out.append(metrics.sharpness(f))
         if "exposure" in want:

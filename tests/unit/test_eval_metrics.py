@@ -53,6 +53,16 @@ def test_known_translation_gives_known_flow(tmp_path, dx, dy):
     assert len(mo.series) == 5
 
 
+def test_cuts_are_not_motion_or_flicker():
+    video = np.concatenate([tv.static(5, seed=0), tv.static(5, seed=3)])
+    assert m.flicker(video).stats["max_abs_diff"] > 10  # without shot starts the cut counts
+    fl = m.flicker(video, shot_starts=[0, 5])
+    assert fl.value == 0.0 and fl.stats["brightness_flicker"] == 0.0 and fl.stats["cut_pairs_left_out"] == 1
+    assert math.isnan(fl.series[4]) and len(fl.series) == 9
+    mo = m.motion(video, shot_starts=[0, 5])
+    assert mo.value < 1e-3 and mo.stats["cut_pairs_left_out"] == 1 and math.isnan(mo.series[4])
+
+
 def test_fade_to_gray_drifts_constant_does_not(tmp_path):
     const = roundtrip(tmp_path, tv.static(20), "c.mp4")
     fade = roundtrip(tmp_path, tv.fade_to(tv.static(20), 0.5), "f.mp4", crf=10)
@@ -63,6 +73,20 @@ def test_fade_to_gray_drifts_constant_does_not(tmp_path):
     assert d_fade.stats["contrast_change"] < -15  # flat gray at the end: contrast collapses
     assert d_fade.stats["saturation_change"] < -30
     assert d_fade.series[-1] > d_fade.series[len(d_fade.series) // 2] > d_fade.series[0] - 1e-12
+
+
+def test_drift_is_measured_within_shots():
+    # two static shots of different subjects: the whole video "drifts", each shot does not
+    video = np.concatenate([tv.static(10, seed=0), tv.static(10, seed=5)[..., ::-1]])
+    assert m.drift(video).value > 0.1
+    per_shot = m.drift(video, shot_starts=[0, 10])
+    assert per_shot.value == 0.0 and per_shot.stats["num_shots"] == 2 and len(per_shot.series) == 20
+    faded_second = np.concatenate([video[:10], tv.fade_to(video[10:], 0.5)])
+    r = m.drift(faded_second, shot_starts=[0, 10])
+    assert r.stats["max_shot_hist_distance"] > 0.3 and max(r.series[:10]) == 0.0
+    short = m.drift(video, shot_starts=[0, 19])  # a 1-frame shot has no early/late windows: left out
+    assert short.stats["short_shots_left_out"] == 1 and math.isnan(short.series[-1])
+    assert m.drift(video[:1]).skipped
 
 
 def test_latent_drift():
