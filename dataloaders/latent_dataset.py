@@ -9,7 +9,6 @@ position (epoch, index, seed) is a small state dict that checkpoints restore exa
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Callable, Protocol, runtime_checkable
 
@@ -103,49 +102,20 @@ def register_source(name: str):
 
 @register_source("synthetic")
 def _synthetic(cfg):
-    try:
-        module = importlib.import_module("dataloaders.synthetic")
-    except ModuleNotFoundError as e:
-        raise ValueError("data.source='synthetic': dataloaders/synthetic.py is not available "
-                         f"({e}). Fix: use data.source=zarr with a .pt latent file in data.path.") from None
-    if not hasattr(module, "build_dataset"):
-        raise ValueError("data.source='synthetic': dataloaders.synthetic has no build_dataset(cfg). "
-                         "Fix: use data.source=zarr with a .pt latent file in data.path.")
-    return module.build_dataset(cfg)
+    """Moving coloured shapes, rendered, VAE- and text-encoded once, cached as a `.pt` latent file."""
+    from .synthetic import build_dataset as synthetic_dataset
 
-
-class ZarrLatentDataset:
-    """Adapter over the Zarr latent cache (`dataloaders.zarr_cache.CacheReader`).
-
-    One text context per video for now: the first shot's embedding and caption (per-chunk shot prompts
-    are a later issue; the cache already stores one text per shot).
-    """
-
-    def __init__(self, path: str):
-        from .zarr_cache import CacheReader
-
-        self.reader, self.name = CacheReader(path), path
-        if len(self.reader) == 0:
-            raise ValueError(f"data.path={path!r}: the latent cache holds no committed videos. "
-                             f"Fix: run `longlive preprocess` into it first.")
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, index: int) -> dict:
-        rec = self.reader.videos[index]
-        captions = self.reader.read_attrs(rec).get("captions") or [""]
-        return {"latents": self.reader.read_latents(rec).float(), "text": self.reader.read_text(rec)[0].float(),
-                "caption": captions[0]}
+    return synthetic_dataset(cfg)
 
 
 @register_source("zarr")
 def _zarr(cfg):
-    """A Zarr latent cache directory, or a `.pt` latent file (tests, small experiments)."""
-    path = cfg.data.path
-    if path.endswith(".pt"):
-        return PtLatentDataset(path)
-    return ZarrLatentDataset(path)
+    """A Zarr latent cache directory (dataloaders.zarr_cache), or a `.pt` latent file (tests, small runs)."""
+    if cfg.data.path.endswith(".pt"):
+        return PtLatentDataset(cfg.data.path)
+    from .zarr_cache import build_dataset as zarr_dataset
+
+    return zarr_dataset(cfg)
 
 
 def build_dataset(cfg) -> LatentDataset:
