@@ -171,3 +171,42 @@ def test_wandb_offline_writes_run_files(tmp_path):
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1
     assert json.loads(open(tmp_path / "metrics.jsonl").readline())["step"] == 1
+
+
+def test_loader_state_resumes_exactly_and_shards_disjointly(tmp_path):
+    cfg = tiny_config(tmp_path)
+    ds = random_latent_dataset(cfg, 5)
+    a = LatentLoader(ds, 2, 4, seed=3)
+    for _ in range(3):  # crosses into epoch 1 (2 batches of 2 per epoch, drop-last)
+        next(a)
+    b = LatentLoader(ds, 2, 4, seed=3)
+    b.load_state_dict(a.state_dict())
+    for _ in range(4):
+        x, y = next(a), next(b)
+        assert x["index"] == y["index"] and torch.equal(x["latents"], y["latents"])
+    assert a.epoch >= 2
+    # per-epoch reshuffle, and two DP ranks see disjoint halves of every epoch
+    r0, r1 = LatentLoader(ds, 1, 4, seed=3, rank=0, world_size=2), LatentLoader(ds, 1, 4, seed=3, rank=1, world_size=2)
+    for epoch in range(2):
+        i0 = [next(r0)["index"][0] for _ in range(2)]
+        i1 = [next(r1)["index"][0] for _ in range(2)]
+        assert not set(i0) & set(i1) and len(set(i0 + i1)) == 4
+    with pytest.raises(ValueError, match="resume: the checkpoint's data seed 3 differs"):
+        LatentLoader(ds, 2, 4, seed=4).load_state_dict(a.state_dict())
+
+
+def test_pt_file_round_trip_and_shape_errors(tmp_path):
+    from dataloaders.latent_dataset import PtLatentDataset, build_dataset
+
+    cfg = tiny_config(tmp_path)
+    ds = random_latent_dataset(cfg, 3)
+    save_latent_file(tmp_path / "latents.pt", ds.latents, ds.text, ds.captions)
+    back = build_dataset(cfg)  # data.source=zarr with a .pt path
+    assert isinstance(back, PtLatentDataset) and len(back) == 3
+    assert torch.equal(back[1]["latents"], ds.latents[1]) and back[1]["caption"] == "random video 1"
+    wrong = build_config({"train": {"output_dir": str(tmp_path), "wandb_mode": "disabled"},
+                          "data": {"source": "zarr", "path": str(tmp_path / "latents.pt"), "height": 128}})
+    with pytest.raises(ValueError, match=r"latents are \(8, 8\).*Fix: set data.height=64 data.width=64"):
+        Trainer(wrong, progress=False)
+    with pytest.raises(FileNotFoundError, match="data.path: latent file"):
+        PtLatentDataset(tmp_path / "missing.pt")
