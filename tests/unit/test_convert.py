@@ -92,6 +92,17 @@ def test_diffusers_save_pretrained_converted_to_native_matches(tiny_cfg, tmp_pat
     assert all(torch.equal(p, q) for p, q in zip(ours.state_dict().values(), direct.state_dict().values()))
 
 
+def test_key_mapping_equals_diffusers_single_file_converter(tiny_model):
+    """A second, independent implementation of official -> diffusers names: diffusers' own single-file loader."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    sd = tiny_model.state_dict()
+    theirs = convert_wan_transformer_to_diffusers({"model.diffusion_model." + k: v for k, v in sd.items()})
+    ours = rename_keys(list(sd), "native", "diffusers")  # {diffusers name: native name}
+    assert set(theirs) == set(ours)
+    assert all(torch.equal(theirs[k], sd[ours[k]]) for k in theirs)
+
+
 # ----- bitwise round trips ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shard", ["5GB", "30KB"])
@@ -192,6 +203,19 @@ def test_lora_keys_convert_and_are_reported(tiny_model, tmp_path):
     assert torch.equal(got["blocks.0.attn1.to_q.lora_B.weight"], sd["blocks.0.self_attn.q.lora_B.weight"])
     with pytest.raises(CheckpointMismatchError, match="LoRA"):
         load_wan_weights(WanDiT(tiny_model.cfg), str(tmp_path / "with_lora.safetensors"))
+
+
+def test_info_on_a_peft_adapter_directory(tiny_cfg, tmp_path):
+    from megatron_longlive.config import TrainConfig
+    from megatron_longlive.training.lora import apply_lora, save_adapter
+
+    model = WanDiT(tiny_cfg)
+    apply_lora(model, TrainConfig().lora_targets, rank=4)
+    save_adapter(model, str(tmp_path / "adapter"))
+    s = summarize(cio.open_checkpoint(tmp_path / "adapter"))
+    assert s["prefix"] == "base_model.model." and s["format"] == "official"
+    assert s["has_lora"] and s["num_lora_tensors"] == 2 * 10 * tiny_cfg.num_layers and s["num_parameters"] == 0
+    assert s["config"] is None and "only LoRA adapter tensors" in s["config_error"]
 
 
 def test_cli_convert_and_info_end_to_end(tiny_model, tmp_path, capsys):

@@ -4,7 +4,7 @@ Reading: `open_checkpoint(path)` accepts a `.safetensors` / `.pt` / `.pth` / `.b
 (a sharded safetensors set with its `*.safetensors.index.json`, a single weights file, and optionally a
 `config.json`). Tensors are read lazily (safetensors headers give shapes and dtypes without loading), so
 `longlive info` on a 14B checkpoint costs no memory and conversion holds one output shard at a time.
-Wrapper prefixes (`model.diffusion_model.` from ComfyUI, `module.`, `transformer.` ...) and nested
+Wrapper prefixes (`model.diffusion_model.` from ComfyUI, peft's `base_model.model.`, `module.` ...) and nested
 `.pt` containers (`{"generator": state_dict}`) are unwrapped.
 
 Writing: `write_safetensors` splits tensors into shards of at most `max_shard_size` bytes named like
@@ -29,7 +29,8 @@ from tqdm import tqdm
 from ...config.model import _PRESETS, ModelConfig, preset_config
 
 # Wrapper prefixes seen in the wild, longest first (stripped only when every key carries one).
-KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "_orig_mod.", "module.", "transformer.", "model.")
+KNOWN_PREFIXES = ("model.diffusion_model.", "base_model.model.", "diffusion_model.", "_orig_mod.", "module.",
+                  "transformer.", "model.")
 # Containers inside .pt files, tried in order when the top-level dict is not itself a state dict.
 CONTAINER_KEYS = ("state_dict", "model", "module", "generator_ema", "generator", "transformer")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -61,7 +62,7 @@ class TensorSource:
         return math.prod(self.shapes[key]) * (dtype or self.dtypes[key]).itemsize
 
 
-def _common_prefix(keys: Iterable[str]) -> str:
+def common_prefix(keys: Iterable[str]) -> str:
     """Wrapper prefix shared by all keys (no Wan or diffusers module name starts with one of KNOWN_PREFIXES)."""
     keys = list(keys)
     prefix = ""
@@ -155,7 +156,7 @@ def open_checkpoint(path: str | os.PathLike, state_key: str | None = None) -> Te
                 tensors[k] = v
     if not shapes:
         raise ValueError(f"{path}: the checkpoint holds no tensors.")
-    prefix = _common_prefix(shapes)
+    prefix = common_prefix(shapes)
 
     def load(key: str) -> torch.Tensor:
         full = prefix + key

@@ -127,13 +127,15 @@ def natural_key(key: str) -> tuple:
 def infer_config(shapes: dict[str, tuple], fmt: str, num_heads: int | None = None) -> tuple[ModelConfig, str]:
     """Architecture from tensor shapes. num_heads is not stored in weights: it comes from `num_heads`, a preset
     with the same numbers, or Wan's head_dim of 128. Returns (config, where num_heads came from)."""
+    only_lora = bool(shapes) and all(is_lora_key(k) for k in shapes)
     if format_family(fmt):
         shapes = {_rename(k, 1): s for k, s in shapes.items() if not is_lora_key(k) and _rename(k, 1) is not None}
     need = ["patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "blocks.0.ffn.0.weight",
             "head.head.weight"]
     missing = [k for k in need if k not in shapes]
     if missing:
-        raise ValueError(f"cannot infer the architecture: missing {missing}.")
+        raise ValueError(f"cannot infer the architecture: missing {missing}"
+                         + (" (the file holds only LoRA adapter tensors)." if only_lora else "."))
     dim, in_ch, *patch = shapes["patch_embedding.weight"]
     layers = {int(m.group(1)) for k in shapes if (m := _BLOCK_RE.match(k))}
     fields = dict(in_channels=in_ch, out_channels=shapes["head.head.weight"][0] // math.prod(patch), dim=dim,
@@ -227,7 +229,7 @@ def save_wan_weights(model: nn.Module, dst: str | os.PathLike, to: str = "native
 def to_native_state_dict(path_or_state_dict, state_key: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Read any supported checkpoint (or an in-memory state dict) with native key names -> (state dict, format)."""
     if isinstance(path_or_state_dict, dict):
-        prefix = io._common_prefix(path_or_state_dict)
+        prefix = io.common_prefix(path_or_state_dict)
         sd = {k[len(prefix):]: v for k, v in path_or_state_dict.items()}
         fmt = detect_key_format(list(sd))
         return {new: sd[old] for new, old in rename_keys(list(sd), fmt, "native").items()}, fmt
