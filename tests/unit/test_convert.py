@@ -174,6 +174,24 @@ def test_preset_configs_through_diffusers_and_official_config_json(name):
     assert infer_config(dshapes, "diffusers")[0] == cfg
 
 
+def test_published_config_files_read_as_the_presets():
+    """config.json files as published for Wan2.1-T2V-1.3B (official repo and -Diffusers transformer/)."""
+    official = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 1536, "eps": 1e-06, "ffn_dim": 8960,
+                "freq_dim": 256, "in_dim": 16, "model_type": "t2v", "num_heads": 12, "num_layers": 30, "out_dim": 16,
+                "text_len": 512}
+    diffusers = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0.dev0", "added_kv_proj_dim": None,
+                 "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256,
+                 "image_dim": None, "in_channels": 16, "num_attention_heads": 12, "num_layers": 30, "out_channels": 16,
+                 "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024,
+                 "text_dim": 4096}
+    assert cio.read_config_json(official) == ("official", preset_config("wan2.1-1.3b"))
+    assert cio.read_config_json(diffusers) == ("diffusers", preset_config("wan2.1-1.3b"))
+    with pytest.raises(ValueError, match="model_type='i2v' is not supported"):
+        cio.read_config_json({**official, "model_type": "i2v"})
+    with pytest.raises(ValueError, match="image_dim=1280"):
+        cio.read_config_json({**diffusers, "image_dim": 1280})
+
+
 # ----- wrappers, LoRA keys, info --------------------------------------------------------------------------
 def test_pt_container_with_comfy_prefix_loads(tiny_model, tiny_cfg, tmp_path):
     sd = {"model.diffusion_model." + k: v for k, v in tiny_model.state_dict().items()}

@@ -253,6 +253,9 @@ def model_config_from_fields(fields: dict) -> ModelConfig:
 
 
 def config_from_official(d: dict) -> ModelConfig:
+    if d.get("model_type", "t2v") not in ("t2v", "ti2v"):
+        raise ValueError(f"official config model_type={d['model_type']!r} is not supported. Fix: use a T2V or TI2V "
+                         f"Wan checkpoint.")
     qk_norm, cross = d.get("qk_norm", True), d.get("cross_attn_norm", True)
     return model_config_from_fields(dict(
         in_channels=d["in_dim"], out_channels=d.get("out_dim", d["in_dim"]), dim=d["dim"], ffn_dim=d["ffn_dim"],
