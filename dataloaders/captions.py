@@ -92,6 +92,10 @@ class CaptionIndex:
                 raise ValueError(f"{where}: a shot needs start/end (seconds) or start_frame/end_frame. Fix: add them")
             self._add(base, row["path"], start, end, shot.get("caption", ""), where)
 
+    def spans(self, path: str) -> list[tuple[float, float, str]]:
+        """The manifest's (start_s, end_s, caption) shots of `path`, in time order (empty if none)."""
+        return list(self.entries.get(self._key(path), []))
+
     def lookup(self, path: str, start_s: float, end_s: float) -> str | None:
         """The caption overlapping [start_s, end_s) most, or None when the video has no entry there."""
         spans = self.entries.get(self._key(path), [])

@@ -52,6 +52,8 @@ class PreprocessOptions:
     quality_weights: str = ""
     captions: str = ""
     cache_dtype: str = "bfloat16"
+    shots_from_manifest: bool = True
+    """Use the caption manifest's shot boundaries when it lists the video; detect shots otherwise."""
 
     @classmethod
     def from_config(cls, data, chunk_frames: int) -> "PreprocessOptions":
@@ -87,6 +89,13 @@ def module_fingerprint(module: torch.nn.Module) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def manifest_shots(spans: list[tuple[float, float, str]], times: np.ndarray) -> list[tuple[int, int]]:
+    """Manifest shot starts (seconds) -> frame ranges over the sampled timeline `times` (covering all of it)."""
+    starts = sorted({int(np.searchsorted(times, s - 1e-6)) for s, _, _ in spans[1:]} - {0})
+    cuts = [0] + [c for c in starts if c < len(times)] + [len(times)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def _segments(keep: list[bool], shots: list[tuple[int, int]]) -> list[list[int]]:
@@ -145,7 +154,8 @@ class Preprocessor:
         video = self.decoder.decode(path, o.fps, o.buckets)
         notes += [{"reason": r, "detail": d} for r, d in video.notes]
         frames = video.frames  # [T, h, w, 3] uint8
-        shots = self.detector.detect(frames)
+        spans = self.captions.spans(path) if o.shots_from_manifest else []
+        shots = manifest_shots(spans, video.times) if spans else self.detector.detect(frames)
         keep, scores = [], []
         for i, (a, b) in enumerate(shots):
             reasons, s = filter_shot(frames[a:b], o.fps, o.thresholds, video.info.fps, self.scorer)
