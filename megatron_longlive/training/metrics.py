@@ -28,14 +28,16 @@ class MetricsLogger:
     """Append step metrics to `<run_dir>/metrics.jsonl` and (unless disabled) to wandb."""
 
     def __init__(self, run_dir: str, wandb_mode: str = "offline", config: dict | None = None,
-                 resume_step: int = 0, project: str = "megatron_longlive"):
+                 resume_step: int = 0, project: str = "megatron_longlive", enabled: bool = True):
+        self.enabled, self.wandb = enabled, None
+        if not enabled:  # non-logging ranks of a multi-rank run
+            return
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         self.file = open(self.path, "a")
-        self.wandb = None
         if wandb_mode != "disabled":
             import wandb
 
@@ -43,12 +45,16 @@ class MetricsLogger:
                                     resume="allow", id=_run_id(run_dir))
 
     def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()

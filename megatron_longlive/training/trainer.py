@@ -4,6 +4,8 @@ Seams for parallelism (applied from outside, STYLE.md §1):
   * `StepStrategy` - model forward + loss for one micro-batch. `TeacherForcingStep` is the
     single-process one; Balanced SP supplies its own (sharded layout, all-to-all attention).
   * data sharding - `LatentLoader(rank, world_size)`; the trainer takes `dp_rank` / `dp_size`.
+  * `ParallelHooks` - gradient sync before clipping, loss reduction for logging, which rank logs,
+    and the checkpoint manager (a collective one for multi-rank runs).
 The loop: AdamW, linear warm-up + cosine to `min_lr_ratio`, gradient accumulation and clipping,
 bf16 autocast on CUDA (fp32 on CPU), optional activation checkpointing and LoRA, EMA, metrics.jsonl
 + wandb, tqdm, periodic / SIGTERM checkpoints, exact resume, and a clear stop on a NaN/Inf loss.
@@ -16,7 +18,7 @@ import math
 import os
 import signal
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -61,6 +63,21 @@ class TeacherForcingStep:
             loss, inputs = teacher_forcing_loss(model, latents, text, self.chunk_frames, generator, self.shift,
                                                 self.num_train_timesteps)
         return loss, inputs.tokens.shape[0] * inputs.tokens.shape[1]
+
+
+@dataclasses.dataclass
+class ParallelHooks:
+    """What a multi-rank run changes in the loop; the defaults are the single-process behaviour.
+
+    grad_sync(params): called once per optimizer step after accumulation, before clipping (e.g. all-reduce
+    over SP/DP). reduce_loss(value) -> float: the logged loss across ranks. is_logger: this rank writes
+    metrics.jsonl / wandb / the progress bar. checkpoint: a `CheckpointManager` (collective for SP/DP).
+    """
+
+    grad_sync: Callable[[list[torch.Tensor]], None] | None = None
+    reduce_loss: Callable[[float], float] | None = None
+    is_logger: bool = True
+    checkpoint: CheckpointManager | None = None
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -112,13 +129,15 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, dataset=None, device: str | torch.device | None = None,
                  strategy: StepStrategy | None = None, model: nn.Module | None = None, resume: bool = False,
-                 progress: bool = True, dp_rank: int = 0, dp_size: int = 1):
+                 progress: bool = True, dp_rank: int = 0, dp_size: int = 1, hooks: ParallelHooks | None = None):
         tc = cfg.train
-        self.cfg, self.tc, self.progress = cfg, tc, progress
+        self.hooks = hooks or ParallelHooks()
+        self.cfg, self.tc, self.progress = cfg, tc, progress and self.hooks.is_logger
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         os.makedirs(tc.output_dir, exist_ok=True)
-        with open(os.path.join(tc.output_dir, "config.yaml"), "w") as f:
-            f.write(cfg.to_yaml())
+        if self.hooks.is_logger:
+            with open(os.path.join(tc.output_dir, "config.yaml"), "w") as f:
+                f.write(cfg.to_yaml())
         # 1. data
         frames, _, _ = latent_shape(cfg)
         if frames % tc.chunk_frames:
@@ -148,7 +167,7 @@ class Trainer:
                                                        self.device, autocast)
         self.generator = torch.Generator().manual_seed(tc.seed + 1)  # sigmas and noise
         # 3. checkpoints and resume
-        self.ckpt = CheckpointManager(tc.output_dir, tc.keep_last, rank=dp_rank)
+        self.ckpt = self.hooks.checkpoint or CheckpointManager(tc.output_dir, tc.keep_last, rank=dp_rank)
         self.step = 0
         self.last_checkpoint = None
         if resume:
@@ -184,20 +203,27 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches; returns its metrics (raises on NaN/Inf)."""
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        total, tokens = 0.0, 0
+        total, tokens, bad = 0.0, 0, []
         for _ in range(self.tc.grad_accum):
             batch = next(self.loader)
             loss, n_tok = self.strategy(self.model, batch, self.generator)
             value = loss.item()
-            if not math.isfinite(value):
-                kept = self.last_checkpoint or "none (no checkpoint was written yet)"
-                raise TrainingDiverged(
-                    f"step {self.step + 1}: loss is {value} (videos {batch['index']}); training stopped before "
-                    f"applying this step. Last good checkpoint: {kept}. Fix: lower train.lr, check the data, "
-                    f"or resume with --resume.")
-            (loss / self.tc.grad_accum).backward()
+            if math.isfinite(value):
+                (loss / self.tc.grad_accum).backward()
+            else:
+                bad.append(batch["index"])
             total += value / self.tc.grad_accum
             tokens += n_tok
+        if self.hooks.reduce_loss is not None:  # collective: every rank sees a NaN anywhere
+            total = self.hooks.reduce_loss(total)
+        if not math.isfinite(total):
+            kept = self.last_checkpoint or "none (no checkpoint was written yet)"
+            where = f" (videos {bad[0]})" if bad else " (on another rank)"
+            raise TrainingDiverged(
+                f"step {self.step + 1}: loss is {total}{where}; training stopped before applying this step. "
+                f"Last good checkpoint: {kept}. Fix: lower train.lr, check the data, or resume with --resume.")
+        if self.hooks.grad_sync is not None:
+            self.hooks.grad_sync(self.params)
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -216,7 +242,8 @@ class Trainer:
     def train(self) -> list[float]:
         """Run to train.max_steps; returns this call's losses. Saves periodically, at the end and on SIGTERM."""
         tc = self.tc
-        logger = MetricsLogger(tc.output_dir, tc.wandb_mode, to_plain(self.cfg), resume_step=self.step)
+        logger = MetricsLogger(tc.output_dir, tc.wandb_mode, to_plain(self.cfg), resume_step=self.step,
+                               enabled=self.hooks.is_logger)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         losses: list[float] = []
         start = time.time()

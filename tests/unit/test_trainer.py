@@ -230,3 +230,27 @@ def test_golden_curve_on_synthetic_data(tmp_path):
     print("synthetic golden means of 10 steps:", [round(m, 4) for m in means])
     assert abs(means[0] - SYNTHETIC_MEANS[0]) < 0.05
     assert means[-1] < SYNTHETIC_LAST10_MAX and means[-1] < 0.7 * means[0]
+
+
+def test_parallel_hooks_run_before_the_update(tmp_path):
+    """grad_sync sees the accumulated grads before clipping/AdamW; reduce_loss sets the logged loss."""
+    from megatron_longlive.training.trainer import ParallelHooks
+
+    seen = []
+
+    def zero_grads(params):
+        seen.append(sum(p.grad.abs().sum().item() for p in params if p.grad is not None))
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    cfg = tiny_config(tmp_path, max_steps=2)
+    ref = Trainer(cfg, dataset=random_latent_dataset(cfg, 4), progress=False)
+    ref_loss = ref.train_step()["loss"]
+    t = Trainer(cfg, dataset=random_latent_dataset(cfg, 4), progress=False,
+                hooks=ParallelHooks(grad_sync=zero_grads, reduce_loss=lambda v: 2 * v))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    m = t.train_step()
+    assert seen and seen[0] > 0
+    assert m["loss"] == 2 * ref_loss and m["grad_norm"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())  # zero grads: no AdamW move
