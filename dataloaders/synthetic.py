@@ -11,10 +11,13 @@ Videos are written as real mp4 files (PyAV, yuv420p) plus a JSONL manifest, one 
 1 + 4k, the first frames of the Wan VAE's latent frames, so every shot covers whole latent frames.
 Everything is a deterministic function of (seed, video index). The decoder here is deliberately small
 (PyAV -> [3, T, H, W] in [-1, 1]); the data pipeline's decoders replace it for real videos.
+`build_dataset(cfg)` is the trainer's `data.source: synthetic`: videos -> VAE latents + text embeddings,
+cached as a `.pt` latent file beside the videos (keyed by everything that changes the result).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -195,3 +198,40 @@ class SyntheticVideoDataset(torch.utils.data.Dataset):
         e = self.entries[i]
         shots = [s for s in e["shots"] if self.num_frames is None or s["start_frame"] < self.num_frames]
         return {"video": decode_video(e["path"], self.num_frames), "shots": shots, "path": e["path"]}
+
+
+def _cache_key(cfg) -> str:
+    d, m, inf = cfg.data, cfg.model, cfg.infer
+    fields = dict(height=d.height, width=d.width, num_frames=d.num_frames, fps=d.fps, num_videos=d.num_videos,
+                  num_shots=d.num_shots, seed=d.seed, vae=m.vae, text_dim=m.text_dim, text_len=m.text_len,
+                  vae_path=inf.vae_path, text_encoder_path=inf.text_encoder_path)
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_dataset(cfg, progress: bool = True):
+    """`data.source: synthetic` for the trainer (cfg: RunConfig): a latent dataset of the synthetic videos.
+
+    Videos go to data.path (default: <train.output_dir>/synthetic_data); they are encoded with the VAE and
+    text encoder that `longlive generate` uses (pipeline.load_encoders). One caption per video for now: the
+    first shot's (the trainer takes one text per video; per-chunk shot prompts come with multi-shot training).
+    """
+    from dataloaders.latent_dataset import PtLatentDataset, save_latent_file
+    from megatron_longlive.inference.pipeline import load_encoders
+
+    root = cfg.data.path or os.path.join(cfg.train.output_dir, "synthetic_data")
+    latent_file = os.path.join(root, f"latents_{_cache_key(cfg)}.pt")
+    if os.path.isfile(latent_file):
+        return PtLatentDataset(latent_file)
+    manifest = generate_dataset(root, cfg.data, progress=progress)
+    vae, text_encoder = load_encoders(cfg)
+    latents = []
+    with torch.no_grad():
+        for entry in tqdm(read_manifest(manifest), desc="VAE encode", unit="video", disable=not progress):
+            video = decode_video(entry["path"], cfg.data.num_frames)[None].to(vae.dtype)   # [1, 3, T, H, W]
+            latents.append(vae.encode(video).float())
+    captions = [entry["shots"][0]["caption"] for entry in read_manifest(manifest)]
+    text = text_encoder.encode(captions).float()
+    tmp = latent_file + f".tmp-{os.getpid()}"
+    save_latent_file(tmp, torch.cat(latents), text, captions)
+    os.replace(tmp, latent_file)
+    return PtLatentDataset(latent_file)

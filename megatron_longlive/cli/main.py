@@ -13,7 +13,9 @@ import sys
 # name -> module under megatron_longlive.cli; later issues add train, generate, serve, ...
 SUBCOMMANDS: dict[str, str] = {
     "convert": "convert",
+    "demo": "demo",
     "eval": "eval",
+    "generate": "generate",
     "info": "info",
     "preprocess": "preprocess",
     "slurm": "slurm",

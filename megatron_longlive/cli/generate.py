@@ -1,0 +1,66 @@
+"""Stream a video chunk by chunk from prompts: `longlive generate --checkpoint RUN --prompt "text@0" --out x.mp4`."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from .common import add_config_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--checkpoint", default=None,
+                        help="Training run dir, step_* checkpoint dir or .safetensors weights (default: random init). "
+                             "Without --config, a run dir's config.yaml is used.")
+    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT[@CHUNK]",
+                        help="Prompt starting at chunk CHUNK (repeatable), e.g. 'a red square@0' 'a blue circle@4'.")
+    parser.add_argument("--prompt-file", default=None,
+                        help="Prompt schedule: .jsonl ({start_chunk, prompt} per line, or LongLive's {prompts: [...]}),"
+                             " .yaml list, or .txt 'CHUNK: prompt' lines.")
+    parser.add_argument("--prompt-index", type=int, default=0, help="Which video of a LongLive JSONL file.")
+    parser.add_argument("--switch-frame-indices", default=None,
+                        help="LongLive JSONL: comma-separated latent frames where prompts switch (if not in the file).")
+    parser.add_argument("--out", default=None, help="Output mp4 (default: infer.output).")
+    parser.add_argument("--latents-out", default=None, help="Also save the latents (.pt or .safetensors).")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="DiT dtype (default: bf16 on CUDA).")
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+
+
+def _config(args):
+    from ..config import load_config
+
+    path = args.config
+    if path is None and args.checkpoint and os.path.isfile(os.path.join(args.checkpoint, "config.yaml")):
+        path = os.path.join(args.checkpoint, "config.yaml")
+    return load_config(path, args.overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..inference.pipeline import generate_video, load_dit
+    from ..inference.prompts import load_prompt_file, parse_cli_prompts
+
+    cfg = _config(args)
+    if bool(args.prompt) == bool(args.prompt_file):
+        raise ValueError("give either --prompt TEXT[@CHUNK] (repeatable) or --prompt-file FILE")
+    if args.prompt_file:
+        switches = ([int(s) for s in args.switch_frame_indices.split(",") if s.strip()]
+                    if args.switch_frame_indices else None)
+        segments = load_prompt_file(args.prompt_file, cfg.infer.chunk_frames, args.prompt_index, switches)
+    else:
+        segments = parse_cli_prompts(args.prompt)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    model = load_dit(cfg, args.checkpoint, device, dtype)
+    out = args.out or cfg.infer.output
+    t0 = time.perf_counter()
+    result = generate_video(cfg, model, segments, out, latents_path=args.latents_out, progress=not args.no_progress)
+    frames = result.video.shape[2]
+    print(f"wrote {os.path.abspath(out)} ({frames} frames, {frames / cfg.infer.fps:.1f} s at {cfg.infer.fps:g} fps, "
+          f"{cfg.infer.num_chunks} chunks, {time.perf_counter() - t0:.1f} s)")
+    if result.latents_path:
+        print(f"latents: {os.path.abspath(result.latents_path)}")
+    return 0

@@ -1,0 +1,162 @@
+"""Prompts -> mp4: load the DiT from a checkpoint, encode prompts, run the chunk loop, VAE-decode, write files.
+
+Checkpoints accepted by `load_dit`: a training run directory (its `checkpoints/latest`), a `checkpoints/`
+directory, one complete `step_*` DCP checkpoint (EMA weights preferred when it holds them), or a
+`.safetensors` file of WanDiT weights (official Wan names). `None` keeps Wan's random init (seeded).
+The VAE and text encoder come from `infer.vae_path` / `infer.text_encoder_path`; empty means the tiny
+random ones (seed 0) that the synthetic training data is encoded with, so train and generate agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import torch
+
+from ..config import RunConfig
+from ..models.wan import WanDiT
+from ..models.wan.text_encoder import TextEncoder
+from ..models.wan.vae import WanVAE
+from .engine import StreamingEngine, stream_latents
+from .prompts import PromptSegment, check_schedule, prompt_changes
+from .video_writer import write_mp4
+
+ENCODER_SEED = 0
+
+
+def load_encoders(cfg: RunConfig) -> tuple[WanVAE, TextEncoder]:
+    """The VAE and text encoder of `cfg` (tiny random ones when no paths are set), checked against the DiT."""
+    m, inf = cfg.model, cfg.infer
+    vae = WanVAE.from_pretrained(inf.vae_path) if inf.vae_path else WanVAE.tiny(m.vae, seed=ENCODER_SEED)
+    text = (TextEncoder.from_pretrained(inf.text_encoder_path, text_len=m.text_len) if inf.text_encoder_path
+            else TextEncoder.tiny(text_dim=m.text_dim, text_len=m.text_len, seed=ENCODER_SEED))
+    if vae.z_dim != m.in_channels:
+        raise ValueError(f"infer.vae_path: the VAE has {vae.z_dim} latent channels but model.in_channels="
+                         f"{m.in_channels}. Fix: use the VAE of model.vae={m.vae!r}")
+    if text.text_dim != m.text_dim:
+        raise ValueError(f"infer.text_encoder_path: the encoder outputs {text.text_dim} dims but model.text_dim="
+                         f"{m.text_dim}. Fix: use the text encoder the model was trained with")
+    return vae, text
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run dir / checkpoints dir / step dir / .safetensors file -> the file or complete step dir to load."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint {path}: not found. Fix: give a run directory, a step_* checkpoint "
+                                f"directory or a .safetensors file")
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"--checkpoint {path}: a file must be .safetensors WanDiT weights")
+        return path
+    for root in (path, os.path.join(path, "checkpoints")):
+        latest = os.path.join(root, "latest")
+        if os.path.isfile(latest):
+            step = os.path.join(root, open(latest).read().strip())
+            if os.path.isfile(os.path.join(step, "COMPLETE")):
+                return step
+    if os.path.isfile(os.path.join(path, "COMPLETE")):
+        return path
+    raise ValueError(f"--checkpoint {path}: no complete checkpoint there (no COMPLETE marker, no checkpoints/latest)"
+                     f". Fix: point at a finished training run or a step_* directory")
+
+
+def _load_dcp(model: WanDiT, path: str) -> str:
+    """Load model weights from a DCP checkpoint; EMA weights replace the trained ones when present."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    if any("lora" in k for k in keys):
+        raise ValueError(f"{path}: a LoRA training checkpoint; generate loads full weights only for now. "
+                         f"Fix: generate from a full fine-tune checkpoint or a merged .safetensors file")
+    state = {"model": model.state_dict()}
+    ema = {k: v for k, v in model.state_dict().items() if f"ema.{k}" in keys}
+    if ema:
+        state["ema"] = {k: v.clone() for k, v in ema.items()}
+    with warnings.catch_warnings():  # single-process load: DCP warns that torch.distributed is not initialised
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    if ema:
+        model.load_state_dict(state["ema"], strict=False)
+    return "ema" if ema else "model"
+
+
+def load_dit(cfg: RunConfig, checkpoint: str | None, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, seed: int = 0) -> WanDiT:
+    """The DiT of `cfg.model` with weights from `checkpoint` (see module docstring), in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanDiT(cfg.model)
+        model.init_weights()
+    if checkpoint:
+        path = resolve_checkpoint(checkpoint)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{path}: weights do not match model.preset={cfg.model.preset!r} (missing "
+                                 f"{missing[:3]}, unexpected {unexpected[:3]}). Fix: use the matching --config")
+        else:
+            try:
+                _load_dcp(model, path)
+            except (RuntimeError, ValueError, KeyError) as e:
+                if "LoRA" in str(e):
+                    raise
+                raise ValueError(f"{path}: cannot load into model.preset={cfg.model.preset!r} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}). Fix: use the config the checkpoint was "
+                                 f"trained with (the run directory's config.yaml)") from e
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    latents: torch.Tensor          # [B, C, T_latent, H, W]
+    video: torch.Tensor | None     # [B, 3, T, H, W] in [-1, 1] (None when not decoded)
+    video_path: str | None
+    latents_path: str | None
+
+
+def save_latents(path: str, latents: torch.Tensor, prompts: list[PromptSegment]) -> None:
+    """`.safetensors` (tensor only) or `.pt` (tensor + prompt schedule)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({"latents": latents.contiguous().cpu()}, path)
+    elif path.endswith(".pt"):
+        torch.save({"latents": latents.cpu(), "prompts": [dataclasses.asdict(s) for s in prompts]}, path)
+    else:
+        raise ValueError(f"--latents-out {path}: use a .pt or .safetensors file name")
+
+
+def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment], out_path: str | None,
+                   vae: WanVAE | None = None, text_encoder: TextEncoder | None = None,
+                   latents_path: str | None = None, progress: bool = True) -> GenerationResult:
+    """Run the chunk loop for cfg.infer.num_chunks chunks under the prompt schedule, decode, write mp4/latents."""
+    inf = cfg.infer
+    segments = check_schedule(segments, inf.num_chunks)
+    if vae is None or text_encoder is None:
+        vae, text_encoder = load_encoders(cfg)
+    stride = vae.spatial_stride
+    if inf.height % stride or inf.width % stride:
+        raise ValueError(f"infer.height/width={inf.height}x{inf.width} must be multiples of the VAE stride {stride}")
+    device = next(model.parameters()).device
+    changes = prompt_changes(segments)
+    # 1. text: one encoder pass per distinct prompt
+    embeds = {p: text_encoder.encode([p]) for p in dict.fromkeys(changes.values())}
+    engine = StreamingEngine(model, inf, (inf.height // stride, inf.width // stride), batch=1)
+    # 2. the chunk loop
+    chunks = list(stream_latents(engine, inf.num_chunks, lambda c: embeds[changes[c]].to(device) if c in changes
+                                 else None, seed=inf.seed, progress=progress))
+    latents = torch.cat(chunks, dim=2).cpu()                              # [1, C, T, H, W]
+    if latents_path:
+        save_latents(latents_path, latents, segments)
+    # 3. VAE decode and mp4
+    video = None
+    if out_path:
+        with torch.no_grad():
+            video = vae.decode(latents.to(vae.dtype)).float().clamp(-1, 1)  # [1, 3, T_px, H, W]
+        write_mp4(out_path, video[0], inf.fps)
+    return GenerationResult(latents, video, out_path, latents_path)
