@@ -3,7 +3,8 @@
 The source (a file or a checkpoint directory) is detected from its key names and config.json; the
 output directory gets safetensors shards (with an index json when split) and the matching
 config.json: diffusers output loads with `WanTransformer3DModel.from_pretrained(dir)`, official
-output carries Wan's config keys. A `.safetensors` destination writes one file and no config.
+output carries Wan's config keys. A `.safetensors` destination writes one file and no config (all tensors in memory
+at once; directories hold one shard at a time).
 Conversion renames keys only, so `--dtype keep` is bitwise lossless.
 """
 from __future__ import annotations
