@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from typing import Callable, Protocol
 
 import torch
@@ -163,6 +164,9 @@ class Trainer:
                                               min_lr_ratio=tc.min_lr_ratio))
         self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
         autocast = torch.bfloat16 if (tc.precision == "bf16" and self.device.type == "cuda") else None
+        if tc.precision == "bf16" and autocast is None:
+            warnings.warn(f"train.precision=bf16 is ignored on {self.device.type}: training runs in float32 "
+                          f"(bf16 autocast is used on CUDA only).", stacklevel=2)
         self.strategy = strategy or TeacherForcingStep(tc.chunk_frames, tc.timestep_shift, tc.num_train_timesteps,
                                                        self.device, autocast)
         self.generator = torch.Generator().manual_seed(tc.seed + 1)  # sigmas and noise
