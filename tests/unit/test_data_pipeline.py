@@ -128,6 +128,12 @@ def test_loader_buckets_shards_and_resumes(tmp_path, models):
     ld2.load_state_dict(state)
     again = next(ld2)
     assert again["key"] == after["key"] and torch.equal(again["latents"], after["latents"])
+    # the trainer's registry: data.source=zarr with a cache directory -> this dataset
+    from dataloaders.latent_dataset import build_dataset
+
+    cfg = load_config(None, ["data.source=zarr", f"data.path={out}"])
+    item = build_dataset(cfg)[0]
+    assert item["latents"].ndim == 4 and item["text"].shape == (16, 32) and isinstance(item["caption"], str)
 
 
 class FilenameCaptioner:
