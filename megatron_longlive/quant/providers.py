@@ -1,0 +1,131 @@
+"""Linear providers per precision backend, and `build_linear_provider(quant_cfg)` (STYLE.md §2).
+
+bf16 -> plain nn.Linear; nvfp4_emulated -> NVFP4Linear (exact NVFP4 numerics, any device);
+fp8 -> FP8Linear (E4M3 rowwise-scaled GEMMs, torch._scaled_mm on Hopper+); te_nvfp4 -> Transformer
+Engine's Linear run under its NVFP4BlockScaling recipe (Blackwell). Every low-precision provider is
+wrapped in a KeepListProvider so modules matching `quant.keep_high_precision` stay plain nn.Linear.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+from torch import nn
+
+from ..config.quant import QuantConfig
+from ..models.provider import KeepListProvider, LinearProvider
+from .constants import BLOCK
+
+TE_INSTALL_HINT = ("pip install 'megatron_longlive[gpu]' (or pip install 'transformer-engine[pytorch]'); "
+                   "NVFP4 GEMMs need a Blackwell GPU. Otherwise set quant.linear=nvfp4_emulated or fp8")
+
+
+def _blocked(name: str, in_features: int, out_features: int, what: str) -> bool:
+    """True if the shape fits 16-value blocks; otherwise warn that the layer stays high precision."""
+    if in_features % BLOCK or out_features % BLOCK:
+        warnings.warn(f"{what}: {name} ({in_features}->{out_features}) is not a multiple of {BLOCK}; "
+                      "keeping it as a plain nn.Linear", stacklevel=3)
+        return False
+    return True
+
+
+class NVFP4EmulatedProvider(LinearProvider):
+    """Builds NVFP4Linear (dequantize-then-fp32-matmul emulation of the NVFP4 training recipe)."""
+
+    def __init__(self, rht: bool = True, stochastic_rounding: bool = True, weight_2d: bool = True, rht_seed: int = 0):
+        from .nvfp4.linear import NVFP4Recipe
+
+        self.recipe = NVFP4Recipe(rht=rht, stochastic_rounding=stochastic_rounding, weight_2d=weight_2d,
+                                  rht_seed=rht_seed)
+
+    def linear(self, name, in_features, out_features, bias=True, style="replicated"):
+        from .nvfp4.linear import NVFP4Linear
+
+        if not _blocked(name, in_features, out_features, "nvfp4_emulated"):
+            return nn.Linear(in_features, out_features, bias=bias)
+        return NVFP4Linear(in_features, out_features, bias, self.recipe)
+
+
+class FP8Provider(LinearProvider):
+    """Builds FP8Linear: E4M3 GEMMs with rowwise scales (torch._scaled_mm, or its exact emulation)."""
+
+    def __init__(self, emulate: bool | None = None):
+        self.emulate = emulate
+
+    def linear(self, name, in_features, out_features, bias=True, style="replicated"):
+        from .fp8 import FP8Linear
+
+        if not _blocked(name, in_features, out_features, "fp8"):
+            return nn.Linear(in_features, out_features, bias=bias)
+        return FP8Linear(in_features, out_features, bias, emulate=self.emulate)
+
+
+def import_te():
+    """transformer_engine.pytorch and its recipe module, or an ImportError that says how to get them."""
+    try:
+        import transformer_engine.pytorch as te
+        from transformer_engine.common import recipe
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise ImportError(f"quant.linear=te_nvfp4 needs Transformer Engine ({exc}). Fix: {TE_INSTALL_HINT}") from exc
+    if not hasattr(recipe, "NVFP4BlockScaling"):  # pragma: no cover
+        raise ImportError(f"this Transformer Engine has no NVFP4BlockScaling recipe; upgrade it. {TE_INSTALL_HINT}")
+    return te, recipe
+
+
+class TENVFP4Linear(nn.Module):
+    """te.Linear whose forward (and hence backward) runs under TE's NVFP4BlockScaling recipe."""
+
+    def __init__(self, in_features, out_features, bias, rht: bool, stochastic_rounding: bool, weight_2d: bool):
+        super().__init__()
+        te, recipe = import_te()
+        self.inner = te.Linear(in_features, out_features, bias=bias)
+        try:
+            self.recipe = recipe.NVFP4BlockScaling(disable_rht=not rht, disable_stochastic_rounding=not stochastic_rounding,
+                                                   disable_2d_quantization=not weight_2d)
+        except TypeError:  # pragma: no cover - older TE: switches only via NVTE_NVFP4_DISABLE_* env vars
+            warnings.warn("this TE's NVFP4BlockScaling takes no disable_* switches; using its defaults")
+            self.recipe = recipe.NVFP4BlockScaling()
+        self._autocast = getattr(te, "autocast", None)
+        self._fp8_autocast = getattr(te, "fp8_autocast", None)
+
+    def _context(self):
+        if self._autocast is not None:
+            return self._autocast(enabled=True, recipe=self.recipe)
+        if self._fp8_autocast is not None:  # pragma: no cover - older TE
+            return self._fp8_autocast(enabled=True, fp8_recipe=self.recipe)
+        return contextlib.nullcontext()  # pragma: no cover
+
+    def forward(self, x):
+        with self._context():
+            return self.inner(x)
+
+
+class TENVFP4Provider(LinearProvider):
+    """Builds TENVFP4Linear; importing Transformer Engine is deferred to construction."""
+
+    def __init__(self, rht: bool = False, stochastic_rounding: bool = True, weight_2d: bool = True):
+        import_te()
+        self.switches = dict(rht=rht, stochastic_rounding=stochastic_rounding, weight_2d=weight_2d)
+
+    def linear(self, name, in_features, out_features, bias=True, style="replicated"):
+        if not _blocked(name, in_features, out_features, "te_nvfp4"):
+            return nn.Linear(in_features, out_features, bias=bias)
+        return TENVFP4Linear(in_features, out_features, bias, **self.switches)
+
+
+def build_linear_provider(quant_cfg: QuantConfig) -> LinearProvider:
+    """The provider for `quant_cfg.linear`, with `keep_high_precision` modules kept as plain nn.Linear."""
+    kind = quant_cfg.linear
+    if kind == "bf16":
+        return LinearProvider()
+    switches = dict(rht=quant_cfg.rht, stochastic_rounding=quant_cfg.stochastic_rounding,
+                    weight_2d=quant_cfg.weight_2d)
+    if kind == "nvfp4_emulated":
+        low = NVFP4EmulatedProvider(**switches)
+    elif kind == "te_nvfp4":
+        low = TENVFP4Provider(**switches)
+    elif kind == "fp8":
+        low = FP8Provider()
+    else:
+        raise ValueError(f"quant.linear: unknown backend {kind!r}. Fix: use bf16, fp8, nvfp4_emulated or te_nvfp4")
+    return KeepListProvider(low, LinearProvider(), quant_cfg.keep_high_precision)
