@@ -73,27 +73,31 @@ def reference_run(steps: int, dp_size: int = 1):
     return out, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def parallel_worker(rank: int, world: int, tp: int, sp: int, kind: str, steps: int):
-    """One rank of a TP x SP x DP run of the same training; returns (per-step (loss, full grads), full params)."""
+def setup_rank(tp: int, sp: int, kind: str = "balanced", seed_model: bool = True):
+    """Grid, the reference weights loaded into a (TP) model with the SP plan applied, and the layout."""
     from megatron_longlive.distributed.balanced_sp import TFLayout
-    from megatron_longlive.distributed.data_parallel import allreduce_gradients, reduce_loss
     from megatron_longlive.distributed.grid import init_grid
     from megatron_longlive.distributed.sp_plan import apply_sp_plan
-    from megatron_longlive.distributed.sp_teacher_forcing import frame_noise, local_tf_loss, needed_frames
-    from megatron_longlive.distributed.tensor_parallel import (TPLinearProvider, full_state_dict,
-                                                               load_full_state_dict)
+    from megatron_longlive.distributed.tensor_parallel import TPLinearProvider, load_full_state_dict
     from megatron_longlive.models.wan.sp_plan import WAN_SP_PLAN
 
     groups = init_grid(tp, sp, CFG.num_heads)
-    full = make_model().state_dict()
     model = make_model(TPLinearProvider(groups.tp, tp) if tp > 1 else None)
-    load_full_state_dict(model, full, groups.tp_rank, tp)
+    if seed_model:
+        load_full_state_dict(model, make_model().state_dict(), groups.tp_rank, tp)
     apply_sp_plan(model, WAN_SP_PLAN, groups.sp)
-    opt = make_optimizer(model)
-    layout = TFLayout(NUM_CHUNKS, CHUNK_FRAMES, TOKENS_PER_FRAME, sp, kind)
+    return groups, model, TFLayout(NUM_CHUNKS, CHUNK_FRAMES, TOKENS_PER_FRAME, sp, kind)
+
+
+def train_steps(model, opt, groups, layout, steps, collect_grads: bool = False) -> list:
+    """Run optimizer steps `steps` (a range: data and noise follow the step index); per step (loss, grads|None)."""
+    from megatron_longlive.distributed.data_parallel import allreduce_gradients, reduce_loss
+    from megatron_longlive.distributed.sp_teacher_forcing import frame_noise, local_tf_loss, needed_frames
+    from megatron_longlive.distributed.tensor_parallel import full_state_dict
+
     frames = needed_frames(layout, groups.sp_rank)
     out = []
-    for step in range(steps):
+    for step in steps:
         latents, context, sigmas = batch(step, groups.dp_rank)
         noise = frame_noise(noise_seed(step, groups.dp_rank), 1, CFG.in_channels, frames, H, W)
         loss = local_tf_loss(model, layout, groups.sp_rank, latents[:, :, frames.start:frames.stop], noise,
@@ -101,8 +105,18 @@ def parallel_worker(rank: int, world: int, tp: int, sp: int, kind: str, steps: i
         opt.zero_grad()
         loss.backward()
         allreduce_gradients(model, groups)
-        out.append((reduce_loss(loss, groups).item(), full_state_dict(model, groups.tp, grads=True)))
+        grads = full_state_dict(model, groups.tp, grads=True) if collect_grads else None
+        out.append((reduce_loss(loss, groups).item(), grads))
         opt.step()
+    return out
+
+
+def parallel_worker(rank: int, world: int, tp: int, sp: int, kind: str, steps: int):
+    """One rank of a TP x SP x DP run of the same training; returns (per-step (loss, full grads), full params)."""
+    from megatron_longlive.distributed.tensor_parallel import full_state_dict
+
+    groups, model, layout = setup_rank(tp, sp, kind)
+    out = train_steps(model, make_optimizer(model), groups, layout, range(steps), collect_grads=True)
     return out, full_state_dict(model, groups.tp)
 
 

@@ -1,0 +1,86 @@
+"""Multi-rank DCP checkpoints that reload under a different SP / DP layout.
+
+`training/checkpoint.py`'s `CheckpointManager` writes one DCP checkpoint atomically from one process.
+`DistCheckpointManager` keeps its layout and loader, and makes the save collective: global rank 0
+names the temp dir (broadcast), every rank joins `dcp.save` (DCP de-duplicates the replicated model and
+optimizer tensors, so the files do not depend on the SP/DP degree), the first SP/TP rank of every DP
+rank writes `trainer_rank{dp_rank}.pt`, and rank 0 alone finalises (COMPLETE, rename, `latest`,
+pruning) between barriers. Loading is `CheckpointManager.load` run by every rank (DCP reads
+collectively), so a checkpoint written at SP=2 resumes at SP=4 or SP=1 unchanged.
+
+TP resharding is not covered: TP-sharded tensors have per-rank shapes under one name; such a save is
+refused with a clear error (resume at the same tp_size is the only supported path for now).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from ..training.checkpoint import COMPLETE, CheckpointManager, _dcp_quiet, _fsync_path, _fsync_tree
+from .grid import ProcessGroups
+
+
+class DistCheckpointManager(CheckpointManager):
+    """A `CheckpointManager` whose save is collective over all ranks of the grid."""
+
+    def __init__(self, run_dir: str, keep_last: int, groups: ProcessGroups):
+        if groups.tp_size > 1:
+            raise ValueError(f"parallel.tp_size={groups.tp_size}: distributed checkpoints do not reshard tensor-"
+                             f"parallel weights yet. Fix: train with parallel.tp_size=1 (SP/DP reshard freely).")
+        self.groups = groups
+        self.is_root = dist.get_rank() == 0
+        if self.is_root:
+            super().__init__(run_dir, keep_last, rank=groups.dp_rank)
+        dist.barrier()
+        if not self.is_root:
+            super().__init__(run_dir, keep_last, rank=groups.dp_rank)
+
+    def save(self, step: int, model, optimizer, ema_state: dict | None, trainer_state: dict, save_extra=None) -> str:
+        final = self.path(step)
+        names = [None]
+        if self.is_root:
+            for name in os.listdir(self.root):  # leftovers of crashed writes
+                if name.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+            names[0] = os.path.join(self.root, f".tmp-step_{step:08d}-{os.getpid()}")
+            os.makedirs(names[0])
+        dist.broadcast_object_list(names, src=0)
+        tmp = names[0]
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if ema_state is not None:
+            state["ema"] = ema_state
+        _dcp_quiet(dcp.save, state, checkpoint_id=tmp)
+        if self.groups.sp_rank == 0 and self.groups.tp_rank == 0:
+            torch.save(trainer_state, os.path.join(tmp, f"trainer_rank{self.groups.dp_rank}.pt"))
+            if save_extra is not None and self.groups.dp_rank == 0:
+                save_extra(tmp)
+        dist.barrier()
+        if self.is_root:
+            with open(os.path.join(tmp, COMPLETE), "w") as f:
+                f.write(f"{step}\n")
+            _fsync_tree(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_path(self.root)
+            self._write_latest(os.path.basename(final))
+            self._prune()
+        dist.barrier()
+        return final
+
+    def load(self, path: str, model, optimizer, ema_state: dict | None) -> dict:
+        # Decide collectively: a rank that raised alone would leave the others hanging inside dcp.load.
+        have = os.path.exists(os.path.join(path, f"trainer_rank{self.groups.dp_rank}.pt"))
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, (self.groups.dp_rank, have))
+        missing = sorted({dp for dp, ok in flags if not ok})
+        if missing and os.path.exists(os.path.join(path, COMPLETE)):
+            raise ValueError(f"{path}: no trainer state for dp_rank(s) {missing} (the checkpoint was written with "
+                             f"fewer data-parallel ranks). Fix: resume with a DP degree <= the saved one.")
+        return super().load(path, model, optimizer, ema_state)
