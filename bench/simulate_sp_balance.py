@@ -77,6 +77,22 @@ def range_allowed_pairs(a: int, b: int, n: int, c: int, tpf: int) -> int:
     return total
 
 
+def latent_windows(ranges: list[tuple[int, int]], half: int, tpf: int) -> list[tuple[int, int]]:
+    """Merged [lo, hi) windows of video latent frames whose latents the token ranges need."""
+    windows = []
+    for a, b in ranges:
+        for lo, hi in ((a, min(b, half)), (max(a, half), b)):  # clean part, noisy part
+            if lo < hi:
+                windows.append(((lo % half) // tpf, ((hi - 1) % half) // tpf + 1))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(windows):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
 def simulate(setting: Setting, seconds: int, sp: int, kind: str, halo_frames: int) -> dict:
     m = preset_config(setting.preset)
     frames = latent_frames(seconds, setting.fps)
@@ -95,12 +111,10 @@ def simulate(setting: Setting, seconds: int, sp: int, kind: str, halo_frames: in
         ulysses_attn = 4 * hd * (heads // sp) * all_pairs * layers
         cross = 4 * hd * heads * padded * text * layers
         ring_attn = 4 * hd * heads * layers * sum(range_allowed_pairs(a, b, n, c, tpf) for a, b in rr)
-        video_frames = sorted({(t % half) // tpf for a, b in rr for t in (a, b - 1)})
-        lat_lo, lat_hi = video_frames[0], video_frames[-1] + 1
-        if kind == "naive" and len(rr) == 1 and rr[0][0] < half <= rr[0][1] - 1:
-            lat_lo, lat_hi = 0, n * c  # spans clean end and noisy start: needs both ends of the video
-        own = pixel_frames(lat_lo, lat_hi)
-        halo = min(halo_frames, pixel_frames(0, lat_lo))
+        own, halo = 0, 0
+        for lo, hi in latent_windows(rr, half, tpf):  # each window: own frames + a left halo
+            own += pixel_frames(lo, hi)
+            halo += min(halo_frames, pixel_frames(0, lo))
         vae_frames = own + halo
         kv_full = 2 * seq * (heads // sp) * hd * BYTES              # gathered K, V of one layer (Ulysses)
         per_layer = padded * BYTES * (16 * d + 2 * m.ffn_dim)      # rough saved activations of one block
@@ -145,6 +159,10 @@ def main(argv=None) -> int:
     for setting in SETTINGS:
         for seconds in args.seconds:
             for sp in args.sp:
+                heads = preset_config(setting.preset).num_heads
+                if heads % sp:
+                    print(f"{setting.name:20} {seconds:>3} {'':>6} {sp:>2} skipped: Ulysses needs sp | num_heads={heads}")
+                    continue
                 for kind in ("balanced", "naive"):
                     res = simulate(setting, seconds, sp, kind, args.halo_frames)
                     s = summary(res)
