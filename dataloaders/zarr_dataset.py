@@ -7,6 +7,10 @@ those Zarr chunks are read from disk (latents are stored one latent chunk per Za
 replicated: 'texts' [S, L, D] holds every shot's embedding and 'chunk_shot' [num_chunks] maps each
 (global) chunk to its shot, so a prompt switch happens exactly at a shot boundary.
 
+`OnlineVideoDataset` is the online mode: the same items straight from video files, decoded and VAE-encoded
+per item; an SP rank encodes only its own chunks plus a left halo (`models/wan/vae_halo.py`), which gives
+the latents of encoding the whole clip.
+
 `ZarrLoader` batches items of one duration group and latent size together (cropped to the shortest
 in the batch, in whole SP-divisible chunks), shuffles per epoch from a seed, gives DP rank r every
 dp_size-th batch, and reads ahead in a background thread. Its (epoch, step) state restores exactly.
@@ -22,6 +26,9 @@ import torch
 
 from megatron_longlive.distributed.balanced_sp import TFLayout, rank_chunks
 
+from . import captions as cap
+from .decode import get_decoder
+from .preprocess import PreprocessOptions, frames_to_pixels, list_videos, manifest_shots
 from .zarr_cache import CacheReader
 
 
@@ -79,6 +86,72 @@ class ZarrLatentDataset:
 
     def __getitem__(self, index: int) -> dict:
         return self.get(index)
+
+
+def pixel_range(latent_start: int, latent_stop: int, temporal_stride: int = 4) -> tuple[int, int]:
+    """Pixel frames [start, end) behind latent frames [latent_start, latent_stop) of the causal Wan VAE."""
+    start = 0 if latent_start == 0 else temporal_stride * latent_start - (temporal_stride - 1)
+    return start, temporal_stride * (latent_stop - 1) + 1
+
+
+class OnlineVideoDataset:
+    """Items decoded and encoded on the fly from a video folder (no cache, no filters: curated input).
+
+    Shots come from the caption manifest (`opts.captions`, default `<folder>/manifest.jsonl`); a video it
+    does not list is one shot with an empty caption unless a captioner is given.
+    """
+
+    def __init__(self, folder: str, opts: PreprocessOptions, vae, text_encoder, num_chunks: int | None = None,
+                 sp_rank: int = 0, sp_size: int = 1, halo: int = -1, device: str = "cpu",
+                 captioner: cap.Captioner | None = None):
+        import os
+
+        self.files = list_videos(folder)
+        if not self.files:
+            raise ValueError(f"{folder}: no video files. Fix: point data.path at a folder of videos")
+        self.name = folder
+        manifest = opts.captions or os.path.join(folder, "manifest.jsonl")
+        self.captions = cap.CaptionIndex(manifest if os.path.isfile(manifest) else "")
+        self.decoder = get_decoder(opts.decoder, min_side=opts.min_source_side)
+        self.opts, self.vae, self.text_encoder, self.device = opts, vae, text_encoder, device
+        self.num_chunks, self.sp_rank, self.sp_size, self.halo, self.captioner = num_chunks, sp_rank, sp_size, halo, captioner
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        from megatron_longlive.models.wan.vae_halo import encode_frames_with_halo
+
+        o, path = self.opts, self.files[index]
+        video = self.decoder.decode(path, o.fps, o.buckets)
+        cf = o.chunk_frames
+        n = self.num_chunks or ((video.num_frames - 1) // 4 + 1) // cf
+        used = pixel_range(0, n * cf)[1]
+        if n < 1 or used > video.num_frames:
+            raise ValueError(f"{path}: {video.num_frames} frames at {o.fps} fps cannot fill {n} chunk(s) of {cf} "
+                             "latent frames. Fix: ask for fewer chunks or use longer videos")
+        local = sp_chunk_range(n, cf, self.sp_rank, self.sp_size)
+        start, end = pixel_range(local.start * cf, local.stop * cf)
+        pixels = frames_to_pixels(video.frames[:used]).to(self.device)  # [1, 3, T, h, w]
+        latents = encode_frames_with_halo(self.vae, pixels, start, end, self.halo)[0].cpu()  # [C, f_local, h', w']
+        spans = self.captions.spans(path)
+        shots = manifest_shots(spans, video.times[:used]) if spans else [(0, used)]
+        snapped = cap.shot_chunks([s for s, _ in shots], n, cf)
+        caps = []
+        for i, _, _ in snapped:
+            s, e = shots[i]
+            c = self.captions.lookup(path, video.times[s], video.times[e - 1] + 1.0 / o.fps)
+            if c is None and self.captioner is not None:
+                c = self.captioner.caption(video.frames[s:e], path, video.times[s], video.times[e - 1] + 1.0 / o.fps)
+            caps.append(c or "")
+        texts = self.text_encoder.encode(caps).cpu()  # [S, L, D]
+        chunk_shot = torch.zeros(n, dtype=torch.long)
+        for k, (_, c0, c1) in enumerate(snapped):
+            chunk_shot[c0:c1] = k
+        ranges = [(c0, c1) for _, c0, c1 in snapped]
+        return {"latents": latents, "text": texts[0], "texts": texts, "chunk_shot": chunk_shot,
+                "caption": cap.merge_description(caps, ranges) if len(caps) > 1 else caps[0], "captions": caps,
+                "key": path, "group": "online", "chunk_range": (local.start, local.stop), "num_chunks": n}
 
 
 class ZarrLoader:

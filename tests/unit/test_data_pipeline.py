@@ -223,3 +223,20 @@ def test_kill_dash_nine_then_resume_equals_uninterrupted(tmp_path, models):
     ra = json.load(open(os.path.join(killed, "_reports", "shard-00000-of-00001.json")))
     rb = json.load(open(os.path.join(clean, "_reports", "shard-00000-of-00001.json")))
     assert ra == rb
+
+
+def test_online_mode_equals_direct_encoding_per_sp_rank(tmp_path, models):
+    from dataloaders.zarr_dataset import OnlineVideoDataset
+
+    vae, te = models
+    src = str(tmp_path / "videos")
+    entries = synthetic(src, 1, frames=9)
+    ref = direct_latents(vae, entries[0]["path"])  # [C, 3, 4, 4]
+    opts = opts_from(OVERRIDES)
+    item = OnlineVideoDataset(src, opts, vae, te)[0]
+    assert (item["latents"] - ref).abs().max().item() <= 1e-6
+    assert item["captions"] == [s["caption"] for s in entries[0]["shots"]]
+    for rank in (1, 2):  # each rank encodes only up to its own chunk (the halo reaches frame 0 here)
+        part = OnlineVideoDataset(src, opts, vae, te, sp_rank=rank, sp_size=3)[0]
+        assert part["chunk_range"] == (rank, rank + 1)
+        assert (part["latents"] - ref[:, rank:rank + 1]).abs().max().item() <= 1e-5
