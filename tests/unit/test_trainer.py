@@ -116,6 +116,8 @@ def test_ema_tracks_weights(tmp_path):
         history.append(dict(trainer.model.named_parameters())[name].detach().clone())
     expect = 0.25 * history[0] + 0.25 * history[1] + 0.5 * history[2]
     assert torch.allclose(trainer.ema.shadow[name], expect, atol=1e-7)
+    trainer.ema.copy_to(trainer.model)
+    assert torch.equal(dict(trainer.model.named_parameters())[name], trainer.ema.shadow[name])
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
