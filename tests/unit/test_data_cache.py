@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -115,3 +116,26 @@ def test_shards_write_separate_manifests(tmp_path):
     assert sorted(os.listdir(os.path.join(root, "_manifest"))) == ["shard-00000-of-00002.jsonl",
                                                                  "shard-00001-of-00002.jsonl"]
     assert CacheReader(root).keys() == ["a", "b"]
+
+
+def test_sp_rank_reads_only_its_chunks(tmp_path):
+    """Delete every other rank's chunk files: each rank still gets its exact latents (it never reads them)."""
+    from dataloaders.zarr_dataset import ZarrLatentDataset
+
+    root = str(tmp_path / "c")
+    rec = record("v", frames=6, chunk=2, dtype=torch.float32)
+    rec.attrs.update(captions=["a", "b"], description="Shot 1 ... Shot 2 ...")
+    CacheWriter(root, duration_edges=[1, 2]).write_video(rec)
+    chunk_dir = os.path.join(root, "1-2s", "v", "latents", "c", "0")
+    assert sorted(os.listdir(chunk_dir)) == ["0", "1", "2"]  # one Zarr chunk per latent chunk (3 chunks)
+    for rank in range(3):
+        kept = str(tmp_path / f"rank{rank}")
+        shutil.copytree(root, kept)
+        for k in {"0", "1", "2"} - {str(rank)}:
+            shutil.rmtree(os.path.join(kept, "1-2s", "v", "latents", "c", "0", k))
+        item = ZarrLatentDataset(kept, sp_rank=rank, sp_size=3, dtype=None)[0]
+        assert item["chunk_range"] == (rank, rank + 1)
+        assert torch.equal(item["latents"], rec.latents[:, 2 * rank:2 * rank + 2])
+        assert item["chunk_shot"].tolist() == [0, 1, 1]
+        full = ZarrLatentDataset(kept, dtype=None)[0]["latents"]
+        assert not torch.equal(full, rec.latents)  # the deleted chunks really are gone
