@@ -1,0 +1,72 @@
+"""Bandwidth of the Triton NVFP4 quantize/dequantize kernels as a fraction of a plain device copy.
+
+For a BF16 tensor of n values, quantize reads 2n bytes (twice: the amax pass and the quantize pass) and
+writes n/2 code bytes + n/16 scale bytes; `useful GB/s` counts one read plus the writes, over the time of
+both passes; a copy moves 4n bytes. `fraction` = useful GB/s / copy GB/s (target >= 0.8).
+Prints a table, appends JSON lines (bench/record.py) to --out.
+
+  python bench/bench_nvfp4.py --out bench/results.jsonl          # needs CUDA
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_fp8_linear import cuda_time_ms  # noqa: E402
+from bench.record import record  # noqa: E402
+
+SHAPES = [(32760, 1536), (32760, 8960), (8960, 1536), (14336, 3072)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--shapes", nargs="+", default=None, help="override: MxK, e.g. 64x128")
+    p.add_argument("--device", default="cuda", help="cpu (with TRITON_INTERPRET=1) only for a smoke run")
+    p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("bench_nvfp4: needs a CUDA GPU (the Triton kernels are benchmarked compiled)", file=sys.stderr)
+        return 2
+    from megatron_longlive.quant.nvfp4.hadamard import rht_signs
+    from megatron_longlive.quant.nvfp4.kernels import ops
+
+    signs = rht_signs(0, a.device)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes] if a.shapes else SHAPES
+    print(f"{'shape':>14} {'kernel':>18} {'ms':>8} {'useful GB/s':>12} {'copy GB/s':>10} {'fraction':>9}")
+    for m, k in shapes:
+        x = torch.randn(m, k, device=a.device, dtype=torch.bfloat16)
+        y = torch.empty_like(x)
+        n = x.numel()
+        t_copy = cuda_time_ms(lambda: y.copy_(x), a.warmup, a.iters)
+        copy_gbs = 4 * n / (t_copy * 1e-3) / 1e9
+        q = ops.quantize(x)
+        cases = {
+            "quantize 1x16": (lambda: ops.quantize(x, check_finite=False), 2 * n + n // 2 + n // 16),
+            "quantize 1x16 rht": (lambda: ops.quantize(x, rht_signs=signs, check_finite=False),
+                                  2 * n + n // 2 + n // 16),
+            "quantize rht+sr": (lambda: ops.quantize(x, rht_signs=signs, stochastic=True, seed=1,
+                                                     check_finite=False), 2 * n + n // 2 + n // 16),
+            "quantize 16x16": (lambda: ops.quantize(x[:m // 16 * 16], block_2d=True, check_finite=False),
+                               2 * n + n // 2 + n // 256),
+            "dequantize bf16": (lambda: ops.dequantize(*q, dtype=torch.bfloat16), n // 2 + n // 16 + 2 * n),
+        }
+        for label, (fn, useful_bytes) in cases.items():
+            t = cuda_time_ms(fn, a.warmup, a.iters)
+            gbs = useful_bytes / (t * 1e-3) / 1e9
+            frac = gbs / copy_gbs
+            print(f"{f'{m}x{k}':>14} {label:>18} {t:8.3f} {gbs:12.0f} {copy_gbs:10.0f} {frac:9.2f}")
+            name = f"nvfp4 {label} bf16 {m}x{k}"
+            record(a.out, name, "time", round(t, 4), "ms")
+            record(a.out, name, "bandwidth fraction of copy", round(frac, 3), "x", copy_gbs=round(copy_gbs, 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
