@@ -176,8 +176,11 @@ def measure(frames: np.ndarray, fps: float, source_fps: float = 0.0, scorer: Qua
     t = frames.shape[0]
     gray = luma(frames)  # [T, h, w]
     diffs = np.abs(np.diff(gray, axis=0)).reshape(max(t - 1, 0), -1).mean(1) if t > 1 else np.zeros(0)
-    diag = float(np.hypot(*gray.shape[1:]))
-    steps = global_steps(gray, diffs >= frozen_eps)  # [n, 2]
+    f = max(1, max(gray.shape[1:]) // 128)  # global motion is scale-free: measure it on <= ~128 px frames
+    small = gray[:, :gray.shape[1] // f * f, :gray.shape[2] // f * f]
+    small = small.reshape(t, small.shape[1] // f, f, small.shape[2] // f, f).mean((2, 4))
+    diag = float(np.hypot(*small.shape[1:]))
+    steps = global_steps(small, diffs >= frozen_eps)  # [n, 2] in small-frame pixels
     scores = {
         "duration_s": t / fps,
         "motion": float(diffs.mean()) if diffs.size else 0.0,
