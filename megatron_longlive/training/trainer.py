@@ -262,10 +262,11 @@ class Trainer:
                     logger.log(m)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-                if self.step % tc.save_interval == 0 or self.step == tc.max_steps:
+                saved = self.step % tc.save_interval == 0 or self.step == tc.max_steps
+                if saved:
                     self.save_checkpoint()
                 if self._stop_signal is not None:
-                    path = self.save_checkpoint()
+                    path = self.last_checkpoint if saved else self.save_checkpoint()
                     tqdm.write(f"SIGTERM: saved {path} at step {self.step}; stopping")
                     break
         finally:
