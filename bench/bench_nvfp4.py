@@ -2,7 +2,8 @@
 
 For a BF16 tensor of n values, quantize reads 2n bytes (twice: the amax pass and the quantize pass) and
 writes n/2 code bytes + n/16 scale bytes; `useful GB/s` counts one read plus the writes, over the time of
-both passes; a copy moves 4n bytes. `fraction` = useful GB/s / copy GB/s (target >= 0.8).
+both passes; a copy moves 4n bytes. `fraction` = useful GB/s / copy GB/s (target >= 0.8). The
+`amax given` row is the single-pass kernel (amax supplied by the caller, e.g. fused upstream).
 Prints a table, appends JSON lines (bench/record.py) to --out.
 
   python bench/bench_nvfp4.py --out bench/results.jsonl          # needs CUDA
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
 
     signs = rht_signs(0, a.device)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes] if a.shapes else SHAPES
-    print(f"{'shape':>14} {'kernel':>18} {'ms':>8} {'useful GB/s':>12} {'copy GB/s':>10} {'fraction':>9}")
+    print(f"{'shape':>14} {'kernel':>20} {'ms':>8} {'useful GB/s':>12} {'copy GB/s':>10} {'fraction':>9}")
     for m, k in shapes:
         x = torch.randn(m, k, device=a.device, dtype=torch.bfloat16)
         y = torch.empty_like(x)
@@ -47,8 +48,10 @@ def main(argv=None) -> int:
         t_copy = cuda_time_ms(lambda: y.copy_(x), a.warmup, a.iters)
         copy_gbs = 4 * n / (t_copy * 1e-3) / 1e9
         q = ops.quantize(x)
+        amax = x.abs().amax().float()
         cases = {
             "quantize 1x16": (lambda: ops.quantize(x, check_finite=False), 2 * n + n // 2 + n // 16),
+            "quantize amax given": (lambda: ops.quantize(x, check_finite=False, amax=amax), 2 * n + n // 2 + n // 16),
             "quantize 1x16 rht": (lambda: ops.quantize(x, rht_signs=signs, check_finite=False),
                                   2 * n + n // 2 + n // 16),
             "quantize rht+sr": (lambda: ops.quantize(x, rht_signs=signs, stochastic=True, seed=1,
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
             t = cuda_time_ms(fn, a.warmup, a.iters)
             gbs = useful_bytes / (t * 1e-3) / 1e9
             frac = gbs / copy_gbs
-            print(f"{f'{m}x{k}':>14} {label:>18} {t:8.3f} {gbs:12.0f} {copy_gbs:10.0f} {frac:9.2f}")
+            print(f"{f'{m}x{k}':>14} {label:>20} {t:8.3f} {gbs:12.0f} {copy_gbs:10.0f} {frac:9.2f}")
             name = f"nvfp4 {label} bf16 {m}x{k}"
             record(a.out, name, "time", round(t, 4), "ms")
             record(a.out, name, "bandwidth fraction of copy", round(frac, 3), "x", copy_gbs=round(copy_gbs, 1))

@@ -66,7 +66,10 @@ def test_quantize_1x16_bitwise(shape):
 def test_quantize_1x16_rht_bitwise():
     x = _data((33, 96), seed=1)
     s = H.rht_signs(5)
-    assert_same(ops.quantize(x, rht_signs=s), R.quantize(x, rht_signs=s), "1x16 rht")
+    ref = R.quantize(x, rht_signs=s)
+    assert_same(ops.quantize(x, rht_signs=s), ref, "1x16 rht")
+    amax = H.rht(x, s).abs().amax()                       # a caller-provided amax skips the first pass
+    assert_same(ops.quantize(x, rht_signs=s, amax=amax), ref, "1x16 rht, amax given")
 
 
 def test_quantize_stochastic_bitwise_given_bits_and_philox():

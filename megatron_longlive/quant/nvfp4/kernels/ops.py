@@ -30,16 +30,19 @@ def _grid(m: int, k: int, br: int, bk: int) -> tuple[int, int]:
 
 @torch.library.custom_op("megatron_longlive::nvfp4_quantize", mutates_args=())
 def nvfp4_quantize(x: torch.Tensor, signs: Optional[torch.Tensor], rand: Optional[torch.Tensor], seed: int,
-                   sr_mode: int, block_2d: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   sr_mode: int, block_2d: bool, amax: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
     packed = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(m // BLOCK if block_2d else m, k // BLOCK, dtype=torch.float8_e4m3fn, device=x.device)
     ts = torch.empty((), dtype=torch.float32, device=x.device)
     use_rht = signs is not None
     grid = _grid(m, k, BR, BK)
-    partial = torch.empty(grid, dtype=torch.float32, device=x.device)
-    amax_kernel[grid](x, signs if use_rht else x, partial, m, k, USE_RHT=use_rht, BR=BR, BK=BK)
-    amax = partial.amax()
+    if amax is None:            # first pass: amax of the (transformed) tensor, reduced without a host sync
+        partial = torch.empty(grid, dtype=torch.float32, device=x.device)
+        amax_kernel[grid](x, signs if use_rht else x, partial, m, k, USE_RHT=use_rht, BR=BR, BK=BK)
+        amax = partial.amax()
+    amax = amax.to(torch.float32).reshape(()).contiguous()
     if block_2d:
         quantize_16x16_kernel[_grid(m, k, BR2, BK2)](x, amax, packed, scales.view(torch.uint8), ts, m, k,
                                                      BR=BR2, BK=BK2)
@@ -51,7 +54,7 @@ def nvfp4_quantize(x: torch.Tensor, signs: Optional[torch.Tensor], rand: Optiona
 
 
 @nvfp4_quantize.register_fake
-def _(x, signs, rand, seed, sr_mode, block_2d):
+def _(x, signs, rand, seed, sr_mode, block_2d, amax=None):
     m, k = x.shape
     return (x.new_empty(m, k // 2, dtype=torch.uint8),
             x.new_empty(m // BLOCK if block_2d else m, k // BLOCK, dtype=torch.float8_e4m3fn),
@@ -78,11 +81,13 @@ def _(packed, scales, ts, block_2d, dtype):
 # ----- wrappers ---------------------------------------------------------------------------------------
 def quantize(x: torch.Tensor, *, block_2d: bool = False, rht_signs: torch.Tensor | None = None,
              rand: torch.Tensor | None = None, seed: int | None = None, stochastic: bool = False,
-             check_finite: bool = True) -> NVFP4Quantized:
+             check_finite: bool = True, amax: torch.Tensor | None = None) -> NVFP4Quantized:
     """Same contract as reference.quantize; stochastic rounding takes `rand` bits or a Philox `seed`.
 
     check_finite=True raises ValueError on NaN/Inf (one host sync); with False, non-finite input gives
-    unspecified codes (the kernels do not trap)."""
+    unspecified codes (the kernels do not trap). `amax`: the tensor's max |value| (after the RHT) when
+    the caller already has it (e.g. fused into the producing op); skips the first pass over x. It must be
+    exact for the result to equal the reference."""
     if check_finite and not torch.isfinite(x).all():
         raise ValueError("NVFP4 quantize: input has non-finite values (NaN/Inf); NVFP4 cannot encode them")
     if x.shape[-1] % BLOCK or (block_2d and (x.ndim != 2 or x.shape[0] % BLOCK)):
@@ -99,7 +104,7 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, rht_signs: torch.Tensor
     signs = rht_signs.to(x.device, torch.float32).contiguous() if rht_signs is not None else None
     rand2 = rand.reshape(-1, k).to(torch.int32).contiguous() if sr_mode == SR_BITS else None
     packed, scales, ts = torch.ops.megatron_longlive.nvfp4_quantize(x2, signs, rand2, int(seed or 0), sr_mode,
-                                                                    block_2d)
+                                                                    block_2d, amax)
     if not block_2d:
         packed, scales = packed.view(*lead, k // 2), scales.view(*lead, k // BLOCK)
     return NVFP4Quantized(packed, scales, ts)

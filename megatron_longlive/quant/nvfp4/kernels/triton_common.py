@@ -71,15 +71,19 @@ def e2m1_decode(c):
 
 
 @triton.jit
+def _butterfly(x, N: tl.constexpr, G: tl.constexpr, W: tl.constexpr):
+    """One stage on [N, 16] viewed as [N, G, 2, W]: (a, b) -> (a + b, a - b) for pairs at distance W."""
+    a, b = tl.split(tl.permute(tl.reshape(x, (N, G, 2, W)), (0, 1, 3, 2)))      # [N, G, W] each
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (N, 16))
+
+
+@triton.jit
 def fwht16_rows(x, N: tl.constexpr):
     """x [N, 16] -> x @ H16 per row, butterflies at distance 8, 4, 2, 1 (the order of hadamard.fwht16)."""
-    for g in tl.static_range(4):
-        G: tl.constexpr = 1 << g
-        W: tl.constexpr = 8 >> g
-        v = tl.permute(tl.reshape(x, (N, G, 2, W)), (0, 1, 3, 2))     # [N, G, W, 2]
-        a, b = tl.split(v)
-        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (N, 16))
-    return x
+    x = _butterfly(x, N, 1, 8)
+    x = _butterfly(x, N, 2, 4)
+    x = _butterfly(x, N, 4, 2)
+    return _butterfly(x, N, 8, 1)
 
 
 @triton.jit
