@@ -1,0 +1,95 @@
+"""What `longlive train` plugs into the trainer for SP x DP runs: a step strategy and the parallel hooks.
+
+`build_parallel_training(cfg)` builds the grid from `cfg.parallel`, the model (seeded identically on
+every rank) with the SP plan applied, an `SPTeacherForcingStep` (the trainer's `StepStrategy`: each SP
+rank builds only its local [x_r, z_r] tokens and returns its share of the loss) and the trainer's
+`ParallelHooks` (gradient all-reduce, loss reduction, rank-0 logging, collective DCP checkpoints).
+The trainer's data loader is sharded by DP rank; the SP ranks of one DP rank read the same video.
+
+Sigmas must agree inside an SP group and differ across DP ranks: each step draws one seed from the
+trainer's generator (identical on every rank), offsets it by the DP rank, and draws the sigmas and
+the per-frame noise seed from that.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..models.wan.sp_plan import WAN_SP_PLAN
+from ..training.schedule import sample_sigmas
+from .balanced_sp import TFLayout, sp_mask
+from .data_parallel import allreduce_gradients, reduce_loss
+from .grid import ProcessGroups, init_grid
+from .sp_plan import apply_sp_plan
+from .sp_teacher_forcing import frame_noise, local_tf_loss, needed_frames
+
+
+@dataclasses.dataclass
+class SPTeacherForcingStep:
+    """Teacher-forcing forward + this rank's loss share for one micro-batch under an SP layout."""
+
+    groups: ProcessGroups
+    chunk_frames: int
+    layout_kind: str = "balanced"
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+    autocast_dtype: torch.dtype | None = None
+    _masks: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __call__(self, model, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        g = self.groups
+        latents = batch["latents"]                                   # [B, C, F, H, W], the whole clip
+        b, c, f, h, w = latents.shape
+        _, ph, pw = model.cfg.patch_size
+        layout = TFLayout(f // self.chunk_frames, self.chunk_frames, (h // ph) * (w // pw), g.sp_size,
+                          self.layout_kind)
+        layout.check_even()
+        if layout not in self._masks:
+            self._masks[layout] = sp_mask(layout, g.device)
+        # 1. sigmas (same on the SP group, different per DP rank) and layout-independent noise
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) + 7919 * g.dp_rank
+        step_gen = torch.Generator().manual_seed(seed)
+        sigmas = sample_sigmas((b, layout.num_chunks), self.shift, self.num_train_timesteps, step_gen)
+        noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=step_gen))
+        frames = needed_frames(layout, g.sp_rank)
+        noise = frame_noise(noise_seed, b, c, frames, h, w, device=g.device)
+        # 2. this rank's tokens, forward through the Ulysses-wrapped model, loss share
+        with torch.autocast(g.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss = local_tf_loss(model, layout, g.sp_rank, latents[:, :, frames.start:frames.stop].to(g.device),
+                                 noise, sigmas.to(g.device), batch["text"].to(g.device), self.num_train_timesteps,
+                                 self._masks[layout])
+        return loss, b * layout.seq_len // g.sp_size
+
+
+def parallel_hooks(groups: ProcessGroups, output_dir: str, keep_last: int):
+    """The trainer's ParallelHooks for this grid."""
+    from ..training.trainer import ParallelHooks
+    from .checkpoint import DistCheckpointManager
+
+    return ParallelHooks(grad_sync=lambda params: allreduce_gradients(params, groups),
+                         reduce_loss=lambda value: float(reduce_loss(value, groups)),
+                         is_logger=groups.rank == 0,
+                         checkpoint=DistCheckpointManager(output_dir, keep_last, groups))
+
+
+def build_parallel_training(cfg, device: str | torch.device | None = None) -> dict:
+    """Grid, model, step strategy and hooks for `Trainer(cfg, **build_parallel_training(cfg))`."""
+    from ..training.trainer import build_model
+
+    p = cfg.parallel
+    if p.tp_size > 1:
+        raise ValueError(f"parallel.tp_size={p.tp_size}: `longlive train` runs SP x DP for now (TP needs a TP-aware "
+                         f"gradient-norm clip and TP-resharding checkpoints). Fix: set parallel.tp_size=1.")
+    groups = init_grid(p.tp_size, p.sp_size, cfg.model.num_heads, backend=p.backend)
+    if device is not None and torch.device(device).type != groups.device.type:
+        raise ValueError(f"--device {device} does not match the process-group backend {groups.backend}. "
+                         f"Fix: drop --device (nccl uses this rank's GPU, gloo the CPU).")
+    model = build_model(cfg, device=groups.device)
+    apply_sp_plan(model, WAN_SP_PLAN, groups.sp)
+    autocast = torch.bfloat16 if (cfg.train.precision == "bf16" and groups.device.type == "cuda") else None
+    strategy = SPTeacherForcingStep(groups, cfg.train.chunk_frames, p.sp_layout, cfg.train.timestep_shift,
+                                    cfg.train.num_train_timesteps, autocast)
+    return dict(model=model, strategy=strategy, device=groups.device, dp_rank=groups.dp_rank,
+                dp_size=groups.dp_size, hooks=parallel_hooks(groups, cfg.train.output_dir, cfg.train.keep_last))
