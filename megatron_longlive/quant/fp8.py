@@ -15,10 +15,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .constants import FP8_E4M3_MAX
+from .linear_base import QuantLinearBase, bias_grad, pad_tokens
 
 
 def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +71,6 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, emulate: bool, out_dtype: torch.d
     return out.to(out_dtype)
 
 
-def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
-    pad = (-t.shape[-1]) % 16
-    return F.pad(t, (0, pad)) if pad else t
-
-
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, emulate: bool):
@@ -98,28 +92,26 @@ class FP8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = fp8_gemm(dy2, weight.t(), ctx.emulate, x.dtype).view(x.shape)            # [M, K]
         if ctx.needs_input_grad[1]:
-            dw = fp8_gemm(_pad_tokens(dy2.t()), _pad_tokens(x.reshape(-1, k).t()), ctx.emulate, weight.dtype)
+            dw = fp8_gemm(pad_tokens(dy2.t()), pad_tokens(x.reshape(-1, k).t()), ctx.emulate, weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.float().sum(0).to(dy.dtype)
+            db = bias_grad(dy2)
         return dx, dw, db, None
 
 
-class FP8Linear(nn.Linear):
+class FP8Linear(QuantLinearBase):
     """nn.Linear with E4M3 rowwise-scaled GEMMs. emulate: None = scaled-mm where native (CUDA sm89+)."""
+
+    kind = "FP8 (torch._scaled_mm)"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, emulate: bool | None = None,
                  device=None, dtype=None):
-        if in_features % 16 or out_features % 16:
-            raise ValueError(f"FP8Linear: in_features={in_features}, out_features={out_features} must be multiples "
-                             "of 16 (torch._scaled_mm); keep this layer in high precision")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.emulate = emulate
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, emulate: bool | None = None) -> "FP8Linear":
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, emulate, device="meta")
-        new.weight, new.bias = linear.weight, linear.bias
-        return new
+    def from_linear(cls, linear, emulate: bool | None = None) -> "FP8Linear":
+        """Wrap an existing linear, sharing its parameters."""
+        return cls._wrap(linear, emulate=emulate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emulate = self.emulate if self.emulate is not None else not use_scaled_mm(x.device)

@@ -17,10 +17,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..constants import BLOCK
+from ..linear_base import QuantLinearBase, bias_grad, pad_tokens
 from . import reference
 from .hadamard import rht_signs
 
@@ -48,12 +46,6 @@ def _fake_quant(t: torch.Tensor, *, block_2d=False, signs=None, stochastic=False
         return ops.dequantize(*q)
     return reference.dequantize(*reference.quantize(t, block_2d=block_2d, rht_signs=signs, rand=rand,
                                                     stochastic=stochastic))
-
-
-def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
-    """[R, M] -> [R, ceil(M/16)*16] with zeros (zeros leave the wgrad product unchanged)."""
-    pad = (-t.shape[-1]) % BLOCK
-    return F.pad(t, (0, pad)) if pad else t
 
 
 def _weight_fprop_dgrad(weight: torch.Tensor, recipe: NVFP4Recipe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,34 +84,29 @@ class NVFP4LinearFunction(torch.autograd.Function):
             dx = (_fake_quant(dy2, stochastic=sr) @ w_d).to(x.dtype).view(x.shape)   # [M, K]
         if ctx.needs_input_grad[1]:
             signs = rht_signs(recipe.rht_seed, dy.device) if recipe.rht else None
-            dy_t = _pad_tokens(dy2.t())                                 # [N, M16]
-            x_t = _pad_tokens(x.reshape(-1, k).t())                     # [K, M16]
+            dy_t = pad_tokens(dy2.t())                                 # [N, M16]
+            x_t = pad_tokens(x.reshape(-1, k).t())                     # [K, M16]
             dw = _fake_quant(dy_t, signs=signs, stochastic=sr) @ _fake_quant(x_t, signs=signs).t()
             dw = dw.to(weight.dtype)                                    # [N, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.float().sum(0).to(dy.dtype)
+            db = bias_grad(dy2)
         return dx, dw, db, None
 
 
-class NVFP4Linear(nn.Linear):
+class NVFP4Linear(QuantLinearBase):
     """nn.Linear whose GEMMs run in emulated NVFP4 (weights stay the high-precision master copy)."""
+
+    kind = "NVFP4"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe: NVFP4Recipe | None = None,
                  device=None, dtype=None):
-        if in_features % BLOCK or out_features % BLOCK:
-            raise ValueError(f"NVFP4Linear: in_features={in_features} and out_features={out_features} must be "
-                             f"multiples of {BLOCK}; keep this layer in high precision (quant.keep_high_precision)")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = recipe or NVFP4Recipe()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: NVFP4Recipe | None = None, **switches) -> "NVFP4Linear":
+    def from_linear(cls, linear, recipe: NVFP4Recipe | None = None, **switches) -> "NVFP4Linear":
         """Wrap an existing linear, sharing its parameters (`switches` override NVFP4Recipe fields)."""
-        recipe = dataclasses.replace(recipe or NVFP4Recipe(), **switches)
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, recipe, device="meta")
-        new.weight = linear.weight
-        new.bias = linear.bias
-        return new
+        return cls._wrap(linear, recipe=dataclasses.replace(recipe or NVFP4Recipe(), **switches))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return NVFP4LinearFunction.apply(x, self.weight, self.bias, self.recipe)
