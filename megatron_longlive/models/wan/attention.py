@@ -33,6 +33,9 @@ class ChunkMask:
     q_blocks: torch.Tensor
     kv_blocks: torch.Tensor
     allowed: torch.Tensor
+    # FlexAttention BlockMasks built from this mask, by block size: every layer (and the recompute in
+    # backward) reuses one instead of re-evaluating the mask per attention call.
+    _flex_cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def dense(self) -> torch.Tensor:
         """[Sq, Skv] bool; True = attend."""
@@ -46,17 +49,22 @@ class ChunkMask:
         kv_order = q_order if kv_order is None else kv_order
         return ChunkMask(self.q_blocks[q_order], self.kv_blocks[kv_order], self.allowed)
 
-    def flex_block_mask(self, batch: int, heads: int, block_size: int = 128):
-        """A FlexAttention BlockMask with the same pattern (CUDA path)."""
-        from torch.nn.attention.flex_attention import create_block_mask
+    def flex_block_mask(self, block_size: int = 128):
+        """A FlexAttention BlockMask with the same pattern (CUDA path), built once and cached.
 
-        qb, kb, allowed = self.q_blocks, self.kv_blocks, self.allowed
+        `_compile=True` evaluates the mask in tiles, so the [Sq, Skv] boolean mask is never materialised.
+        """
+        if block_size not in self._flex_cache:
+            from torch.nn.attention.flex_attention import create_block_mask
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allowed[qb[q_idx], kb[kv_idx]]
+            qb, kb, allowed = self.q_blocks, self.kv_blocks, self.allowed
 
-        return create_block_mask(mask_mod, None, None, qb.numel(), kb.numel(), device=qb.device,
-                                 BLOCK_SIZE=block_size)
+            def mask_mod(b, h, q_idx, kv_idx):
+                return allowed[qb[q_idx], kb[kv_idx]]
+
+            self._flex_cache[block_size] = create_block_mask(mask_mod, None, None, qb.numel(), kb.numel(),
+                                                             device=qb.device, BLOCK_SIZE=block_size, _compile=True)
+        return self._flex_cache[block_size]
 
 
 def block_causal_mask(num_frames: int, tokens_per_frame: int, chunk_frames: int,
@@ -89,7 +97,7 @@ class AttentionCore(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if isinstance(mask, ChunkMask):
             if q.is_cuda and q.shape[2] * k.shape[2] > _DENSE_LIMIT:
-                out = _flex_attention(q, k, v, mask.flex_block_mask(q.shape[0], q.shape[1]))
+                out = _flex_attention(q, k, v, mask.flex_block_mask())
                 return out.transpose(1, 2)
             mask = mask.dense()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
