@@ -43,8 +43,8 @@ def opts_from(overrides, **kw) -> PreprocessOptions:
     return PreprocessOptions.from_config(cfg.data, cfg.train.chunk_frames)
 
 
-def synthetic(d, n, frames=13):
-    generate_dataset(d, DataConfig(height=32, width=32, num_frames=frames, num_shots=2, fps=8.0, seed=3),
+def synthetic(d, n, frames=13, shots=2):
+    generate_dataset(d, DataConfig(height=32, width=32, num_frames=frames, num_shots=shots, fps=8.0, seed=3),
                      num_videos=n, progress=False)
     return read_manifest(os.path.join(d, "manifest.jsonl"))
 
@@ -191,7 +191,7 @@ def snapshot(root: str) -> dict:
 
 def test_kill_dash_nine_then_resume_equals_uninterrupted(tmp_path, models):
     src = str(tmp_path / "videos")
-    synthetic(src, 3, frames=9)
+    synthetic(src, 3, frames=5, shots=1)
     killed = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "megatron_longlive.cli.main", "preprocess", src, "--out", killed, "--no-progress"]
     for o in OVERRIDES:
