@@ -1,0 +1,50 @@
+"""The Triton NVFP4 kernels compile for Hopper (sm90) without a GPU, and the PTX keeps IEEE rounding.
+
+Runs in a subprocess without TRITON_INTERPRET (the interpreter test module sets it for this process).
+Bitwise equality with the reference on CPU holds only if the GPU code does the same IEEE operations:
+divisions must be div.rn (never div.approx / div.full), and no flush-to-zero arithmetic may touch values.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = r"""
+import json, re, collections, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from megatron_longlive.quant.nvfp4.kernels import quantize_triton as Q, dequantize_triton as D
+tgt = GPUTarget("cuda", 90, 32)
+sigs = {
+  "q": (Q.quantize_1x16_kernel, {"x_ptr": "*bf16", "signs_ptr": "*fp32", "rand_ptr": "*i32", "amax_ptr": "*fp32",
+        "packed_ptr": "*u8", "scales_ptr": "*u8", "ts_ptr": "*fp32", "seed": "i32", "M": "i32", "K": "i32",
+        "USE_RHT": "constexpr", "SR": "constexpr", "BR": "constexpr", "BK": "constexpr"},
+        {"USE_RHT": True, "SR": 2, "BR": 32, "BK": 128}),
+  "q2d": (Q.quantize_16x16_kernel, {"x_ptr": "*bf16", "amax_ptr": "*fp32", "packed_ptr": "*u8", "scales_ptr": "*u8",
+          "ts_ptr": "*fp32", "M": "i32", "K": "i32", "BR": "constexpr", "BK": "constexpr"}, {"BR": 32, "BK": 64}),
+  "dq": (D.dequantize_kernel, {"packed_ptr": "*u8", "scales_ptr": "*u8", "ts_ptr": "*fp32", "out_ptr": "*i16",
+         "M": "i32", "K": "i32", "ROWS_PER_SCALE": "constexpr", "OUT_BF16": "constexpr", "BR": "constexpr",
+         "BK": "constexpr"}, {"ROWS_PER_SCALE": 1, "OUT_BF16": True, "BR": 32, "BK": 128}),
+}
+out = {}
+for name, (fn, sig, const) in sigs.items():
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=tgt)
+    ops = collections.Counter(re.findall(r"^\s*((?:div|rcp|mul|add|sub|fma|ex2|lg2)\.[a-z0-9.]+)", k.asm["ptx"], re.M))
+    out[name] = {"ops": dict(ops), "cubin": "cubin" in k.asm}
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_sm90_with_ieee_division():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, info in out.items():
+        assert info["cubin"], name
+        ops = info["ops"]
+        assert not [o for o in ops if o.startswith(("div.approx", "div.full", "rcp.approx", "ex2", "lg2"))], (name, ops)
+        assert not [o for o in ops if ".ftz" in o and o.startswith(("div", "mul", "add", "sub", "fma"))], (name, ops)
+    assert out["q"]["ops"].get("div.rn.f32", 0) > 0
