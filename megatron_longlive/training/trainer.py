@@ -113,15 +113,13 @@ def build_model(cfg: RunConfig, provider: LinearProvider | None = None, device="
     model = WanDiT(cfg.model, provider)
     model.init_weights()
     if cfg.train.init_from:
-        from safetensors.torch import load_file
+        from ..models.wan.convert import load_wan_weights
 
         if not os.path.exists(cfg.train.init_from):
-            raise FileNotFoundError(f"train.init_from: {cfg.train.init_from!r} not found. Fix: give a safetensors "
-                                    f"file of WanDiT weights (official Wan names) or leave it empty.")
-        missing, unexpected = model.load_state_dict(load_file(cfg.train.init_from), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{cfg.train.init_from}: weights do not match model.preset={cfg.model.preset!r} "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]}). Fix: use the matching preset.")
+            raise FileNotFoundError(f"train.init_from: {cfg.train.init_from!r} not found. Fix: give a Wan checkpoint "
+                                    f"(official, diffusers or native; file or directory) or leave it empty.")
+        # Strict: any missing / unexpected / mis-shaped key is an error listing the keys and the likely preset.
+        load_wan_weights(model, cfg.train.init_from)
     return model.to(device)
 
 
