@@ -38,12 +38,15 @@ class NVFP4Recipe:
 
 
 def _fake_quant(t: torch.Tensor, *, block_2d=False, signs=None, stochastic=False) -> torch.Tensor:
-    """NVFP4 quantize -> dequantize to fp32 of a 2D tensor along its last dim (Triton on CUDA)."""
-    rand = reference.random_bits(t.shape, device=t.device) if stochastic else None
+    """NVFP4 quantize -> dequantize to fp32 of a 2D tensor along its last dim.
+
+    CUDA: Triton kernels, stochastic bits from in-kernel Philox seeded by the (CPU) torch RNG, so no
+    [M, K] bit tensor and no host sync. Elsewhere: the reference, with bits from the device RNG."""
     if t.is_cuda:
         from .kernels import ops
-        q = ops.quantize(t, block_2d=block_2d, rht_signs=signs, rand=rand, stochastic=stochastic)
-        return ops.dequantize(*q)
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if stochastic else None
+        return ops.dequantize(*ops.quantize(t, block_2d=block_2d, rht_signs=signs, seed=seed, stochastic=stochastic))
+    rand = reference.random_bits(t.shape, device=t.device) if stochastic else None
     return reference.dequantize(*reference.quantize(t, block_2d=block_2d, rht_signs=signs, rand=rand,
                                                     stochastic=stochastic))
 
