@@ -129,3 +129,30 @@ def build_linear_provider(quant_cfg: QuantConfig) -> LinearProvider:
     else:
         raise ValueError(f"quant.linear: unknown backend {kind!r}. Fix: use bf16, fp8, nvfp4_emulated or te_nvfp4")
     return KeepListProvider(low, LinearProvider(), quant_cfg.keep_high_precision)
+
+
+def convert_linears(model: nn.Module, quant_cfg: QuantConfig) -> list[str]:
+    """Swap the plain nn.Linear modules of an already built (e.g. loaded) model for the `quant_cfg.linear`
+    implementation, sharing their parameters, outside `keep_high_precision`. In eval this is the W4A4
+    (nvfp4_emulated) or W8A8 (fp8) inference path. Returns the converted module names."""
+    import fnmatch
+
+    if quant_cfg.linear == "bf16":
+        return []
+    if quant_cfg.linear == "te_nvfp4":
+        raise ValueError("quant.linear=te_nvfp4: build the model with build_linear_provider instead (TE owns its "
+                         "parameters); convert_linears supports nvfp4_emulated and fp8")
+    from .fp8 import FP8Linear
+    from .nvfp4.linear import NVFP4Linear, NVFP4Recipe
+
+    recipe = NVFP4Recipe(rht=quant_cfg.rht, stochastic_rounding=quant_cfg.stochastic_rounding,
+                         weight_2d=quant_cfg.weight_2d)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear
+             and not any(fnmatch.fnmatchcase(n, p) for p in quant_cfg.keep_high_precision)
+             and m.in_features % BLOCK == 0 and m.out_features % BLOCK == 0]
+    for name in names:
+        old = model.get_submodule(name)
+        new = NVFP4Linear.from_linear(old, recipe) if quant_cfg.linear == "nvfp4_emulated" else FP8Linear.from_linear(old)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return names

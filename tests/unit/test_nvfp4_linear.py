@@ -174,3 +174,21 @@ def test_te_provider_without_transformer_engine_names_the_extra():
         pass
     with pytest.raises(ImportError, match=r"megatron_longlive\[gpu\]"):
         build_linear_provider(QuantConfig(linear="te_nvfp4"))
+
+
+@pytest.mark.parametrize("kind", ["nvfp4_emulated", "fp8"])
+def test_convert_linears_of_a_built_model_equals_building_with_the_provider(kind):
+    """The inference path (W4A4 / W8A8): converting a loaded model = building it with the provider."""
+    from megatron_longlive.quant.providers import convert_linears
+
+    cfg = preset_config("tiny")
+    torch.manual_seed(0)
+    plain = WanDiT(cfg).eval()
+    built = WanDiT(cfg, build_linear_provider(QuantConfig(linear=kind))).eval()
+    built.load_state_dict(plain.state_dict())
+    names = convert_linears(plain, QuantConfig(linear=kind))
+    assert len(names) == 20 and all(type(plain.get_submodule(n)) is type(built.get_submodule(n)) for n in names)
+    assert type(plain.get_submodule("blocks.0.ffn.0")) is not nn.Linear
+    x, t, ctx = torch.randn(1, 16, 1, 8, 8), torch.tensor([400.0]), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, ctx), built(x, t, ctx))
