@@ -106,3 +106,35 @@ def test_fp8_linear_scaled_mm_matches_emulation():
     for name, a, b in (("y", yf, ye), ("dx", xf.grad, xe.grad), ("dw", fast.weight.grad, emu.weight.grad)):
         err = (a.float() - b.float()).norm() / b.float().norm()
         assert err < 1e-2, (name, err.item())
+
+
+def test_packed_linear_on_gpu_equals_cpu_and_saves_memory():
+    from megatron_longlive.quant.nvfp4.packed import PackedNVFP4Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1536, 8960).to(torch.bfloat16)
+    cpu = PackedNVFP4Linear.from_linear(lin)
+    gpu = PackedNVFP4Linear.from_linear(lin.cuda())
+    for name in ("codes", "scales", "tensor_scale"):
+        msg = _bytes_differ(getattr(gpu, name), getattr(cpu, name))
+        assert msg.startswith("0 of"), f"packed {name}: {msg}"
+    x = torch.randn(64, 1536, dtype=torch.bfloat16)
+    w = cpu.dequantized_weight(torch.bfloat16)
+    assert torch.equal(gpu.dequantized_weight(torch.bfloat16).cpu(), w)
+    y = gpu(x.cuda())
+    assert torch.allclose(y.float().cpu(), torch.nn.functional.linear(x, w, cpu.bias).float(), rtol=2e-2, atol=2e-2)
+    assert gpu.packed_bytes() <= 0.3 * 2 * 1536 * 8960
+
+
+def test_philox_stochastic_rounding_unbiased_on_gpu():
+    from megatron_longlive.quant.nvfp4.kernels import ops
+
+    g = torch.Generator().manual_seed(7)
+    row = torch.randn(1, 64, generator=g)
+    row[0, ::16] = 4.0                                  # every block amax = tensor amax: no saturation
+    n = 1 << 16
+    q = ops.quantize(row.cuda().repeat(n, 1), stochastic=True, seed=11)
+    xh = ops.dequantize(*q).cpu()
+    scale = (q.scales.float().cpu()[0] * q.tensor_scale.cpu()).repeat_interleave(16)
+    bias = ((xh.mean(0) - row[0]) / scale).abs().max()
+    assert bias < 5 * 0.5 / n ** 0.5, bias
