@@ -247,11 +247,12 @@ def preprocess(input_dir: str, out: str, opts: PreprocessOptions, vae, text_enco
                num_shards: int = 1, captioner: cap.Captioner | None = None, device: str = "cpu",
                report_path: str | None = None, progress: bool = True) -> dict:
     """Library entry of `longlive preprocess`: returns the report (also written as JSON to `report_path`)."""
+    files = list_videos(input_dir)  # fail on a wrong input before creating anything
     if not opts.captions:
         default = os.path.join(input_dir, "manifest.jsonl")
         opts = dataclasses.replace(opts, captions=default if os.path.isfile(default) else "")
     pre = Preprocessor(out, opts, vae, text_encoder, shard_index, num_shards, captioner, device, input_root=input_dir)
-    report = pre.run(list_videos(input_dir), progress=progress)
+    report = pre.run(files, progress=progress)
     report_path = report_path or os.path.join(out, "_reports", f"{pre.writer.shard}.json")
     os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
     tmp = report_path + ".tmp"

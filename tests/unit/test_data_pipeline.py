@@ -240,3 +240,28 @@ def test_online_mode_equals_direct_encoding_per_sp_rank(tmp_path, models):
         part = OnlineVideoDataset(src, opts, vae, te, sp_rank=rank, sp_size=3)[0]
         assert part["chunk_range"] == (rank, rank + 1)
         assert (part["latents"] - ref[:, rank:rank + 1]).abs().max().item() <= 1e-5
+
+
+def test_two_shards_split_the_folder_and_the_cli_reports_errors(tmp_path, models, capsys):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_data_decode import make_bad
+
+    from megatron_longlive.cli.main import main
+
+    vae, te = models
+    src = tmp_path / "videos"
+    synthetic(str(src), 2, frames=5, shots=1)
+    make_bad("empty_file", src)
+    make_bad("not_a_video", src)
+    out = str(tmp_path / "cache")
+    reps = [preprocess(str(src), out, opts_from(OVERRIDES), vae, te, shard_index=i, num_shards=2, progress=False)
+            for i in range(2)]
+    assert sum(r["num_sources"] for r in reps) == 4 and all(r["num_sources"] == 2 for r in reps)
+    assert sorted(v["source"] for v in CacheReader(out).videos) == ["video_0000.mp4", "video_0001.mp4"]
+    assert sorted(os.listdir(os.path.join(out, "_reports"))) == ["shard-00000-of-00002.json",
+                                                                "shard-00001-of-00002.json"]
+    assert main(["preprocess", str(tmp_path / "missing"), "--out", str(tmp_path / "new")]) == 2
+    assert "missing' is not a directory" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "new")
+    assert main(["preprocess", str(src), "--out", out]) == 2  # default duration groups differ from the cache's
+    assert "cache was made with duration edges [0.5, 1.0, 2.0]" in capsys.readouterr().err
