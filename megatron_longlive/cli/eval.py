@@ -12,6 +12,7 @@ weights are not on local disk (--dino/--clip directories, LPIPS, VBench) are lis
 from __future__ import annotations
 
 import os
+import sys
 
 from ..eval.fidelity import Run, compare_runs, load_run
 from ..eval.report import ALL_METRICS, WEIGHT_FREE, EvalOptions, Report, evaluate_video, fidelity_markdown
@@ -73,12 +74,12 @@ def _load(label: str, path: str, latents: str | None, layout: str) -> Run:
     return load_run(label, video=path, latents=latents, layout=layout)
 
 
-def _generate(args) -> tuple[list[Run], list[int], list[str]]:
-    """Model + prompts mode: the generated runs, shot starts in pixel frames, and one prompt per shot."""
+def _generate(args) -> tuple[list[Run], list[int], list[str], list[str]]:
+    """Model + prompts mode: the generated runs, shot starts in pixel frames, one prompt per shot, notes."""
     import torch
 
     from ..config import load_config
-    from ..eval.variants import generate_variants, parse_variant
+    from ..eval.variants import generate_variants, parse_variant, reproduced_reference
 
     try:
         from ..inference import pipeline  # noqa: F401
@@ -99,10 +100,10 @@ def _generate(args) -> tuple[list[Run], list[int], list[str]]:
     segments = check_schedule(segments, cfg.infer.num_chunks)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    runs = generate_variants([parse_variant(v) for v in args.variant], segments, args.out, args.config,
-                             args.overrides, args.checkpoint, device, dtype)
+    variants = [parse_variant(v) for v in args.variant]
+    runs = generate_variants(variants, segments, args.out, args.config, args.overrides, args.checkpoint, device, dtype)
     shots = [0 if s.start_chunk == 0 else pixel_frames_for(s.start_chunk * cfg.infer.chunk_frames) for s in segments]
-    return runs, shots, [s.prompt for s in segments]
+    return runs, shots, [s.prompt for s in segments], reproduced_reference(runs, variants)
 
 
 def run(args) -> int:
@@ -132,7 +133,7 @@ def run(args) -> int:
     else:
         runs, has_reference = generated[0][1:] + generated[0][:1], len(generated[0]) > 1  # reference last
 
-    report = Report()
+    report = Report(notes=list(generated[3]) if generated else [])
     for r in runs:
         source = r.video_path or r.latent_path
         shots = parse_shots(args.shots, source) if generated is None or args.shots else generated[1]
@@ -147,6 +148,8 @@ def run(args) -> int:
     written = report.write(args.out, plots=not args.no_plots, min_points=args.plot_min_points)
     if report.fidelity:
         print(fidelity_markdown(report.fidelity, report.reference))
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     for metric, why, videos in report.skipped_grouped():
         print(f"skipped {metric} ({', '.join(videos)}): {why}")
     print(f"wrote {written['markdown']}, {written['json']} and {len(written['plots'])} plot(s)")

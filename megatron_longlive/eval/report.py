@@ -123,6 +123,8 @@ def fmt(x: float | None) -> str:
         return "inf" if x > 0 else "-inf"
     if x == 0:
         return "0"
+    if 0.99 < abs(x) < 1:  # SSIM-like values: keep the digits that tell runs apart
+        return f"{x:.6f}"
     return f"{x:.4g}" if abs(x) >= 1e-3 else f"{x:.3e}"
 
 
@@ -147,6 +149,8 @@ class Report:
     """Rows from `fidelity.compare_runs` (one per compared run)."""
     fidelity_results: dict[str, list[MetricResult]] = dataclasses.field(default_factory=dict)
     reference: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """Caveats shown under the fidelity table (e.g. a variant that reproduced the reference exactly)."""
     command: str = dataclasses.field(default_factory=lambda: " ".join(shlex.quote(a) for a in
                                                                       ["longlive", *sys.argv[1:]]))
 
@@ -179,6 +183,7 @@ class Report:
             "aggregate": aggregate(self.per_video),
             "reference": self.reference,
             "fidelity": self.fidelity,
+            "notes": self.notes,
             "fidelity_details": {label: {r.name: res(r) for r in rs} for label, rs in self.fidelity_results.items()},
             "skipped": [{"video": v, "metric": m, "reason": why} for v, m, why in self.skipped()],
         })
@@ -187,6 +192,8 @@ class Report:
         lines = ["# Evaluation report", "", "Command:", "", "```", self.command, "```", ""]
         if self.fidelity:
             lines += fidelity_markdown(self.fidelity, self.reference), ""
+        if self.notes:
+            lines += ["**Notes**", ""] + [f"- {n}" for n in self.notes] + [""]
         names = [n for n in ALL_METRICS + tuple(sorted({r.name for rs in self.per_video.values() for r in rs}
                                                        - set(ALL_METRICS)))
                  if any(r.name == n and r.value is not None for rs in self.per_video.values() for r in rs)]

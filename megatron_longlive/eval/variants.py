@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import warnings
 
 import torch
 
@@ -65,9 +64,15 @@ def generate_variants(variants: list[Variant], segments, out_dir: str, config: s
         result = generate_video(cfg, model, list(segments), video_path, latents_path=latent_path, progress=progress)
         latents = result.latents[0].permute(1, 0, 2, 3).float()  # [C, T, h, w] -> [T, C, h, w]
         runs.append(Run(v.label, _frames(result.video), latents, video_path, latent_path))
-    ref = runs[0]
-    for r in runs[1:]:
-        if r.latents.shape == ref.latents.shape and torch.equal(r.latents, ref.latents):
-            warnings.warn(f"variant {r.label!r} produced exactly the reference's latents: its overrides "
-                          f"{list(variants[runs.index(r)].overrides)} may not be used by the generator", stacklevel=2)
     return runs
+
+
+def reproduced_reference(runs: list[Run], variants: list[Variant]) -> list[str]:
+    """Notes for variants whose latents equal the reference's bit for bit: their overrides had no effect on the
+    generator (e.g. a quant.* setting the pipeline does not apply), so their rows must not be read as fidelity."""
+    ref, notes = runs[0], []
+    for run, v in zip(runs[1:], variants[1:]):
+        if run.latents.shape == ref.latents.shape and torch.equal(run.latents, ref.latents):
+            notes.append(f"variant {run.label!r} produced exactly the reference's latents: its overrides "
+                         f"{list(v.overrides)} were not used by the generator, so its row is not a fidelity measurement")
+    return notes

@@ -47,9 +47,10 @@ def test_generate_and_compare_variants(tmp_path, checkpoint):
             "--prompt", "a red square slides right@0", "--prompt", "a blue circle moves down@2",
             "--variant", "ref", "--variant", "same", "--variant", "steps1", "infer.denoising_steps=[1000]",
             "--metrics", "flicker,shot_consistency,latent_drift", "--out", str(out), "--no-plots"]
-    with pytest.warns(UserWarning, match="variant 'same' produced exactly the reference's latents"):
-        assert main(args) == 0
+    assert main(args) == 0
     rep = json.loads((out / "report.json").read_text())
+    assert len(rep["notes"]) == 1 and "variant 'same' produced exactly the reference's latents" in rep["notes"][0]
+    assert "**Notes**" in (out / "report.md").read_text()
     rows = {r["run"]: r for r in rep["fidelity"]}
     assert rep["reference"] == "ref" and set(rows) == {"same", "steps1"}
     assert rows["same"]["psnr"] == "inf" and rows["same"]["latent_mse"] == 0.0
