@@ -21,7 +21,8 @@ from .common import add_config_arguments
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("inputs", nargs="*", metavar="VIDEO", help="Videos (mp4, ...) or latent dumps (.pt/.safetensors).")
+    parser.add_argument("inputs", nargs="*", metavar="VIDEO",
+                        help="Videos (mp4, ...) or latent dumps (.pt/.safetensors).")
     parser.add_argument("--out", required=True, help="Output directory for report.json, report.md and plots.")
     parser.add_argument("--reference", help="Reference run (video or latent dump): adds the fidelity table.")
     parser.add_argument("--latents", nargs="+", default=None, metavar="FILE",
@@ -121,7 +122,8 @@ def run(args) -> int:
         prompts = generated[2]
     opt = EvalOptions(metrics=ALL_METRICS if names == ["all"] else tuple(names), window=args.window,
                       sink_frames=args.sink_frames, motion_stride=args.motion_stride, dino=args.dino, clip=args.clip,
-                      prompts=prompts, vbench=tuple(d for d in args.vbench.split(",") if d), vbench_long=args.vbench_long,
+                      prompts=prompts, vbench=tuple(d for d in args.vbench.split(",") if d),
+                      vbench_long=args.vbench_long,
                       progress=True)
     if generated is None:
         paths = list(args.inputs) + ([args.reference] if args.reference else [])

@@ -74,5 +74,6 @@ def reproduced_reference(runs: list[Run], variants: list[Variant]) -> list[str]:
     for run, v in zip(runs[1:], variants[1:]):
         if run.latents.shape == ref.latents.shape and torch.equal(run.latents, ref.latents):
             notes.append(f"variant {run.label!r} produced exactly the reference's latents: its overrides "
-                         f"{list(v.overrides)} were not used by the generator, so its row is not a fidelity measurement")
+                         f"{list(v.overrides)} were not used by the generator, so its row is not a fidelity "
+                         "measurement")
     return notes

@@ -31,7 +31,8 @@ def local_encoders(tmp_path_factory):
                                          ).save_pretrained(root / "clip")
     crop = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     transformers.CLIPImageProcessor(**crop).save_pretrained(root / "clip")
-    transformers.Dinov2Model(transformers.Dinov2Config(image_size=32, patch_size=8, **small)).save_pretrained(root / "dino")
+    dino = transformers.Dinov2Model(transformers.Dinov2Config(image_size=32, patch_size=8, **small))
+    dino.save_pretrained(root / "dino")
     transformers.BitImageProcessor(**crop).save_pretrained(root / "dino")
     return str(root / "clip"), str(root / "dino")
 

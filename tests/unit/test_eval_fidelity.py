@@ -59,7 +59,8 @@ def test_mismatched_runs_name_both_files(tmp_path, runs):
         compare_runs(ref, [load_run("wide", wide)])
     torch.save(torch.zeros(16, 2, 4, 4), tmp_path / "short.pt")
     with pytest.raises(ValueError, match=r"short\.pt has latents .* but the reference .*bf16\.pt"):
-        compare_runs(load_run("r", latents=str(runs[0] / "bf16.pt")), [load_run("s", latents=str(tmp_path / "short.pt"))])
+        compare_runs(load_run("r", latents=str(runs[0] / "bf16.pt")),
+                     [load_run("s", latents=str(tmp_path / "short.pt"))])
 
 
 def test_cli_fidelity_report(runs, capsys):

@@ -12,7 +12,8 @@ pipeline = pytest.importorskip("megatron_longlive.inference.pipeline")
 from megatron_longlive.cli.main import main  # noqa: E402
 from megatron_longlive.eval.variants import parse_variant  # noqa: E402
 
-BASE = ["model.preset=tiny", "infer.num_chunks=3", "infer.height=32", "infer.width=32", "infer.denoising_steps=[1000,500]"]
+BASE = ["model.preset=tiny", "infer.num_chunks=3", "infer.height=32", "infer.width=32",
+        "infer.denoising_steps=[1000,500]"]
 
 
 @pytest.fixture(scope="module")
