@@ -2,8 +2,9 @@
 
 Shapes: tokens x (in -> out) of the Wan2.1-1.3B (dim 1536, ffn 8960) and Wan2.2-5B (dim 3072, ffn 14336)
 layers. Each row times one training pass of the layer (y = xW^T + b, then dx and dW), quantization of all
-six operands included for FP8; `fp8 gemm-only` times the three E4M3 GEMMs on pre-quantized operands
-(the ceiling). Prints a table, appends JSON lines (bench/record.py) to --out.
+six operands included for FP8 (x, W, dy each quantized once into both layouts by fp8_triton);
+`fp8 gemm-only` times the three E4M3 GEMMs on pre-quantized operands (the ceiling), `fp8 quantize x+dy`
+the fused quantization of the two big operands. Prints a table, appends JSON lines (bench/record.py) to --out.
 
   python bench/bench_fp8_linear.py --out bench/results.jsonl           # needs CUDA sm89+ (H100/H200)
 """
@@ -18,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.record import record  # noqa: E402
-from megatron_longlive.quant.fp8 import FP8Linear, quantize_rowwise  # noqa: E402
+from megatron_longlive.quant.fp8 import FP8Linear, quantize_both, quantize_rowwise  # noqa: E402
 
 SHAPES = {"1.3b": [(1536, 1536), (1536, 8960), (8960, 1536)],
           "5b": [(3072, 3072), (3072, 14336), (14336, 3072)]}
@@ -75,7 +76,9 @@ def bench_shape(tokens: int, k: int, n: int, a) -> dict[str, float]:
 
     times = {"bf16": cuda_time_ms(step(lin), a.warmup, a.iters),
              "fp8": cuda_time_ms(step(fp8), a.warmup, a.iters),
-             "fp8 gemm-only": cuda_time_ms(gemms, a.warmup, a.iters)}
+             "fp8 gemm-only": cuda_time_ms(gemms, a.warmup, a.iters),
+             "fp8 quantize x+dy": cuda_time_ms(lambda: (quantize_both(x.detach()), quantize_both(dy)),
+                                               a.warmup, a.iters)}
     del x, dy, lin, fp8
     return times
 
@@ -96,20 +99,22 @@ def main(argv=None) -> int:
     if a.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
         print("bench_fp8_linear: needs a CUDA GPU with FP8 tensor cores (sm89+, e.g. H100)", file=sys.stderr)
         return 2
-    print(f"{'model':6} {'in->out':>13} {'bf16 ms':>9} {'fp8 ms':>9} {'gemm ms':>9} {'speedup':>8} "
+    print(f"{'model':6} {'in->out':>13} {'bf16 ms':>9} {'fp8 ms':>9} {'gemm ms':>9} {'quant ms':>9} {'speedup':>8} "
           f"{'bf16 TF/s':>10} {'fp8 TF/s':>9} {'gemm TF/s':>10}")
     for model, pairs in shapes.items():
         for k, n in pairs:
             t = bench_shape(a.tokens, k, n, a)
             flops = 3 * 2 * a.tokens * k * n
-            tf = {key: flops / (v * 1e-3) / 1e12 for key, v in t.items()}
+            tf = {key: flops / (v * 1e-3) / 1e12 for key, v in t.items() if "quantize" not in key}
             speedup = t["bf16"] / t["fp8"]
             print(f"{model:6} {f'{k}->{n}':>13} {t['bf16']:9.3f} {t['fp8']:9.3f} {t['fp8 gemm-only']:9.3f} "
+                  f"{t['fp8 quantize x+dy']:9.3f} "
                   f"{speedup:8.2f} {tf['bf16']:10.0f} {tf['fp8']:9.0f} {tf['fp8 gemm-only']:10.0f}")
             name = f"linear {model} {a.tokens}x{k}->{n} fwd+dgrad+wgrad"
             for key in t:
                 record(a.out, f"{name} {key}", "time", round(t[key], 4), "ms")
-                record(a.out, f"{name} {key}", "throughput", round(tf[key], 1), "TFLOP/s")
+                if key in tf:
+                    record(a.out, f"{name} {key}", "throughput", round(tf[key], 1), "TFLOP/s")
             record(a.out, name, "fp8 speedup over bf16", round(speedup, 3), "x")
     return 0
 

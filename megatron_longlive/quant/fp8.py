@@ -8,11 +8,9 @@ scale_r = amax(row) / 448 (1 for an all-zero row), q = e4m3_rne(row / scale_r) (
 (tokens M are zero-padded to a multiple of 16 for the wgrad, as _scaled_mm needs). `emulate=True`
 computes the same math as (q_a * s_a) @ (q_b * s_b)^T in fp32: exact on any device, the oracle of the
 scaled-mm path (which accumulates in fp32 on the tensor cores and rounds the output to bf16).
-On CUDA the quantization is compiled with torch.compile (amax + scale + cast fused), falling back to eager.
+On CUDA each operand is quantized once into both layouts by the fused Triton kernels of fp8_triton.py.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -32,28 +30,16 @@ def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
 
-_compiled = {}
-
-
-def _quantizer(device: torch.device):
-    """quantize_rowwise, compiled on CUDA when torch.compile works there."""
-    if device.type != "cuda":
-        return quantize_rowwise
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(quantize_rowwise)   # automatic dynamic shapes after a recompile
-    return _compiled["fn"]
-
-
-def _quantize(t: torch.Tensor):
-    fn = _quantizer(t.device)
-    if fn is quantize_rowwise:
-        return fn(t)
-    try:
-        return fn(t)
-    except Exception as exc:  # pragma: no cover - depends on the GPU toolchain
-        warnings.warn(f"torch.compile of the FP8 quantizer failed ({exc}); using eager quantization")
-        _compiled["fn"] = quantize_rowwise
-        return quantize_rowwise(t)
+def quantize_both(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t [M, K] -> (q [M, K], s [M, 1], qT [K, MP], sT [K, 1]): rowwise along K, and the transpose
+    (zero-padded to MP = ceil(M/16)*16) rowwise along M. One fused Triton pass pair on CUDA
+    (fp8_triton.py, bitwise equal), plain torch elsewhere."""
+    if t.is_cuda:
+        from .fp8_triton import quantize_both as fused
+        return fused(t)
+    q, s = quantize_rowwise(t)
+    q_t, s_t = quantize_rowwise(pad_tokens(t.t()))
+    return q, s, q_t.contiguous(), s_t
 
 
 def use_scaled_mm(device: torch.device) -> bool:
@@ -61,38 +47,39 @@ def use_scaled_mm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_gemm(a: torch.Tensor, b: torch.Tensor, emulate: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """a [M, K] @ b [N, K]^T with both operands E4M3-quantized rowwise along K."""
-    qa, sa = _quantize(a.contiguous())       # row-major A; B row-major so qb.t() is column-major
-    qb, sb = _quantize(b.contiguous())
+def fp8_gemm(qa, sa, qb, sb, emulate: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """(qa * sa) [M, K] @ ((qb * sb) [N, K])^T for row-major E4M3 operands with rowwise scales."""
     if emulate:
         return (dequantize_rowwise(qa, sa) @ dequantize_rowwise(qb, sb).t()).to(out_dtype)
-    out = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16)
-    return out.to(out_dtype)
+    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16).to(out_dtype)
 
 
 class FP8LinearFunction(torch.autograd.Function):
+    """Saves the E4M3 transposed copies of x and W for the backward (1 byte/value, not x itself)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, emulate: bool):
         lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
-        y = fp8_gemm(x2, weight, emulate, torch.float32)                     # [M, N]
+        qx, sx, qx_t, sx_t = quantize_both(x.reshape(-1, k))                 # [M, K], [K, M16]
+        qw, sw, qw_t, sw_t = quantize_both(weight)                           # [N, K], [K, N]
+        y = fp8_gemm(qx, sx, qw, sw, emulate, torch.float32)                 # [M, N]
         if bias is not None:
             y = y + bias.float()
-        ctx.save_for_backward(x, weight)
-        ctx.emulate, ctx.has_bias = emulate, bias is not None
+        ctx.save_for_backward(qx_t, sx_t, qw_t, sw_t)
+        ctx.emulate, ctx.has_bias, ctx.x_meta = emulate, bias is not None, (x.shape, x.dtype, weight.dtype)
         return y.to(x.dtype).view(*lead, -1)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        n, k = weight.shape
-        dy2 = dy.reshape(-1, n)
+        qx_t, sx_t, qw_t, sw_t = ctx.saved_tensors
+        x_shape, x_dtype, w_dtype = ctx.x_meta
+        dy2 = dy.reshape(-1, dy.shape[-1])                                   # [M, N]
+        qdy, sdy, qdy_t, sdy_t = quantize_both(dy2)                          # [M, N], [N, M16]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = fp8_gemm(dy2, weight.t(), ctx.emulate, x.dtype).view(x.shape)            # [M, K]
+            dx = fp8_gemm(qdy, sdy, qw_t, sw_t, ctx.emulate, x_dtype).view(x_shape)          # [M, K]
         if ctx.needs_input_grad[1]:
-            dw = fp8_gemm(pad_tokens(dy2.t()), pad_tokens(x.reshape(-1, k).t()), ctx.emulate, weight.dtype)
+            dw = fp8_gemm(qdy_t, sdy_t, qx_t, sx_t, ctx.emulate, w_dtype)                  # [N, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = bias_grad(dy2)
         return dx, dw, db, None

@@ -138,3 +138,16 @@ def test_philox_stochastic_rounding_unbiased_on_gpu():
     scale = (q.scales.float().cpu()[0] * q.tensor_scale.cpu()).repeat_interleave(16)
     bias = ((xh.mean(0) - row[0]) / scale).abs().max()
     assert bias < 5 * 0.5 / n ** 0.5, bias
+
+
+def test_fused_fp8_quantize_both_bitwise_vs_cpu():
+    from megatron_longlive.quant.fp8 import pad_tokens, quantize_rowwise
+    from megatron_longlive.quant.fp8_triton import quantize_both
+
+    x = _data((1000, 1536)).to(torch.bfloat16)
+    got = quantize_both(x.cuda())
+    rq, rs = quantize_rowwise(x)
+    rq_t, rs_t = quantize_rowwise(pad_tokens(x.t()))
+    for name, g, w in zip(("codes", "scales", "codes^T", "scales^T"), got, (rq, rs, rq_t.contiguous(), rs_t)):
+        msg = _bytes_differ(g, w)
+        assert msg.startswith("0 of"), f"fp8 {name}: {msg}"

@@ -1,6 +1,8 @@
-"""Tier (b): Triton NVFP4 kernels bitwise equal to the reference, run by the Triton interpreter on CPU.
+"""Tier (b): Triton kernels (NVFP4, and the fused FP8 quantizer) bitwise equal to their references, run
+by the Triton interpreter on CPU.
 
-TRITON_INTERPRET must be set before the kernels are decorated, so it is set here before importing them.
+TRITON_INTERPRET must be set when the kernels are decorated (at import) and while they run (triton
+reads it lazily), so it is set here before importing them and left set.
 Shapes are small (the interpreter is slow) but cover partial tiles in both dims.
 """
 from __future__ import annotations
@@ -12,6 +14,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from megatron_longlive.quant import fp8_triton  # noqa: E402
+from megatron_longlive.quant.fp8 import pad_tokens, quantize_rowwise  # noqa: E402
 from megatron_longlive.quant.nvfp4 import hadamard as H  # noqa: E402
 from megatron_longlive.quant.nvfp4 import reference as R  # noqa: E402
 from megatron_longlive.quant.nvfp4.kernels import ops  # noqa: E402
@@ -24,8 +28,9 @@ if torch.cuda.is_available():  # pragma: no cover - the GPU lane runs tests/gpu/
 def test_kernels_are_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
-    assert isinstance(quantize_1x16_kernel, InterpretedFunction), \
-        "triton kernels were imported before TRITON_INTERPRET=1 was set; run this module alone"
+    for kernel in (quantize_1x16_kernel, fp8_triton._quantize_kernel):
+        assert isinstance(kernel, InterpretedFunction), \
+            "triton kernels were imported before TRITON_INTERPRET=1 was set; run this module alone"
 
 
 def assert_bytes_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -154,3 +159,20 @@ def test_custom_ops_fake_impls_and_compile():
 
     compiled = torch.compile(fq, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), R.fake_quantize(x))
+
+
+@pytest.mark.parametrize("shape", [(70, 48), (16, 32)])
+def test_fused_fp8_quantize_both_bitwise(shape):
+    """Rowwise E4M3 of t and of pad(t^T) in one fused pass pair == quantize_rowwise twice."""
+    g = torch.Generator().manual_seed(10)
+    t = torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[1])[None]
+    t[1] = 0.0                                     # an all-zero row: scale 1
+    t[2, :3] = torch.tensor([-0.0, 1e-30, -5e-7])  # signed zero, flushed tiny values
+    for src in (t, t.to(torch.bfloat16)):
+        q, s, q_t, s_t = fp8_triton.quantize_both(src)
+        rq, rs = quantize_rowwise(src)
+        rq_t, rs_t = quantize_rowwise(pad_tokens(src.t()))
+        assert_bytes_equal(q, rq, "fp8 rowwise codes")
+        assert_bytes_equal(s, rs, "fp8 rowwise scales")
+        assert_bytes_equal(q_t, rq_t.contiguous(), "fp8 transposed codes")
+        assert_bytes_equal(s_t, rs_t, "fp8 transposed scales")

@@ -1,4 +1,4 @@
-"""The Triton NVFP4 kernels compile for Hopper (sm90) without a GPU, and the PTX keeps IEEE rounding.
+"""The Triton NVFP4 kernels (and the fused FP8 quantizer) compile for Hopper (sm90) without a GPU, and the PTX keeps IEEE rounding.
 
 Runs in a subprocess without TRITON_INTERPRET (the interpreter test module sets it for this process).
 Bitwise equality with the reference on CPU holds only if the GPU code does the same IEEE operations:
@@ -16,6 +16,7 @@ import json, re, collections, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megatron_longlive.quant.nvfp4.kernels import quantize_triton as Q, dequantize_triton as D
+from megatron_longlive.quant import fp8_triton as F8
 tgt = GPUTarget("cuda", 90, 32)
 sigs = {
   "q": (Q.quantize_1x16_kernel, {"x_ptr": "*bf16", "signs_ptr": "*fp32", "rand_ptr": "*i32", "amax_ptr": "*fp32",
@@ -27,6 +28,11 @@ sigs = {
   "dq": (D.dequantize_kernel, {"packed_ptr": "*u8", "scales_ptr": "*u8", "ts_ptr": "*fp32", "out_ptr": "*i16",
          "M": "i32", "K": "i32", "ROWS_PER_SCALE": "constexpr", "OUT_BF16": "constexpr", "BR": "constexpr",
          "BK": "constexpr"}, {"ROWS_PER_SCALE": 1, "OUT_BF16": True, "BR": 32, "BK": 128}),
+  "fp8amax": (F8._amax_kernel, {"x_ptr": "*bf16", "row_amax_ptr": "*fp32", "col_amax_ptr": "*fp32", "M": "i32",
+              "K": "i32", "BM": "constexpr", "BK": "constexpr"}, {"BM": 64, "BK": 64}),
+  "fp8q": (F8._quantize_kernel, {"x_ptr": "*bf16", "row_amax_ptr": "*fp32", "col_amax_ptr": "*fp32",
+           "qrow_ptr": "*u8", "qcol_ptr": "*u8", "srow_ptr": "*fp32", "scol_ptr": "*fp32", "M": "i32", "K": "i32",
+           "MP": "i32", "BM": "constexpr", "BK": "constexpr"}, {"BM": 64, "BK": 64}),
 }
 out = {}
 for name, (fn, sig, const) in sigs.items():
