@@ -157,7 +157,13 @@ def vbench_metrics(video_path: str, dimensions: list[str], long: bool = False,
             suite, mode = VBenchLong(device, full_info, out), "long_custom_input"
         else:
             suite, mode = vbench.VBench(device, full_info, out), "custom_input"
-        suite.evaluate(videos_path=videos, name="eval", dimension_list=list(dimensions), mode=mode)
-        with open(os.path.join(out, "eval_eval_results.json")) as f:
-            results = json.load(f)
+        try:
+            try:
+                suite.evaluate(videos_path=videos, name="eval", dimension_list=list(dimensions), mode=mode)
+            except TypeError:  # VBench releases before `mode` existed evaluate custom videos by default
+                suite.evaluate(videos_path=videos, name="eval", dimension_list=list(dimensions))
+            with open(os.path.join(out, "eval_eval_results.json")) as f:
+                results = json.load(f)  # {dimension: [mean score, per-video list]}
+        except Exception as e:  # noqa: BLE001 - a failing optional suite must not abort the report
+            return [MetricResult.skip(n, f"VBench failed: {type(e).__name__}: {e}") for n in names]
     return [MetricResult(f"vbench/{d}", float(results[d][0])) for d in dimensions]
