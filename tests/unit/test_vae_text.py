@@ -126,7 +126,7 @@ def test_real_architecture_configs():
     # The real architectures (meta device, no weights) have the official compression and channel counts.
     from diffusers import AutoencoderKLWan
 
-    for kind, z, s, n_params in (("wan2.1", 16, 8, None), ("wan2.2", 48, 16, None)):
+    for kind, z, s in (("wan2.1", 16, 8), ("wan2.2", 48, 16)):
         cfg = WanVAE.config_for(kind)
         with torch.device("meta"):
             m = AutoencoderKLWan(**cfg)
