@@ -123,3 +123,18 @@ def test_parse_shots(tmp_path):
     assert parse_shots(str(tmp_path / "s.json")) == [0, 4, 8]
     with pytest.raises(ValueError, match="comma-separated"):
         parse_shots("first,second")
+
+
+def test_cli_videos_with_aligned_latents(runs, capsys):
+    tmp, paths = runs
+    out = tmp / "both"
+    assert main(["eval", paths["nvfp4"], "--latents", str(tmp / "nvfp4.pt"), "--reference", paths["bf16"],
+                 "--reference-latents", str(tmp / "bf16.pt"), "--labels", "q", "--metrics", "latent_drift",
+                 "--out", str(out), "--no-plots", "--no-lpips"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    row = rep["fidelity"][0]
+    assert row["run"] == "q" and row["latent_mse"] == pytest.approx(0.01, rel=1e-5) and row["psnr"] < 60
+    assert rep["videos"]["q"]["sources"]["latents"].endswith("nvfp4.pt")
+    assert len(rep["videos"]["q"]["metrics"]["latent_drift"]["series"]) == 3  # T of the [C=16, T=3, 4, 4] dump
+    assert main(["eval", paths["nvfp4"], "--latents", "a.pt", "b.pt", "--out", str(out)]) == 2
+    assert "--latents has 2 files for 1 inputs" in capsys.readouterr().err
