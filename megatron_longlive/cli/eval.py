@@ -4,8 +4,8 @@ Examples:
   longlive eval out/video.mp4 --shots 0,33,65 --out eval/            # per-video metrics + plots
   longlive eval nvfp4.mp4 ptq.mp4 --reference bf16.mp4 --out fid/    # one fidelity table (PSNR/SSIM)
   longlive eval nvfp4_kv.pt --reference bf16.pt --out fid/           # latent dumps: latent MSE, latent drift
-  longlive eval --config tiny.yaml --prompt "a red square@0" --prompt "a blue circle@4" \
-      --variant steps4 --variant steps2 infer.denoising_steps=[1000,500] --out fid/   # generate, then compare
+  longlive eval -c tiny.yaml --prompt "a red square@0" --prompt "a blue circle@4" --variant steps4 \\
+      --variant steps2 infer.denoising_steps=[1000,500] --out fid/    # generate each variant, then compare
 Writes OUT/report.json, OUT/report.md and OUT/<metric>.png (and OUT/runs/* when generating). Metrics whose
 weights are not on local disk (--dino/--clip directories, LPIPS, VBench) are listed as skipped with the reason.
 """
