@@ -20,12 +20,14 @@ LATENTS = 25  # 97 pixel frames: long enough that chunks from frame 81 on trunca
 
 @pytest.fixture(scope="module", params=["wan2.1", "wan2.2"])
 def vae_and_video(request):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many tiny convs: one thread is fastest on a shared 2-core machine
     vae = WanVAE.tiny(request.param, seed=0)
     s = vae.spatial_stride
     g = torch.Generator().manual_seed(1)
     video = torch.rand(1, 3, 1 + 4 * (LATENTS - 1), s, s, generator=g) * 2 - 1  # [1, 3, 97, s, s]
-    return vae, video, vae.encode(video)
+    yield vae, video, vae.encode(video)
+    torch.set_num_threads(threads)
 
 
 def test_halo_window_table():

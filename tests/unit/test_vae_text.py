@@ -189,6 +189,10 @@ def test_text_from_pretrained_roundtrip(tmp_path, tiny_text):
     p = ["close-up of a dog running", ""]
     loaded = TextEncoder.from_pretrained(str(tmp_path / "pipe"), text_len=16)
     assert torch.equal(loaded.encode(p), tiny_text.encode(p))
+    # google/umt5-xxl layout: encoder and tokenizer files in one directory.
+    tiny_text.model.save_pretrained(tmp_path / "flat")
+    tiny_text.tokenizer.save_pretrained(tmp_path / "flat")
+    assert torch.equal(TextEncoder.from_pretrained(str(tmp_path / "flat"), text_len=16).encode(p), tiny_text.encode(p))
     with pytest.raises(FileNotFoundError, match="not found"):
         TextEncoder.from_pretrained(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
