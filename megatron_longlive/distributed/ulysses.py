@@ -38,36 +38,27 @@ def heads_to_seq(x: torch.Tensor, group, sp: int) -> torch.Tensor:
     return x.permute(1, 2, 0, 3, 4).reshape(b, s // sp, sp * h, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """`seq_to_heads` (to_heads=True) or `heads_to_seq`; the backward is the other direction."""
+
     @staticmethod
-    def forward(ctx, x, group, sp):
-        ctx.group, ctx.sp = group, sp
-        return seq_to_heads(x, group, sp)
+    def forward(ctx, x, group, sp, to_heads):
+        ctx.group, ctx.sp, ctx.to_heads = group, sp, to_heads
+        return (seq_to_heads if to_heads else heads_to_seq)(x, group, sp)
 
     @staticmethod
     def backward(ctx, grad):
-        return heads_to_seq(grad, ctx.group, ctx.sp), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, sp):
-        ctx.group, ctx.sp = group, sp
-        return heads_to_seq(x, group, sp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return seq_to_heads(grad, ctx.group, ctx.sp), None, None
+        return (heads_to_seq if ctx.to_heads else seq_to_heads)(grad, ctx.group, ctx.sp), None, None, None
 
 
 def all_to_all_seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     """Autograd-aware `seq_to_heads` over `group`."""
-    return _SeqToHeads.apply(x, group, dist.get_world_size(group))
+    return _AllToAll.apply(x, group, dist.get_world_size(group), True)
 
 
 def all_to_all_heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     """Autograd-aware `heads_to_seq` over `group`."""
-    return _HeadsToSeq.apply(x, group, dist.get_world_size(group))
+    return _AllToAll.apply(x, group, dist.get_world_size(group), False)
 
 
 class UlyssesAttention(nn.Module):

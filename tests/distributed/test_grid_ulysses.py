@@ -35,28 +35,30 @@ def test_discover_launch_torchrun_slurm_single():
     assert discover_launch({}).launcher == "single"
 
 
-def _grid_worker(rank, world):
+def _grid_worker(rank, world, tp, sp):
     import torch.distributed as dist
 
     from megatron_longlive.distributed.grid import init_grid
 
-    g = init_grid(tp_size=2, sp_size=2, num_heads=4)
-    ranks = {name: dist.get_process_group_ranks(getattr(g, name)) for name in ("tp", "sp", "dp", "dp_sp")}
+    g = init_grid(tp_size=tp, sp_size=sp, num_heads=4)
+    ranks = {name: (dist.get_process_group_ranks(getattr(g, name)) if getattr(g, name) is not None else None)
+             for name in ("tp", "sp", "dp", "dp_sp")}
     return (g.tp_rank, g.sp_rank, g.dp_rank, g.dp_size, g.backend), ranks
 
 
 @pytest.mark.distributed
-def test_grid_groups_on_gloo():
-    """8 ranks, TP=2 x SP=2 x DP=2, megatron-core order tp-cp-dp: tp neighbours, then cp, then dp."""
-    out = spawn(_grid_worker, 8)
+@pytest.mark.parametrize("tp,sp", [(2, 1), (1, 2)])
+def test_grid_groups_on_gloo(tp, sp):
+    """4 ranks, megatron-core order tp-cp-dp: TP neighbours first, then SP (cp), then DP; size-1 groups are None."""
+    out = spawn(_grid_worker, 4, tp, sp)
     for rank, ((tp_rank, sp_rank, dp_rank, dp_size, backend), ranks) in enumerate(out):
         assert backend == "gloo" and dp_size == 2
-        assert (tp_rank, sp_rank, dp_rank) == (rank % 2, (rank // 2) % 2, rank // 4)
-        assert ranks["tp"] == [rank - rank % 2, rank - rank % 2 + 1]
-        base = rank - (rank // 2 % 2) * 2
-        assert ranks["sp"] == [base, base + 2]
-        assert ranks["dp"] == sorted({rank % 4, rank % 4 + 4})
-        assert ranks["dp_sp"] == sorted(r for r in range(8) if r % 2 == rank % 2)
+        assert (tp_rank, sp_rank, dp_rank) == (rank % tp, (rank // tp) % sp, rank // 2)
+        mp_base = rank - rank % 2  # the tp*sp = 2 model-parallel neighbours
+        assert ranks["tp" if tp == 2 else "sp"] == [mp_base, mp_base + 1]
+        assert ranks["sp" if tp == 2 else "tp"] is None
+        assert ranks["dp"] == [rank % 2, rank % 2 + 2]
+        assert ranks["dp_sp"] == ([rank % 2, rank % 2 + 2] if tp == 2 else [0, 1, 2, 3])
 
 
 def _ulysses_worker(rank, world):

@@ -2,6 +2,11 @@
 independent single-process teacher-forcing reference, and the per-rank training worker."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 
 from megatron_longlive.config import preset_config
@@ -126,3 +131,24 @@ def assert_same(actual: dict, expected: dict, what: str, rtol: float = 1e-5) -> 
     for name, e in expected.items():
         torch.testing.assert_close(actual[name], e, rtol=rtol, atol=rtol * float(e.abs().max()),
                                    msg=lambda m: f"{what} {name}: {m}")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_longlive_train(out_dir: str, nproc: int, sp: int, *overrides: str) -> list[dict]:
+    """`torchrun -m megatron_longlive.cli.main train` on the tiny config for 2 steps; the metrics lines."""
+    from megatron_longlive.distributed.launch import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", "megatron_longlive.cli.main", "train", "-c",
+           os.path.join(ROOT, "examples", "configs", "tiny.yaml"), "--set", f"parallel.sp_size={sp}",
+           "--set", "train.max_steps=2", "--set", f"train.output_dir={out_dir}", "--set", "train.save_interval=2",
+           "--set", "train.wandb_mode=disabled", "--set", "data.num_videos=4", "--no-progress"]
+    for item in overrides:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained to step 2") == 1  # only rank 0 reports
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
