@@ -173,6 +173,8 @@ def is_variable_frame_rate(source_times: np.ndarray, tol: float = 0.05) -> bool:
     return med <= 0 or float(np.max(np.abs(d - med))) > tol * med
 
 
+# codecs whose streams legitimately carry packets without a picture (packed B-frames' N-VOP placeholders)
+_PLACEHOLDER_CODECS = {"mpeg4", "msmpeg4v2", "msmpeg4v3", "h263"}
 _MAGIC = (b"\x1aE\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")
 
 
@@ -314,7 +316,7 @@ class PyAVDecoder:
         if prev is not None:
             kept[len(times) - 1] = self._resize(prev[1], bucket)
         source_times = np.asarray(times)
-        if max_frames is None and counts["frames"] < counts["packets"]:
+        if max_frames is None and counts["frames"] < counts["packets"] and info.codec not in _PLACEHOLDER_CODECS:
             raise VideoRejected(path, "corrupt_frame", f"the decoder dropped {counts['packets'] - counts['frames']} "
                                 f"of {counts['packets']} frames without an error")
         bad = glitch_frames(np.stack(thumbs))
