@@ -115,6 +115,10 @@ def test_vae_from_pretrained_errors(tmp_path):
     torch.save({"foo.weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="not an official Wan VAE checkpoint"):
         WanVAE.from_pretrained(str(bad))
+    wan22 = tmp_path / "Wan2.2_VAE.pth"  # official Wan2.2 layout: 12 input channels (2x2 patchified RGB)
+    torch.save({"encoder.conv1.weight": torch.zeros(4, 12, 3, 3, 3)}, wan22)
+    with pytest.raises(ValueError, match="Wan2.2 VAE.*convert_wan_to_diffusers"):
+        WanVAE.from_pretrained(str(wan22))
 
 
 def test_vae_kind_errors():
@@ -197,3 +201,62 @@ def test_text_from_pretrained_roundtrip(tmp_path, tiny_text):
         TextEncoder.from_pretrained(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         TextEncoder.from_pretrained(str(tmp_path))
+
+
+def _to_official_wan21_keys(diffusers_sd: dict) -> dict:
+    """Rename a diffusers Wan2.1 VAE state dict to the official Wan2.1_VAE.pth layout (inverse of diffusers'
+    single-file mapping), so the official-file loading path can be tested without the real file."""
+    import re
+
+    res = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
+           "conv2": "residual.6", "conv_shortcut": "shortcut"}
+
+    def resnet(rest: str) -> str:
+        for k, v in res.items():
+            if rest.startswith(k + ".") or rest == k:
+                return v + rest[len(k):]
+        raise AssertionError(rest)
+
+    out = {}
+    for key, val in diffusers_sd.items():
+        if key.startswith(("quant_conv.", "post_quant_conv.")):
+            new = key.replace("post_quant_conv.", "conv2.").replace("quant_conv.", "conv1.")
+        elif ".conv_in." in key:
+            new = key.replace(".conv_in.", ".conv1.")
+        elif ".norm_out." in key or ".conv_out." in key:
+            new = key.replace(".norm_out.", ".head.0.").replace(".conv_out.", ".head.2.")
+        elif m := re.match(r"(\w+)\.mid_block\.resnets\.(\d)\.(.+)", key):
+            new = f"{m[1]}.middle.{2 * int(m[2])}.{resnet(m[3])}"
+        elif m := re.match(r"(\w+)\.mid_block\.attentions\.0\.(.+)", key):
+            new = f"{m[1]}.middle.1.{m[2]}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.(.+)", key):
+            rest = m[2] if m[2].startswith(("resample", "time_conv")) else resnet(m[2])
+            new = f"encoder.downsamples.{m[1]}.{rest}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.{resnet(m[3])}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+            new = f"decoder.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+        else:
+            raise AssertionError(f"unmapped key {key}")
+        out[new] = val
+    return out
+
+
+@pytest.mark.slow
+def test_vae_from_official_wan21_pth(tmp_path):
+    """Real Wan2.1 architecture (random weights) saved in the official .pth layout loads back exactly."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    ref = WanVAE.random("wan2.1", seed=3)
+    sd = ref.model.state_dict()
+    official = _to_official_wan21_keys(sd)
+    assert set(convert_wan_vae_to_diffusers(dict(official))) == set(sd)  # the renaming is the exact inverse
+    torch.save(official, tmp_path / "Wan2.1_VAE.pth")
+    loaded = WanVAE.from_pretrained(str(tmp_path / "Wan2.1_VAE.pth"))
+    assert loaded.kind == "wan2.1"
+    video = _video(ref, 5, seed=4)
+    assert torch.equal(loaded.encode(video), ref.encode(video))
+    official.pop("encoder.head.2.bias")
+    torch.save(official, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="encoder.conv_out.bias"):
+        WanVAE.from_pretrained(str(tmp_path / "broken.pth"))
