@@ -30,20 +30,36 @@ def _blocked(name: str, in_features: int, out_features: int, what: str) -> bool:
 
 
 class NVFP4EmulatedProvider(LinearProvider):
-    """Builds NVFP4Linear (dequantize-then-fp32-matmul emulation of the NVFP4 training recipe)."""
+    """Builds NVFP4Linear (dequantize-then-fp32-matmul emulation of the NVFP4 training recipe).
 
-    def __init__(self, rht: bool = True, stochastic_rounding: bool = True, weight_2d: bool = True, rht_seed: int = 0):
+    With a `tp_group`, "column" layers get out_features / tp and "row" layers in_features / tp (the
+    tensor-parallel NVFP4Linear); "replicated" layers stay whole."""
+
+    def __init__(self, rht: bool = True, stochastic_rounding: bool = True, weight_2d: bool = True, rht_seed: int = 0,
+                 tp_group=None):
         from .nvfp4.linear import NVFP4Recipe
 
         self.recipe = NVFP4Recipe(rht=rht, stochastic_rounding=stochastic_rounding, weight_2d=weight_2d,
                                   rht_seed=rht_seed)
+        self.tp_group = tp_group
 
     def linear(self, name, in_features, out_features, bias=True, style="replicated"):
         from .nvfp4.linear import NVFP4Linear
 
-        if not _blocked(name, in_features, out_features, "nvfp4_emulated"):
+        tp = 1
+        if self.tp_group is not None and style in ("column", "row"):
+            import torch.distributed as dist
+
+            tp = dist.get_world_size(self.tp_group)
+            split = out_features if style == "column" else in_features
+            if split % (tp * BLOCK):
+                raise ValueError(f"nvfp4_emulated: {name} ({style}-parallel) has {split} features, not a multiple of "
+                                 f"tp_size * {BLOCK} = {tp * BLOCK}; change parallel.tp_size or keep it in high precision")
+        local_in = in_features // tp if style == "row" else in_features
+        local_out = out_features // tp if style == "column" else out_features
+        if not _blocked(name, local_in, local_out, "nvfp4_emulated"):
             return nn.Linear(in_features, out_features, bias=bias)
-        return NVFP4Linear(in_features, out_features, bias, self.recipe)
+        return NVFP4Linear(local_in, local_out, bias, self.recipe, style=style, tp_group=self.tp_group)
 
 
 class FP8Provider(LinearProvider):

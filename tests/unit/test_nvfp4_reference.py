@@ -222,3 +222,12 @@ def test_rht_preserves_the_wgrad_product():
     s = H.rht_signs(1).double()
     dyt, xt = H.rht(dy.T.contiguous(), s), H.rht(x.T.contiguous(), s)
     assert torch.allclose(dyt @ xt.T, dy.T @ x, atol=1e-12)
+
+
+def test_shared_amax_makes_a_shard_quantize_like_its_part_of_the_whole():
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
+    x[0, 40] = 9.0                                       # the tensor amax lives in the second half
+    whole = R.quantize(x)
+    half = R.quantize(x[:, :32].contiguous(), amax=x.abs().amax())
+    assert torch.equal(half.packed, whole.packed[:, :16]) and torch.equal(half.scales.float(), whole.scales[:, :2].float())
+    assert not torch.equal(R.quantize(x[:, :32].contiguous()).scales.float(), whole.scales[:, :2].float())

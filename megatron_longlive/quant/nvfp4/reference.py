@@ -127,12 +127,13 @@ def _check(x: torch.Tensor, block_2d: bool) -> None:
 # ----- quantize / dequantize ------------------------------------------------------------------------
 def quantize(x: torch.Tensor, *, block_2d: bool = False, rht_signs: torch.Tensor | None = None,
              rand: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             stochastic: bool = False) -> NVFP4Quantized:
+             stochastic: bool = False, amax: torch.Tensor | None = None) -> NVFP4Quantized:
     """Quantize `x [..., K]` to NVFP4 (steps 0-8 of the module docstring).
 
     block_2d: 16x16 tiles (2D `x` only). rht_signs: [16] of +-1 applies the random Hadamard transform
     first (1x16 only). stochastic: round stochastically with `rand` (int32 [0, 2**24), shape of x) or
-    bits drawn from `generator`.
+    bits drawn from `generator`. amax: use this tensor amax in step 2 instead of max |x| (e.g. the
+    max over all tensor-parallel shards, so that every shard quantizes as the whole tensor would).
     """
     xf = x.float()
     _check(xf, block_2d)
@@ -140,7 +141,7 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, rht_signs: torch.Tensor
         if block_2d:
             raise ValueError("NVFP4 quantize: RHT applies to 1x16 blocks only (activations/gradients)")
         xf = rht(xf, rht_signs)
-    s_t = tensor_scale(xf)
+    s_t = tensor_scale(xf) if amax is None else amax.float().reshape(()) / TENSOR_SCALE_DENOM
     if block_2d:
         m, k = xf.shape
         tiles = xf.view(m // BLOCK, BLOCK, k // BLOCK, BLOCK)                # [M/16, 16, K/16, 16]
