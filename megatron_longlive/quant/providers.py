@@ -129,15 +129,16 @@ class TENVFP4Provider(LinearProvider):
         return TENVFP4Linear(in_features, out_features, bias, **self.switches)
 
 
-def build_linear_provider(quant_cfg: QuantConfig) -> LinearProvider:
-    """The provider for `quant_cfg.linear`, with `keep_high_precision` modules kept as plain nn.Linear."""
+def build_linear_provider(quant_cfg: QuantConfig, tp_group=None) -> LinearProvider:
+    """The provider for `quant_cfg.linear`, with `keep_high_precision` modules kept as plain nn.Linear.
+    tp_group: tensor-parallel group for the nvfp4_emulated column/row layers (None: unsharded)."""
     kind = quant_cfg.linear
     if kind == "bf16":
         return LinearProvider()
     switches = dict(rht=quant_cfg.rht, stochastic_rounding=quant_cfg.stochastic_rounding,
                     weight_2d=quant_cfg.weight_2d)
     if kind == "nvfp4_emulated":
-        low = NVFP4EmulatedProvider(**switches)
+        low = NVFP4EmulatedProvider(**switches, tp_group=tp_group)
     elif kind == "te_nvfp4":
         low = TENVFP4Provider(**switches)
     elif kind == "fp8":
