@@ -98,3 +98,16 @@ def test_frame_offset_shifts_rope_only_in_time(tiny_model, tiny_cfg):
         a = tiny_model.double()(x.double(), t.double(), ctx.double())
         b = tiny_model(x.double(), t.double(), ctx.double(), frame_offset=37)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+def test_bf16_parameters_run_without_autocast_and_track_fp32(tiny_model, tiny_cfg):
+    """Inference keeps weights in bf16 with no autocast: every op must accept that, and stay close to fp32."""
+    import copy
+
+    x, t, ctx = _inputs(tiny_cfg)
+    with torch.no_grad():
+        ref = tiny_model(x, t, ctx)
+        out = copy.deepcopy(tiny_model).bfloat16()(x.bfloat16(), t, ctx.bfloat16())
+    assert out.dtype == torch.bfloat16
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 2e-2, rel

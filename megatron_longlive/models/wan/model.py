@@ -196,9 +196,11 @@ class WanDiT(nn.Module):
 
     def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame timesteps [B, F] (0..1000) -> (embedding [B, F, D], projection [B, F, 6, D]), >= float32."""
+        # The linears run in their parameters' dtype (or autocast's); results are upcast to >= fp32.
         w = self.time_embedding[0].weight
-        e = hi(self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(hi(w).dtype)))
+        e = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(w.dtype))
         e0 = hi(self.time_projection(e)).unflatten(-1, (6, self.cfg.dim))
+        e = hi(e)
         return e, e0
 
     def embed_context(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
