@@ -4,6 +4,8 @@ Run through `device`: python -m pytest -q -m gpu tests/gpu/test_nvfp4_gpu.py
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -77,7 +79,7 @@ def test_nvfp4_linear_gpu_matches_cpu_reference_path():
     lin = torch.nn.Linear(256, 128)
     x = torch.randn(64, 256)
     cpu = NVFP4Linear.from_linear(lin, rht=True, stochastic_rounding=False)
-    gpu = NVFP4Linear.from_linear(lin, rht=True, stochastic_rounding=False).cuda()
+    gpu = NVFP4Linear.from_linear(copy.deepcopy(lin).cuda(), rht=True, stochastic_rounding=False)
     xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
     yc, yg = cpu(xc), gpu(xg)
     assert torch.allclose(yc, yg.cpu(), rtol=1e-5, atol=1e-5)
@@ -97,7 +99,7 @@ def test_fp8_linear_scaled_mm_matches_emulation():
     lin = torch.nn.Linear(1536, 512).cuda().to(torch.bfloat16)
     x = torch.randn(256, 1536, device="cuda", dtype=torch.bfloat16)
     fast = FP8Linear.from_linear(lin, emulate=False)
-    emu = FP8Linear.from_linear(lin, emulate=True)
+    emu = FP8Linear.from_linear(copy.deepcopy(lin), emulate=True)      # own parameters: grads not shared
     xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
     yf, ye = fast(xf), emu(xe)
     dy = torch.randn_like(yf)
@@ -114,7 +116,7 @@ def test_packed_linear_on_gpu_equals_cpu_and_saves_memory():
     torch.manual_seed(0)
     lin = torch.nn.Linear(1536, 8960).to(torch.bfloat16)
     cpu = PackedNVFP4Linear.from_linear(lin)
-    gpu = PackedNVFP4Linear.from_linear(lin.cuda())
+    gpu = PackedNVFP4Linear.from_linear(copy.deepcopy(lin).cuda())
     for name in ("codes", "scales", "tensor_scale"):
         msg = _bytes_differ(getattr(gpu, name), getattr(cpu, name))
         assert msg.startswith("0 of"), f"packed {name}: {msg}"

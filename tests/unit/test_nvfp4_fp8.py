@@ -2,6 +2,8 @@
 torch._scaled_mm where this torch runs it (CPU here, the GPU lane on H100)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -61,7 +63,8 @@ def test_scaled_mm_path_matches_emulation_where_available():
     torch.manual_seed(1)
     lin = nn.Linear(64, 48).to(torch.bfloat16)
     x = torch.randn(32, 64, dtype=torch.bfloat16)
-    fast, emu = FP8Linear.from_linear(lin, emulate=False), FP8Linear.from_linear(lin, emulate=True)
+    # separate parameter copies: from_linear shares parameters, and shared grads would compare to themselves
+    fast, emu = FP8Linear.from_linear(lin, emulate=False), FP8Linear.from_linear(copy.deepcopy(lin), emulate=True)
     xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
     try:
         yf = fast(xf)
@@ -71,6 +74,7 @@ def test_scaled_mm_path_matches_emulation_where_available():
     dy = torch.randn_like(ye)
     yf.backward(dy)
     ye.backward(dy)
+    assert fast.weight is not emu.weight
     for a, b in ((yf, ye), (xf.grad, xe.grad), (fast.weight.grad, emu.weight.grad)):
         # same quantized operands; only accumulation order and the bf16 output rounding differ
         assert ((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
