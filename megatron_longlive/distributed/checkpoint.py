@@ -5,11 +5,12 @@
 names the temp dir (broadcast), every rank joins `dcp.save` (DCP de-duplicates the replicated model and
 optimizer tensors, so the files do not depend on the SP/DP degree), the first SP/TP rank of every DP
 rank writes `trainer_rank{dp_rank}.pt`, and rank 0 alone finalises (COMPLETE, rename, `latest`,
-pruning) between barriers. Loading is `CheckpointManager.load` run by every rank (DCP reads
-collectively), so a checkpoint written at SP=2 resumes at SP=4 or SP=1 unchanged.
+pruning) between barriers. Every rank loads (DCP reads collectively), so a checkpoint written at SP=2
+resumes at SP=4 or SP=1 unchanged.
 
-TP resharding is not covered: TP-sharded tensors have per-rank shapes under one name; such a save is
-refused with a clear error (resume at the same tp_size is the only supported path for now).
+Under TP, every TP-sharded parameter (megatron's `partition_dim` attribute) and its optimizer moments
+enter DCP as DTensors sharded over the TP group, so the files hold full tensors and a checkpoint written
+at TP=2 loads at TP=1 or TP=2 x SP=2 (DCP reshards DTensors on read).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import shutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..training.checkpoint import COMPLETE, CheckpointManager, _dcp_quiet, _fsync_path, _fsync_tree
 from .grid import ProcessGroups
@@ -29,9 +30,6 @@ class DistCheckpointManager(CheckpointManager):
     """A `CheckpointManager` whose save is collective over all ranks of the grid."""
 
     def __init__(self, run_dir: str, keep_last: int, groups: ProcessGroups):
-        if groups.tp_size > 1:
-            raise ValueError(f"parallel.tp_size={groups.tp_size}: distributed checkpoints do not reshard tensor-"
-                             f"parallel weights yet. Fix: train with parallel.tp_size=1 (SP/DP reshard freely).")
         self.groups = groups
         self.is_root = dist.get_rank() == 0
         if self.is_root:
@@ -51,11 +49,7 @@ class DistCheckpointManager(CheckpointManager):
             os.makedirs(names[0])
         dist.broadcast_object_list(names, src=0)
         tmp = names[0]
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        if ema_state is not None:
-            state["ema"] = ema_state
-        _dcp_quiet(dcp.save, state, checkpoint_id=tmp)
+        _dcp_quiet(dcp.save, self._dcp_state(model, optimizer, ema_state)[0], checkpoint_id=tmp)
         if self.groups.sp_rank == 0 and self.groups.tp_rank == 0:
             torch.save(trainer_state, os.path.join(tmp, f"trainer_rank{self.groups.dp_rank}.pt"))
             if save_extra is not None and self.groups.dp_rank == 0:
@@ -83,4 +77,42 @@ class DistCheckpointManager(CheckpointManager):
         if missing and os.path.exists(os.path.join(path, COMPLETE)):
             raise ValueError(f"{path}: no trainer state for dp_rank(s) {missing} (the checkpoint was written with "
                              f"fewer data-parallel ranks). Fix: resume with a DP degree <= the saved one.")
-        return super().load(path, model, optimizer, ema_state)
+        if not os.path.exists(os.path.join(path, COMPLETE)):
+            raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker (an interrupted write). "
+                             f"Fix: resume from another checkpoint or delete this directory.")
+        state, plain = self._dcp_state(model, optimizer, ema_state)
+        try:
+            _dcp_quiet(dcp.load, state, checkpoint_id=path)  # in place: DTensors share the local shards
+        except Exception as e:  # noqa: BLE001 - re-raised with the path and a fix
+            raise ValueError(f"{path}: cannot load into this model/optimizer ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}). Fix: resume with the model config the "
+                             f"checkpoint was written with.") from e
+        set_state_dict(model, optimizer, model_state_dict=plain["model"], optim_state_dict=plain["optim"])
+        return torch.load(os.path.join(path, f"trainer_rank{self.rank}.pt"), weights_only=False)
+
+    def _dcp_state(self, model, optimizer, ema_state: dict | None) -> tuple[dict, dict]:
+        """(state for DCP with TP shards as DTensors, the same state with plain local tensors)."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        plain = {"model": model_sd, "optim": optim_sd}
+        if ema_state is not None:
+            plain["ema"] = ema_state
+        if self.groups.tp is None:
+            return plain, plain
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        mesh = DeviceMesh.from_group(self.groups.tp, self.groups.device.type)
+        dims = {name: p.partition_dim for name, p in model.named_parameters()
+                if getattr(p, "tensor_model_parallel", False)}
+
+        def shard(name, t):
+            if name not in dims or not isinstance(t, torch.Tensor) or t.ndim == 0:
+                return t
+            return DTensor.from_local(t, mesh, [Shard(dims[name])], run_check=False)
+
+        state = {"model": {k: shard(k, v) for k, v in model_sd.items()},
+                 "optim": {"state": {k: {n: shard(k, t) for n, t in v.items()} for k, v in optim_sd["state"].items()},
+                           "param_groups": optim_sd["param_groups"]}}
+        if ema_state is not None:
+            state["ema"] = {k: shard(k, v) for k, v in ema_state.items()}
+        return state, plain

@@ -81,7 +81,7 @@ def build_parallel_training(cfg, device: str | torch.device | None = None) -> di
     p = cfg.parallel
     if p.tp_size > 1:
         raise ValueError(f"parallel.tp_size={p.tp_size}: `longlive train` runs SP x DP for now (TP needs a TP-aware "
-                         f"gradient-norm clip and TP-resharding checkpoints). Fix: set parallel.tp_size=1.")
+                         f"gradient-norm clip in the trainer). Fix: set parallel.tp_size=1.")
     groups = init_grid(p.tp_size, p.sp_size, cfg.model.num_heads, backend=p.backend)
     if device is not None and torch.device(device).type != groups.device.type:
         raise ValueError(f"--device {device} does not match the process-group backend {groups.backend}. "
