@@ -77,6 +77,8 @@ class ParallelHooks:
 
     grad_sync: Callable[[list[torch.Tensor]], None] | None = None
     reduce_loss: Callable[[float], float] | None = None
+    clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None
+    """(params, max_norm) -> total norm before clipping, over all ranks (TP: shards summed); default torch's."""
     is_logger: bool = True
     checkpoint: CheckpointManager | None = None
 
@@ -227,7 +229,7 @@ class Trainer:
         if self.hooks.grad_sync is not None:
             self.hooks.grad_sync(self.params)
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
+        grad_norm = (self.hooks.clip_grad_norm or torch.nn.utils.clip_grad_norm_)(self.params, clip).item()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
