@@ -65,7 +65,8 @@ def main() -> int:
     text = TextEncoder.tiny().to(args.device)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
     src = os.path.join(work, "videos")
-    generate_dataset(src, DataConfig(height=args.height, width=args.width, num_frames=args.frames, num_shots=2,
+    generate_dataset(src, DataConfig(height=args.height, width=args.width, num_frames=args.frames,
+                                     num_shots=2 if args.frames >= 17 else 1,
                                      fps=args.fps, seed=0), num_videos=args.videos, progress=False)
     files = list_videos(src)
     setting = f"{args.videos}x{args.frames}f {args.height}x{args.width} vae={args.vae}:{args.kind} {args.dtype}"
@@ -99,11 +100,13 @@ def main() -> int:
     opts = PreprocessOptions(fps=args.fps, buckets=[(args.height, args.width)], chunk_frames=1,
                              duration_groups=[0.0, 16.0, 32.0], min_source_side=8,
                              thresholds=FilterThresholds(min_shot_seconds=0.1, min_source_fps=1, max_shake=1,
-                                                         min_sharpness=0, min_motion=0))
+                                                         max_pan_speed=1e9, min_sharpness=0, min_motion=0))
     cache = os.path.join(work, f"cache_{int(time.time())}")
     t0 = time.perf_counter()
     rep = preprocess(src, cache, opts, vae, text, device=args.device, progress=False)
     dt = time.perf_counter() - t0
+    if rep["num_videos"] == 0:
+        raise SystemExit(f"preprocess committed nothing; rejections: {rep['reason_counts']}")
     add("preprocess_videos_per_s", rep["num_videos"] / dt, "videos/s", "preprocess")
     add("preprocess_fps", sum(c.num_frames for c in clips) / dt, "frames/s", "preprocess")
     # 4. loader

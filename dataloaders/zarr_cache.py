@@ -18,6 +18,7 @@ a rename whose manifest line was lost to a kill. Each shard has its own writer a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -241,6 +242,8 @@ class CacheReader:
                 elif rec["type"] == "source":
                     self.sources.append(rec)
         self.videos.sort(key=lambda r: (r["group"], r["key"]))
+        self._by_key = {v["key"]: v for v in self.videos}
+        self._open = functools.lru_cache(maxsize=4096)(self._open_uncached)  # committed groups never change
         self.sources.sort(key=lambda r: r["source"])
 
     def __len__(self) -> int:
@@ -250,8 +253,11 @@ class CacheReader:
         return [v["key"] for v in self.videos]
 
     def group(self, rec_or_key: dict | str) -> zarr.Group:
-        rec = rec_or_key if isinstance(rec_or_key, dict) else next(v for v in self.videos if v["key"] == rec_or_key)
-        return zarr.open_group(os.path.join(self.root, rec["group"], rec["key"]), mode="r")
+        rec = rec_or_key if isinstance(rec_or_key, dict) else self._by_key[rec_or_key]
+        return self._open(rec["group"], rec["key"])
+
+    def _open_uncached(self, group: str, key: str) -> zarr.Group:
+        return zarr.open_group(os.path.join(self.root, group, key), mode="r")
 
     def read_latents(self, rec_or_key: dict | str, frames: slice = slice(None)) -> torch.Tensor:
         """Latents `[C, F, h, w]` (or the latent-frame range `frames`), restored to their stored dtype."""
@@ -265,6 +271,13 @@ class CacheReader:
 
     def read_attrs(self, rec_or_key: dict | str) -> dict:
         return dict(self.group(rec_or_key).attrs)
+
+    def read(self, rec_or_key: dict | str, frames: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(latents of `frames`, text, attrs) of one video, opening its group once."""
+        g = self.group(rec_or_key)
+        lat, txt = g["latents"], g["text"]
+        return (from_stored(lat[:, frames], lat.attrs["dtype"]), from_stored(txt[...], txt.attrs["dtype"]),
+                dict(g.attrs))
 
     def iter_videos(self) -> Iterator[dict]:
         yield from self.videos

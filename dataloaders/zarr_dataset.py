@@ -70,9 +70,8 @@ class ZarrLatentDataset:
         cf = v["chunk_frames"]
         n = num_chunks or self.num_chunks or self.chunks_of(index)
         local = sp_chunk_range(n, cf, self.sp_rank, self.sp_size)
-        latents = self.reader.read_latents(v, slice(local.start * cf, local.stop * cf))  # [C, f_local, h, w]
-        texts = self.reader.read_text(v)  # [S, L, D]
-        attrs = self.reader.read_attrs(v)
+        # latents [C, f_local, h, w] of this rank's chunks only; texts [S, L, D]
+        latents, texts, attrs = self.reader.read(v, slice(local.start * cf, local.stop * cf))
         chunk_shot = torch.zeros(n, dtype=torch.long)
         for s, (c0, c1) in enumerate(attrs["shot_chunks"]):
             chunk_shot[min(c0, n):min(c1, n)] = s
