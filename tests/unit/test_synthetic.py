@@ -114,3 +114,25 @@ def test_dataset_loader_and_bad_input(dataset_dir, tmp_path):
         read_manifest(bad)
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         read_manifest(tmp_path / "missing.jsonl")
+
+
+def test_build_dataset_for_the_trainer_encodes_and_caches(tmp_path):
+    from dataloaders.synthetic import build_dataset
+    from megatron_longlive.config import load_config
+    from megatron_longlive.models.wan.text_encoder import TextEncoder
+    from megatron_longlive.models.wan.vae import WanVAE
+
+    cfg = load_config(None, [f"data.path={tmp_path}", "data.num_videos=2", "data.height=32", "data.width=32",
+                             "data.num_frames=5", "data.num_shots=1"])
+    ds = build_dataset(cfg, progress=False)
+    assert ds.latents.shape == (2, 16, 2, 4, 4) and ds.text.shape == (2, 16, 32)
+    entries = read_manifest(tmp_path / "manifest.jsonl")
+    assert ds.captions == [e["shots"][0]["caption"] for e in entries]
+    with torch.no_grad():   # independent re-encode with freshly built tiny encoders (seed 0)
+        lat = WanVAE.tiny("wan2.1", seed=0).encode(decode_video(entries[1]["path"])[None])
+        txt = TextEncoder.tiny(32, 16, seed=0).encode([ds.captions[1]])
+    torch.testing.assert_close(ds.latents[1], lat[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ds.text[1], txt[0], rtol=0, atol=1e-6)
+    os.remove(entries[0]["path"])            # the cached latent file is used: videos are not needed again
+    again = build_dataset(cfg, progress=False)
+    assert torch.equal(again.latents, ds.latents)
