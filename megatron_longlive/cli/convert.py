@@ -24,14 +24,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Entry of a .pt file holding the state dict (default: auto, e.g. 'generator_ema').")
     parser.add_argument("--num-heads", type=int, default=None,
                         help="Attention heads, when the source has no config.json and is no known preset.")
+    parser.add_argument("--merge-lora", default=None, metavar="ADAPTER_DIR",
+                        help="Fold a peft LoRA directory (e.g. from `longlive distill`) into the weights first.")
     parser.add_argument("--quiet", action="store_true", help="No progress bar or summary.")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..models.wan.convert import convert_checkpoint
 
-    summary = convert_checkpoint(args.src, args.dst, args.to, args.max_shard_size, args.dtype, args.state_key,
-                                 args.num_heads, progress=not args.quiet)
+    if args.merge_lora:
+        from ..training.lora_switch import merge_lora_checkpoint
+
+        summary = merge_lora_checkpoint(args.src, args.dst, args.to, args.merge_lora, args.max_shard_size, args.dtype,
+                                        args.state_key, args.num_heads, progress=not args.quiet)
+    else:
+        summary = convert_checkpoint(args.src, args.dst, args.to, args.max_shard_size, args.dtype, args.state_key,
+                                     args.num_heads, progress=not args.quiet)
     if not args.quiet:
         cfg = summary["config"]
         print(f"converted {summary['source_format']} -> {summary['format']}: {summary['num_tensors']} tensors in "

@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "convert": "convert",
     "demo": "demo",
+    "distill": "distill",
     "eval": "eval",
     "generate": "generate",
     "info": "info",

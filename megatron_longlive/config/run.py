@@ -14,6 +14,7 @@ import yaml
 
 from .base import ConfigBase, ConfigError
 from .data import DataConfig
+from .distill import DistillConfig
 from .infer import InferConfig
 from .launch import LaunchConfig
 from .model import ModelConfig, preset_config
@@ -42,6 +43,8 @@ class RunConfig(ConfigBase):
     """Streaming generation."""
     launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
     """Cluster launch (Slurm / mpirun)."""
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    """Few-step LoRA distillation (DMD)."""
 
     def validate(self) -> None:
         for name in ("tp_size", "sp_size"):
@@ -55,7 +58,8 @@ class RunConfig(ConfigBase):
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "quant": QuantConfig,
-            "train": TrainConfig, "infer": InferConfig, "launch": LaunchConfig}
+            "train": TrainConfig, "infer": InferConfig, "launch": LaunchConfig,
+            "distill": DistillConfig}
 
 
 def to_plain(cfg: Any) -> Any:

@@ -76,24 +76,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, directory: str, targets: list[str] | None = None) -> None:
-    """Write adapter_model.safetensors + adapter_config.json (peft's LoRA format)."""
-    mods = lora_modules(model)
-    assert mods, "save_adapter: the model has no LoRA modules"
-    first = next(iter(mods.values()))
+def write_adapter_files(directory: str, tensors: dict[str, torch.Tensor], rank: int, alpha: float,
+                        targets: list[str]) -> None:
+    """Write peft's LoRA files: adapter_model.safetensors (the given peft-named tensors) + adapter_config.json."""
     os.makedirs(directory, exist_ok=True)
-    save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, os.path.join(directory, ADAPTER_WEIGHTS),
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(directory, ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": None, "r": first.rank, "lora_alpha": first.alpha,
-              "target_modules": sorted(targets) if targets else sorted(mods), "lora_dropout": 0.0, "bias": "none",
+    config = {"peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": alpha,
+              "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
               "modules_to_save": None, "base_model_name_or_path": None, "inference_mode": True}
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
 
 
-def load_adapter(model: nn.Module, directory: str) -> None:
-    """Load a peft LoRA adapter into a model (wrapping its target modules first if needed)."""
+def read_adapter_files(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json as a dict, adapter tensors) of a peft LoRA directory; clear error if a file is missing."""
     cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
     for path in (cfg_path, w_path):
         if not os.path.exists(path):
@@ -101,9 +99,23 @@ def load_adapter(model: nn.Module, directory: str) -> None:
                                     f"save_adapter or peft's save_pretrained.")
     with open(cfg_path) as f:
         config = json.load(f)
+    return config, load_file(w_path)
+
+
+def save_adapter(model: nn.Module, directory: str, targets: list[str] | None = None) -> None:
+    """Write adapter_model.safetensors + adapter_config.json (peft's LoRA format)."""
+    mods = lora_modules(model)
+    assert mods, "save_adapter: the model has no LoRA modules"
+    first = next(iter(mods.values()))
+    write_adapter_files(directory, adapter_state_dict(model), first.rank, first.alpha, targets or list(mods))
+
+
+def load_adapter(model: nn.Module, directory: str) -> None:
+    """Load a peft LoRA adapter into a model (wrapping its target modules first if needed)."""
+    config, tensors = read_adapter_files(directory)
+    w_path = os.path.join(directory, ADAPTER_WEIGHTS)
     if not lora_modules(model):
         apply_lora(model, list(config["target_modules"]), int(config["r"]), float(config["lora_alpha"]))
-    tensors = load_file(w_path)
     own = adapter_state_dict(model)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
