@@ -7,6 +7,7 @@ both passes; a copy moves 4n bytes. `fraction` = useful GB/s / copy GB/s (target
 Prints a table, appends JSON lines (bench/record.py) to --out.
 
   python bench/bench_nvfp4.py --out bench/results.jsonl          # needs CUDA
+  python bench/bench_nvfp4.py --recipe-ablation --device cpu --out bench/results.jsonl   # RHT/SR/2D effect
 """
 from __future__ import annotations
 
@@ -23,6 +24,51 @@ from bench.record import record  # noqa: E402
 
 SHAPES = [(32760, 1536), (32760, 8960), (8960, 1536), (14336, 3072)]
 
+ABLATION = {"all on": {}, "rht off": dict(rht=False), "sr off": dict(stochastic_rounding=False),
+            "2d off": dict(weight_2d=False), "all off": dict(rht=False, stochastic_rounding=False, weight_2d=False)}
+
+
+def tiny_training_losses(quant, steps: int, seed: int = 0, device: str = "cpu") -> list[float]:
+    """AdamW steps of the tiny WanDiT on one fixed random batch (velocity-shaped MSE); the losses."""
+    from megatron_longlive.config import preset_config
+    from megatron_longlive.models.wan import WanDiT
+    from megatron_longlive.quant.providers import build_linear_provider
+
+    torch.manual_seed(seed)
+    model = WanDiT(preset_config("tiny"), build_linear_provider(quant))
+    model.init_weights()
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)
+    model.to(device)
+    g = torch.Generator().manual_seed(seed + 1)
+    x, t = torch.randn(1, 16, 2, 8, 8, generator=g), torch.rand(1, generator=g) * 1000
+    ctx, target = torch.randn(1, 16, 32, generator=g), torch.randn(1, 16, 2, 8, 8, generator=g)
+    x, t, ctx, target = (v.to(device) for v in (x, t, ctx, target))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = (model(x, t, ctx) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def recipe_ablation(a) -> None:
+    """Max relative loss gap to the unquantized run, per NVFP4 switch setting, on the tiny model."""
+    from megatron_longlive.config import QuantConfig
+
+    device = a.device if a.device == "cpu" or torch.cuda.is_available() else "cpu"
+    base = tiny_training_losses(QuantConfig(linear="bf16"), a.steps, device=device)
+    print(f"tiny WanDiT, {a.steps} AdamW steps: unquantized loss {base[0]:.4f} -> {base[-1]:.4f}")
+    print(f"{'recipe':>10} {'max rel gap':>12} {'final loss':>11}")
+    for label, switches in ABLATION.items():
+        q = tiny_training_losses(QuantConfig(linear="nvfp4_emulated", **switches), a.steps, device=device)
+        gap = max(abs(u - v) / v for u, v in zip(q, base))
+        print(f"{label:>10} {gap:12.4f} {q[-1]:11.4f}")
+        record(a.out, f"nvfp4 tiny-wan recipe {label} {a.steps} steps", "max relative loss gap to unquantized",
+               round(gap, 5), "ratio", final_loss=round(q[-1], 5), unquantized_final=round(base[-1], 5))
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +77,13 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=None, help="override: MxK, e.g. 64x128")
     p.add_argument("--device", default="cuda", help="cpu (with TRITON_INTERPRET=1) only for a smoke run")
     p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
+    p.add_argument("--recipe-ablation", action="store_true",
+                   help="instead: train the tiny WanDiT with each RHT/SR/2D setting (CPU is fine)")
+    p.add_argument("--steps", type=int, default=12, help="training steps of --recipe-ablation")
     a = p.parse_args(argv)
+    if a.recipe_ablation:
+        recipe_ablation(a)
+        return 0
     if a.device == "cuda" and not torch.cuda.is_available():
         print("bench_nvfp4: needs a CUDA GPU (the Triton kernels are benchmarked compiled)", file=sys.stderr)
         return 2
