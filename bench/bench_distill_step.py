@@ -1,0 +1,111 @@
+"""DMD distillation step time and peak memory, BF16 base vs NVFP4-packed base (GPU; random weights).
+
+One step = `critic_ratio` critic updates + one generator update (rollout chunk by chunk through the KV
+cache, gradient through each chunk's last denoising step), as `longlive distill` runs it. Prints a
+table and appends JSON lines via bench/record.py.
+
+    python bench/bench_distill_step.py --preset wan2.1-1.3b --out bench/results.jsonl
+    python bench/bench_distill_step.py --preset tiny --height 32 --width 32 --device cpu   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.record import record  # noqa: E402
+from megatron_longlive.config import build_config  # noqa: E402
+from megatron_longlive.models.wan import WanDiT  # noqa: E402
+from megatron_longlive.training import dmd  # noqa: E402
+from megatron_longlive.training.trainer import apply_activation_checkpointing  # noqa: E402
+
+
+def run_one(args, base: str) -> dict:
+    """Build the model (+ packing), a Distiller, time `--steps` steps after `--warmup`; returns the figures."""
+    dev = torch.device(args.device)
+    cfg = build_config({"model": {"preset": args.preset},
+                        "train": {"chunk_frames": args.chunk_frames, "output_dir": "/tmp/bench_distill"},
+                        "quant": {"packed_base": base == "nvfp4"},
+                        "distill": {"rollout_frames": args.rollout_frames, "critic_ratio": args.critic_ratio,
+                                    "rank": args.rank, "critic_rank": args.rank, "real_guidance": args.guidance,
+                                    "denoising_steps": args.steps_list, "output_dir": "/tmp/bench_distill"}})
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = WanDiT(cfg.model)
+    model.init_weights()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model.to(dtype)
+    if base == "nvfp4":
+        from megatron_longlive.quant.nvfp4.packed import pack_model
+
+        pack_model(model, keep=cfg.quant.keep_high_precision, block_2d=cfg.quant.weight_2d)
+    if args.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    prompts = torch.randn(4, cfg.model.text_len, cfg.model.text_dim)
+    latent_hw = (args.height // 8, args.width // 8)
+    d = dmd.Distiller(cfg, model, prompts, "causal", latent_hw, dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    times = []
+    for i in range(args.warmup + args.steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            d.train_step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else float("nan")
+    return {"base": base, "step_s": sum(times) / len(times), "peak_gib": peak / 2 ** 30, "weights_gib": weights / 2 ** 30}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="wan2.1-1.3b")
+    p.add_argument("--height", type=int, default=480, help="pixel height (latent = /8)")
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--chunk-frames", type=int, default=3)
+    p.add_argument("--rollout-frames", type=int, default=12, help="latent frames per rollout (paper: 32)")
+    p.add_argument("--critic-ratio", type=int, default=5)
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--steps-list", type=int, nargs="+", default=[1000, 500])
+    p.add_argument("--steps", type=int, default=2, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--bases", nargs="+", default=["bf16", "nvfp4"], choices=["bf16", "nvfp4"])
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="append JSON lines here (bench/record.py)")
+    args = p.parse_args()
+    rows = []
+    for base in args.bases:
+        try:
+            rows.append(run_one(args, base))
+        except torch.cuda.OutOfMemoryError as e:  # record the failure instead of losing the other row
+            rows.append({"base": base, "step_s": float("nan"), "peak_gib": float("nan"), "weights_gib": float("nan"),
+                         "error": str(e).splitlines()[0]})
+    setting = (f"{args.preset} {args.height}x{args.width} rollout {args.rollout_frames} lat-frames chunk "
+               f"{args.chunk_frames} critic_ratio {args.critic_ratio} r{args.rank} "
+               f"{len(args.steps_list)}-step{' AC' if args.activation_checkpointing else ''}")
+    print(f"DMD distillation step: {setting}")
+    print(f"{'base':<8}{'step s':>10}{'peak GiB':>11}{'weights GiB':>13}")
+    for r in rows:
+        print(f"{r['base']:<8}{r['step_s']:>10.3f}{r['peak_gib']:>11.2f}{r['weights_gib']:>13.3f}"
+              + (f"  {r['error']}" if "error" in r else ""))
+        record(args.out, f"{setting} {r['base']} base distill step", "step_time", r["step_s"], "s")
+        record(args.out, f"{setting} {r['base']} base distill step", "peak_memory", r["peak_gib"], "GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
