@@ -81,3 +81,31 @@ def test_pack_model_respects_keep_list_and_shrinks_memory():
     assert packed_bytes < 0.35 * before                                 # tiny layers: bias share is larger
     trainable = {n for n, p in model.named_parameters()}
     assert not any(n.startswith("blocks.0.self_attn.q.") for n in trainable)
+
+
+def test_lora_trains_on_top_of_packed_base():
+    """Memory mode: the project's LoRA wraps packed layers; only the adapters get gradients and move."""
+    from megatron_longlive.training.lora import apply_lora, lora_modules
+
+    torch.manual_seed(0)
+    model = WanDiT(preset_config("tiny"))
+    model.init_weights()
+    nn.init.normal_(model.head.head.weight, std=0.02)      # Wan's zero head would block every gradient
+    pack_model(model, keep=DEFAULT_KEEP)
+    wrapped = apply_lora(model, ["self_attn.q", "self_attn.v", "ffn.0"], rank=4)
+    assert all(isinstance(m.base_layer, PackedNVFP4Linear) for m in lora_modules(model).values())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(wrapped)
+    codes_before = {n: m.codes.clone() for n, m in packed_modules(model)}
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    x, t, ctx = torch.randn(1, 16, 1, 8, 8), torch.tensor([300.0]), torch.randn(1, 16, 32)
+    target = torch.randn(1, 16, 1, 8, 8)
+    losses = []
+    for _ in range(3):
+        loss = (model(x, t, ctx) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(codes_before[n], m.codes) for n, m in packed_modules(model))
