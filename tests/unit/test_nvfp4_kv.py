@@ -182,3 +182,34 @@ def test_memory_ratio_vs_bf16():
         build_kv_cache("int8", layout, 1, 1, 1, 16)
     with pytest.raises(ValueError, match="head_dim"):
         NVFP4KVCache(layout, 1, 1, 1, 24)
+
+
+COMPILE = r"""
+import collections, json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from megatron_longlive.quant.nvfp4.kernels.kv_attention_triton import nvfp4_kv_attention_kernel as fn
+ptrs = {"q_ptr": "*bf16", "valid_ptr": "*i32", "kts_ptr": "*fp32", "vts_ptr": "*fp32", "out_ptr": "*fp32"}
+sig = {n: (ptrs.get(n, "*u8") if n.endswith("_ptr") else "fp32" if n == "sm_scale"
+           else "constexpr" if n.isupper() and n != "H" else "i32") for n in fn.arg_names}
+const = dict(D=128, BLOCK_M=128, BLOCK_N=64, SPLIT_P=True, Q_FP32=True, KV_BLOCKS=293, MMA_BF16=True)
+k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=8, num_stages=2))
+mma = collections.Counter(re.findall(r"wgmma\.mma_async[a-z0-9._]*", k.asm["ptx"]))
+print(json.dumps({"cubin": "cubin" in k.asm, "mma": dict(mma)}))
+"""
+
+
+@pytest.mark.slow
+def test_fused_kernel_compiles_for_sm90_on_bf16_tensor_cores():
+    """The GPU path (bf16 wgmma, split P, split fp32 query, d=128) compiles for Hopper without a GPU."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["cubin"]
+    assert out["mma"] and all(".bf16.bf16" in m for m in out["mma"]), out["mma"]

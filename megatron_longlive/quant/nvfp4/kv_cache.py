@@ -80,11 +80,12 @@ class PackedKV:
         return ChunkMask(torch.zeros(num_queries, dtype=torch.long, device=dev),
                          kv_blocks[: self.k_codes.shape[1]], self.valid[None])
 
-    def reference_attention(self, q: torch.Tensor) -> torch.Tensor:
-        """The oracle: dequantize the whole prefix to fp32, then SDPA. q [B, Sq, H, D] -> fp32 [B, Sq, H, D]."""
+    def reference_attention(self, q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The oracle: dequantize the whole prefix (fp32, exact), then SDPA in `dtype` (fp32 or fp64).
+        q [B, Sq, H, D] -> [B, Sq, H, D] in `dtype`."""
         k, v = self.dequantize(torch.float32)
         m = self.mask(q.shape[1])
-        qt, kt, vt = (x.transpose(1, 2) for x in (q.float(), k, v))
+        qt, kt, vt = (x.transpose(1, 2).to(dtype) for x in (q, k, v))
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m.dense() if m is not None else None)
         return out.transpose(1, 2)
 

@@ -1,0 +1,147 @@
+"""Streaming self-attention over the KV window: BF16 SDPA (cuDNN, flash backends) vs the fused NVFP4-KV
+Triton kernel (dequantize inside the attention loop), plus the KV cache memory of both.
+
+Settings (one chunk of queries against sinks + window + itself, one layer's attention, batch 1):
+  wan2.1-1.3b 480p: Q 3 latent frames x 1560 = 4680 tokens, KV 12 frames = 18720, 12 heads, d 128, 30 layers
+  wan2.2-5b   704p: Q 7040, KV 28160, 24 heads, d 128, 30 layers
+and growing windows (1, 2, 4, 8 and 16 chunks of KV). FLOP model: 4 * Sq * Skv * H * D per attention call
+(QK^T and PV, 2 FLOPs per multiply-add; the NVFP4 kernel's second P@V pass (split_p) is not counted).
+Share of peak: against the dense BF16 tensor-core peak given by --peak-tflops (H100 SXM: 989).
+Cache memory: K + V of all layers over the whole window, BF16 vs NVFP4 (codes + E4M3 scales + FP32 per chunk).
+Prints a table; appends JSON lines (bench/record.py) to --out.
+
+  python bench/bench_kv_attention.py --out bench/results.jsonl        # needs CUDA
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_fp8_linear import cuda_time_ms  # noqa: E402
+from bench.record import record  # noqa: E402
+
+# name: (query tokens = tokens per chunk, window chunks incl. sink and current, heads, head dim, layers)
+SETTINGS = {"wan2.1-1.3b 480p": (4680, 4, 12, 128, 30), "wan2.2-5b 704p": (7040, 4, 24, 128, 30)}
+GROWING = (1, 2, 4, 8, 16)
+
+
+def packed_window(tpc: int, chunks: int, heads: int, d: int, device: str):
+    """A PackedKV of `chunks` regions of random K/V, quantized chunk by chunk like the cache does."""
+    from megatron_longlive.inference.kv_cache import CacheLayout
+    from megatron_longlive.quant.nvfp4.kv_cache import NVFP4KVCache
+
+    cache = NVFP4KVCache(CacheLayout(0, 0, chunks - 1, tpc), 1, 1, heads, d, dtype=torch.bfloat16, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for c in range(chunks):
+        k, v = (torch.randn(1, tpc, heads, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+        cache.hook(0)(k, v, None)
+        if c < chunks - 1:
+            cache.append(c)
+    return cache
+
+
+def cache_bytes(tpc: int, chunks: int, heads: int, d: int, layers: int) -> tuple[int, int]:
+    """(BF16, NVFP4) bytes of K + V for all layers over `chunks` regions (formula of kv_cache.NVFP4KVCache)."""
+    values = 2 * layers * chunks * tpc * heads * d
+    return values * 2, values // 2 + values // 16 + 2 * layers * chunks * 4
+
+
+def sdpa_ms(q, k, v, backend, warmup, iters) -> float | None:
+    from torch.nn.attention import sdpa_kernel
+
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    try:
+        with sdpa_kernel([backend]):
+            return cuda_time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt), warmup, iters)
+    except RuntimeError as e:                           # backend not available for this shape/device
+        print(f"  {backend}: unavailable ({str(e).splitlines()[0][:80]})")
+        return None
+
+
+def run_setting(name, tpc, chunks, heads, d, layers, a, tag=""):
+    from torch.nn.attention import SDPBackend
+
+    from megatron_longlive.quant.nvfp4.kernels.kv_attention_triton import nvfp4_kv_attention
+
+    dev = "cuda"
+    skv = tpc * chunks
+    flops = 4 * tpc * skv * heads * d
+    cache = packed_window(tpc, chunks, heads, d, dev)
+    kv = cache.packed(0)
+    k, v = kv.dequantize(torch.bfloat16)                # the BF16 window the SDPA baselines read
+    q = torch.randn(1, tpc, heads, d, device=dev, dtype=torch.bfloat16)
+    rows = {}
+    for label, backend in (("bf16 sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("bf16 sdpa flash", SDPBackend.FLASH_ATTENTION)):
+        rows[label] = sdpa_ms(q, k, v, backend, a.warmup, a.iters)
+    ref = kv.reference_attention(q) if a.check else None
+    del k, v
+    for split in (True, False):
+        best = None
+        for bm, bn in a.tiles:
+            fn = lambda: nvfp4_kv_attention(q, kv.k_codes, kv.k_scales, kv.k_ts, kv.v_codes, kv.v_scales, kv.v_ts,  # noqa: E731
+                                            tpc, kv.valid, split_p=split, block_m=bm, block_n=bn)
+            try:
+                ms = cuda_time_ms(fn, a.warmup, a.iters)
+            except Exception as e:                      # e.g. out of shared memory for a tile
+                print(f"  nvfp4 tile {bm}x{bn}: failed ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, bm, bn)
+        label = f"nvfp4-kv triton{' split-p' if split else ''}"
+        rows[label] = best[0] if best else None
+        if best and ref is not None:
+            out = nvfp4_kv_attention(q, kv.k_codes, kv.k_scales, kv.k_ts, kv.v_codes, kv.v_scales, kv.v_ts, tpc,
+                                     kv.valid, split_p=split, block_m=best[1], block_n=best[2])
+            err = ((out - ref).norm() / ref.norm()).item()
+            print(f"  {label}: best tile {best[1]}x{best[2]}, relative error vs dequantized reference {err:.2e}")
+            record(a.out, f"{name}{tag} nvfp4-kv attention", f"rel err vs reference{' split-p' if split else ''}",
+                   err, "ratio", skv=skv)
+    bf16_b, q4_b = cache_bytes(tpc, chunks, heads, d, layers)
+    for label, ms in rows.items():
+        if ms is None:
+            continue
+        tflops = flops / ms / 1e9
+        print(f"| {name}{tag} | {tpc} | {skv} | {heads} | {label} | {ms:.3f} | {tflops:.0f} | "
+              f"{100 * tflops / a.peak_tflops:.0f}% |")
+        record(a.out, f"{name}{tag} self-attention {label}", "time", ms, "ms", sq=tpc, skv=skv, heads=heads,
+               head_dim=d, tflops=tflops, flop_model="4*Sq*Skv*H*D")
+    print(f"|   cache (K+V, {layers} layers, {chunks} chunks) | bf16 {bf16_b / 2**20:.1f} MiB | nvfp4 "
+          f"{q4_b / 2**20:.1f} MiB | {bf16_b / q4_b:.2f}x |")
+    record(a.out, f"{name}{tag} kv cache bf16", "memory", bf16_b / 2**20, "MiB", skv=skv, layers=layers)
+    record(a.out, f"{name}{tag} kv cache nvfp4", "memory", q4_b / 2**20, "MiB", skv=skv, layers=layers,
+           ratio=bf16_b / q4_b)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak of the GPU (H100 SXM: 989)")
+    p.add_argument("--no-growing", action="store_true", help="only the two streaming settings")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the error check vs reference")
+    p.add_argument("--tiles", default="128x64,64x64,128x32", help="BLOCK_MxBLOCK_N candidates for the kernel")
+    a = p.parse_args()
+    a.tiles = [tuple(int(x) for x in t.split("x")) for t in a.tiles.split(",")]
+    if not torch.cuda.is_available():
+        print("bench_kv_attention needs CUDA (the CPU path is covered by tests/unit/test_nvfp4_kv.py)")
+        return 1
+    print("| setting | Sq | Skv | heads | attention | ms | TFLOP/s | of peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (tpc, chunks, heads, d, layers) in SETTINGS.items():
+        run_setting(name, tpc, chunks, heads, d, layers, a)
+    if not a.no_growing:
+        for name, (tpc, _, heads, d, layers) in SETTINGS.items():
+            for chunks in GROWING:
+                run_setting(name, tpc, chunks, heads, d, layers, a, tag=f" window {chunks} chunks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
