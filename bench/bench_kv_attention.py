@@ -11,6 +11,7 @@ Cache memory: K + V of all layers over the whole window, BF16 vs NVFP4 (codes + 
 Prints a table; appends JSON lines (bench/record.py) to --out.
 
   python bench/bench_kv_attention.py --out bench/results.jsonl        # needs CUDA
+  python bench/bench_kv_attention.py --smoke                          # CPU, TRITON_INTERPRET, tiny shapes
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag=""):
 
     from megatron_longlive.quant.nvfp4.kernels.kv_attention_triton import nvfp4_kv_attention
 
-    dev = "cuda"
+    dev = a.device
     skv = tpc * chunks
     flops = 4 * tpc * skv * heads * d
     cache = packed_window(tpc, chunks, heads, d, dev)
@@ -127,10 +128,17 @@ def main() -> int:
     p.add_argument("--no-growing", action="store_true", help="only the two streaming settings")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the error check vs reference")
     p.add_argument("--tiles", default="128x64,64x64,128x32", help="BLOCK_MxBLOCK_N candidates for the kernel")
+    p.add_argument("--smoke", action="store_true", help="CPU check of this script: TRITON_INTERPRET, tiny shapes")
     a = p.parse_args()
     a.tiles = [tuple(int(x) for x in t.split("x")) for t in a.tiles.split(",")]
-    if not torch.cuda.is_available():
-        print("bench_kv_attention needs CUDA (the CPU path is covered by tests/unit/test_nvfp4_kv.py)")
+    a.device = "cuda"
+    if a.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"          # before the kernel module is imported
+        SETTINGS.clear()
+        SETTINGS["smoke"] = (48, 3, 2, 32, 2)
+        a.device, a.warmup, a.iters, a.tiles, a.no_growing = "cpu", 0, 1, [(32, 32)], True
+    elif not torch.cuda.is_available():
+        print("bench_kv_attention needs CUDA (or --smoke; the CPU path is tested in tests/unit/test_nvfp4_kv.py)")
         return 1
     print("| setting | Sq | Skv | heads | attention | ms | TFLOP/s | of peak |")
     print("|---|---|---|---|---|---|---|---|")
