@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "generate",
     "info": "info",
     "preprocess": "preprocess",
+    "serve": "serve",
     "slurm": "slurm",
     "train": "train",
 }
