@@ -1,9 +1,10 @@
-"""What `longlive train` plugs into the trainer for SP x DP runs: a step strategy and the parallel hooks.
+"""What `longlive train` plugs into the trainer for TP x SP x DP runs: a step strategy and parallel hooks.
 
-`build_parallel_training(cfg)` builds the grid from `cfg.parallel`, the model (seeded identically on
-every rank) with the SP plan applied, an `SPTeacherForcingStep` (the trainer's `StepStrategy`: each SP
-rank builds only its local [x_r, z_r] tokens and returns its share of the loss) and the trainer's
-`ParallelHooks` (gradient all-reduce, loss reduction, rank-0 logging, collective DCP checkpoints).
+`build_parallel_training(cfg)` builds the grid from `cfg.parallel`, the model (the same full weights as
+a single-process run, sliced into megatron-core TP linears when tp_size > 1) with the SP plan applied,
+an `SPTeacherForcingStep` (the trainer's `StepStrategy`: each SP rank builds only its local [x_r, z_r]
+tokens and returns its share of the loss) and the trainer's `ParallelHooks` (gradient all-reduce,
+loss reduction, TP-aware clipping, rank-0 logging, collective DCP checkpoints).
 The trainer's data loader is sharded by DP rank; the SP ranks of one DP rank read the same video.
 
 Sigmas must agree inside an SP group and differ across DP ranks: each step draws one seed from the
@@ -16,6 +17,7 @@ import dataclasses
 
 import torch
 
+from ..models.wan import WanDiT
 from ..models.wan.sp_plan import WAN_SP_PLAN
 from ..training.schedule import sample_sigmas
 from .balanced_sp import TFLayout, sp_mask
@@ -23,6 +25,7 @@ from .data_parallel import allreduce_gradients, reduce_loss
 from .grid import ProcessGroups, init_grid
 from .sp_plan import apply_sp_plan
 from .sp_teacher_forcing import frame_noise, local_tf_loss, needed_frames
+from .tensor_parallel import TPLinearProvider, load_full_state_dict
 
 
 @dataclasses.dataclass
@@ -67,9 +70,11 @@ def parallel_hooks(groups: ProcessGroups, output_dir: str, keep_last: int):
     """The trainer's ParallelHooks for this grid."""
     from ..training.trainer import ParallelHooks
     from .checkpoint import DistCheckpointManager
+    from .tensor_parallel import clip_grad_norm_tp
 
     return ParallelHooks(grad_sync=lambda params: allreduce_gradients(params, groups),
                          reduce_loss=lambda value: float(reduce_loss(value, groups)),
+                         clip_grad_norm=lambda params, max_norm: clip_grad_norm_tp(params, max_norm, groups.tp),
                          is_logger=groups.rank == 0,
                          checkpoint=DistCheckpointManager(output_dir, keep_last, groups))
 
@@ -79,14 +84,21 @@ def build_parallel_training(cfg, device: str | torch.device | None = None) -> di
     from ..training.trainer import build_model
 
     p = cfg.parallel
-    if p.tp_size > 1:
-        raise ValueError(f"parallel.tp_size={p.tp_size}: `longlive train` runs SP x DP for now (TP needs a TP-aware "
-                         f"gradient-norm clip in the trainer). Fix: set parallel.tp_size=1.")
+    if p.tp_size > 1 and cfg.train.lora_rank > 0:
+        raise ValueError(f"parallel.tp_size={p.tp_size} with train.lora_rank={cfg.train.lora_rank}: LoRA adapters "
+                         f"wrap plain nn.Linear layers, not megatron-core TP linears. Fix: use parallel.tp_size=1 "
+                         f"(SP/DP) for LoRA runs.")
     groups = init_grid(p.tp_size, p.sp_size, cfg.model.num_heads, backend=p.backend)
     if device is not None and torch.device(device).type != groups.device.type:
         raise ValueError(f"--device {device} does not match the process-group backend {groups.backend}. "
                          f"Fix: drop --device (nccl uses this rank's GPU, gloo the CPU).")
-    model = build_model(cfg, device=groups.device)
+    model = build_model(cfg, device="cpu")  # the full model of a single-process run (seed or init_from)
+    if p.tp_size > 1:  # the same weights, sliced into megatron-core column/row-parallel linears
+        full = model.state_dict()
+        model = WanDiT(cfg.model, TPLinearProvider(groups.tp, p.tp_size, use_cpu_initialization=True,
+                                                   initialize=False))
+        load_full_state_dict(model, full, groups.tp_rank, p.tp_size)
+    model = model.to(groups.device)
     apply_sp_plan(model, WAN_SP_PLAN, groups.sp)
     autocast = torch.bfloat16 if (cfg.train.precision == "bf16" and groups.device.type == "cuda") else None
     strategy = SPTeacherForcingStep(groups, cfg.train.chunk_frames, p.sp_layout, cfg.train.timestep_shift,

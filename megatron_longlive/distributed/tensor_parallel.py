@@ -20,13 +20,13 @@ from torch import nn
 from ..models.provider import LinearProvider
 
 
-def _megatron_config(tp_size: int, params_dtype: torch.dtype, use_cpu_initialization: bool):
+def _megatron_config(tp_size: int, params_dtype: torch.dtype, use_cpu_initialization: bool, initialize: bool):
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     # Only the fields ColumnParallelLinear/RowParallelLinear read; sequence_parallel (megatron's
     # activation sharding inside TP) stays off: our SP is Ulysses over the CP group.
     return ModelParallelConfig(tensor_model_parallel_size=tp_size, params_dtype=params_dtype,
-                               use_cpu_initialization=use_cpu_initialization, perform_initialization=True,
+                               use_cpu_initialization=use_cpu_initialization, perform_initialization=initialize,
                                gradient_accumulation_fusion=False, sequence_parallel=False)
 
 
@@ -34,26 +34,42 @@ def _xavier(weight: torch.Tensor) -> None:
     nn.init.xavier_uniform_(weight)
 
 
+def _mark_sharded(weight: torch.Tensor, dim: int) -> None:
+    """megatron sets `partition_dim` only when it initialises the weight; set it when it did not."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    if not hasattr(weight, "tensor_model_parallel"):
+        set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
+class _PlainOutput:
+    """Mixin for megatron's parallel linears: return just the output tensor (megatron returns (out, bias)),
+    no `_extra_state` in state dicts, and `partition_dim` set even when megatron did not initialise."""
+
+    shard_dim = 0
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _mark_sharded(self.weight, self.shard_dim)
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
 def _mp_layers():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    class ColumnLinear(ColumnParallelLinear):
-        """ColumnParallelLinear that returns just the (local-shard) output; no `_extra_state` entry."""
+    class ColumnLinear(_PlainOutput, ColumnParallelLinear):
+        """Output features split over TP (local heads); input replicated."""
 
-        get_extra_state = nn.Module.get_extra_state
-        set_extra_state = nn.Module.set_extra_state
+        shard_dim = 0
 
-        def forward(self, x):
-            return super().forward(x)[0]
+    class RowLinear(_PlainOutput, RowParallelLinear):
+        """Input features split over TP (input already parallel); output all-reduced."""
 
-    class RowLinear(RowParallelLinear):
-        """RowParallelLinear (input already split) that returns just the all-reduced output."""
-
-        get_extra_state = nn.Module.get_extra_state
-        set_extra_state = nn.Module.set_extra_state
-
-        def forward(self, x):
-            return super().forward(x)[0]
+        shard_dim = 1
 
     return ColumnLinear, RowLinear
 
@@ -80,13 +96,11 @@ class TPRMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float, group, tp_size: int):
         super().__init__()
-        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
         if dim % tp_size:
             raise ValueError(f"TPRMSNorm: dim={dim} not divisible by tp_size={tp_size}")
         self.full_dim, self.eps, self.group = dim, eps, group
         self.weight = nn.Parameter(torch.ones(dim // tp_size))
-        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+        _mark_sharded(self.weight, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -98,11 +112,12 @@ class TPLinearProvider(LinearProvider):
     """Column/row-parallel megatron-core linears over `group` (tp_size ranks); replicated ones plain."""
 
     def __init__(self, group, tp_size: int, params_dtype: torch.dtype = torch.float32,
-                 use_cpu_initialization: bool | None = None):
+                 use_cpu_initialization: bool | None = None, initialize: bool = True):
+        """initialize=False leaves the weights empty (they are loaded next, e.g. by `load_full_state_dict`)."""
         if use_cpu_initialization is None:
             use_cpu_initialization = not torch.cuda.is_available()
         self.group, self.tp_size = group, tp_size
-        self.config = _megatron_config(tp_size, params_dtype, use_cpu_initialization)
+        self.config = _megatron_config(tp_size, params_dtype, use_cpu_initialization, initialize)
         self._column, self._row = _mp_layers()
 
     def linear(self, name, in_features, out_features, bias=True, style="replicated"):
@@ -153,3 +168,20 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], tp_ra
             raise ValueError(f"load_full_state_dict: {name} has shape {tuple(t.shape)}, the model expects "
                              f"{tuple(p.shape)} (tp_rank {tp_rank} of {tp_size})")
         p.copy_(t)
+
+
+def clip_grad_norm_tp(params: list[torch.Tensor], max_norm: float, group) -> torch.Tensor:
+    """Clip gradients by the norm of the FULL model: TP-sharded grads' squares summed over `group`,
+    replicated grads (identical on every TP rank) counted once. Returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = sum((p.grad.float().pow(2).sum() for p in params
+                   if p.grad is not None and _sharded_dim(p) is not None), torch.zeros((), device=grads[0].device))
+    replicated = sum((p.grad.float().pow(2).sum() for p in params
+                      if p.grad is not None and _sharded_dim(p) is None), torch.zeros((), device=grads[0].device))
+    if group is not None:
+        dist.all_reduce(sharded, group=group)
+    total = (sharded + replicated).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total

@@ -77,10 +77,30 @@ def _ulysses_worker(rank, world):
     round_ok = torch.equal(back, 2 * local)
     (back * weight[:, 6 * rank: 6 * (rank + 1)]).sum().backward()
     grad_ok = torch.equal(local.grad, 2 * weight[:, 6 * rank: 6 * (rank + 1)])
-    return forward_ok, round_ok, grad_ok
+    return forward_ok, round_ok, grad_ok, _plan_roundtrip(rank, world, g.sp, gen)
+
+
+def _plan_roundtrip(rank, world, group, gen) -> bool:
+    """The Wan SP plan shards tokens / per-frame t by the balanced layout; gather_output restores the order."""
+    from megatron_longlive.distributed.balanced_sp import (TFLayout, gathered_order, local_seq_frames,
+                                                           local_token_index)
+    from megatron_longlive.distributed.sp_plan import gather_output, shard_input
+    from megatron_longlive.models.wan.sp_plan import WAN_SP_PLAN
+
+    layout = TFLayout(num_chunks=2 * world, chunk_frames=1, tokens_per_frame=3, sp_size=world)
+    tokens = torch.randn(2, layout.seq_len, 5, generator=gen)              # [B, S, D], global order
+    t = torch.randn(2, 2 * layout.num_frames, generator=gen)               # [B, 2F]
+    index = local_token_index(layout, rank)
+    local_tokens = shard_input(WAN_SP_PLAN, "tokens", tokens, index, 3)
+    local_t = shard_input(WAN_SP_PLAN, "t", t, index, 3)
+    text = shard_input(WAN_SP_PLAN, "context", t, index, 3)               # replicated: untouched
+    back = gather_output(WAN_SP_PLAN, "head", local_tokens, gathered_order(layout), group)
+    return (torch.equal(back, tokens) and torch.equal(local_t, t[:, local_seq_frames(layout, rank)])
+            and text is t)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
 def test_ulysses_all_to_all_layout_and_grad(world):
-    assert spawn(_ulysses_worker, world) == [(True, True, True)] * world
+    """Also: the SP plan's shard_input / gather_output round trip under the balanced layout."""
+    assert spawn(_ulysses_worker, world) == [(True, True, True, True)] * world

@@ -136,16 +136,15 @@ def assert_same(actual: dict, expected: dict, what: str, rtol: float = 1e-5) -> 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_longlive_train(out_dir: str, nproc: int, sp: int, *overrides: str) -> list[dict]:
-    """`torchrun -m megatron_longlive.cli.main train` on the tiny config for 2 steps; the metrics lines."""
+def run_longlive_train(out_dir: str, nproc: int, *overrides: str) -> list[dict]:
+    """`torchrun -m megatron_longlive.cli.main train` on the tiny config for 2 steps (+ `--set` overrides)."""
     from megatron_longlive.distributed.launch import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), "-m", "megatron_longlive.cli.main", "train", "-c",
-           os.path.join(ROOT, "examples", "configs", "tiny.yaml"), "--set", f"parallel.sp_size={sp}",
-           "--set", "train.max_steps=2", "--set", f"train.output_dir={out_dir}", "--set", "train.save_interval=2",
-           "--set", "train.wandb_mode=disabled", "--set", "data.num_videos=4", "--no-progress"]
-    for item in overrides:
+           os.path.join(ROOT, "examples", "configs", "tiny.yaml"), "--no-progress"]
+    for item in ("train.max_steps=2", f"train.output_dir={out_dir}", "train.save_interval=2",
+                 "train.wandb_mode=disabled", "data.num_videos=4", *overrides):
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
