@@ -1,0 +1,153 @@
+"""Streaming VAE decode FPS: our chunk decoder vs diffusers' `AutoencoderKLWan.decode`, same run, random weights.
+
+Settings (BF16, batch 1):
+  wan2.1  832x480  (latents 60x104), streaming chunks of 3 latent frames (12 pixel frames)
+  wan2.2  1280x704 (latents 44x80),  streaming chunks of 8 latent frames (32 pixel frames)
+Ours: steady-state chunks (the clip's first chunk and `--warmup` chunks run first, untimed), variants
+  eager | graph (eager + one CUDA graph per chunk shape) | compile (torch.compile) | compile+graph.
+diffusers: full-clip `decode` of 1 + k * --chunks latent frames (it loops frame by frame itself).
+FPS = pixel frames / seconds, CUDA-synchronized. Also: BF16 PSNR vs float32 (our float32 decode equals
+diffusers' within 1e-4, tests/unit/test_vae_decoder.py), and with --encoder the diffusers encoder's FPS.
+
+    python bench/bench_vae.py --out bench/results.jsonl                       # GPU, < 4 min on one H100
+    python bench/bench_vae.py --kinds wan2.1 --variants eager --chunks 2 --tiny   # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.record import record  # noqa: E402
+from megatron_longlive.models.wan.vae_decoder import StreamingVAEDecoder, random_autoencoder  # noqa: E402
+
+# kind -> (label, latent h, latent w, chunk latent frames)
+SETTINGS = {"wan2.1": ("480p", 60, 104, 3), "wan2.2": ("704p", 44, 80, 8)}
+TINY_SETTINGS = {"wan2.1": ("tiny", 4, 6, 2), "wan2.2": ("tiny", 2, 4, 2)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` synchronized runs."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of `a` against `b`, both in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def bench_ours(model, z: torch.Tensor, k: int, variant: str, device, dtype, warmup: int, chunks: int) -> float:
+    dec = StreamingVAEDecoder(model, device=device, dtype=dtype, compile="compile" in variant,
+                              cuda_graph="graph" in variant)
+    dec.decode(z[:, :, :k])  # the clip's first chunk (eager)
+    steady = z[:, :, k:2 * k]
+    for _ in range(warmup):  # compile / capture / cuDNN autotune
+        dec.decode(steady)
+    seconds = _timed(lambda: [dec.decode(steady) for _ in range(chunks)], device, 1)
+    del dec
+    return chunks * 4 * k / seconds
+
+
+def bench_kind(kind: str, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    label, h, w, k = (TINY_SETTINGS if args.tiny else SETTINGS)[kind]
+    model = random_autoencoder(kind, tiny=args.tiny, device=device, dtype=dtype, seed=0, with_encoder=args.encoder)
+    g = torch.Generator(device=device).manual_seed(0)
+    num_latent = 1 + k * args.chunks
+    z = torch.randn(1, model.config.z_dim, num_latent, h, w, device=device, generator=g, dtype=dtype)
+    rows, fps = [], {}
+    with torch.inference_mode():
+        # diffusers: full clip (raw latents; the normalization is a per-channel affine map, negligible)
+        model.decode(z[:, :, :1 + k])  # warm-up
+        frames = 1 + 4 * (num_latent - 1)
+        fps["diffusers"] = frames / _timed(lambda: model.decode(z), device, args.repeats)
+        for variant in args.variants:
+            if "graph" in variant and device.type != "cuda":
+                continue
+            fps[variant] = bench_ours(model, z, k, variant, device, dtype, args.warmup, args.chunks)
+        if args.psnr:
+            ref = StreamingVAEDecoder(model, device=device, dtype=torch.float32)
+            low = StreamingVAEDecoder(model, device=device, dtype=dtype)
+            p = min(psnr(low.decode(z[:, :, s:s + k]), ref.decode(z[:, :, s:s + k].float())) for s in (0, k))
+            del ref, low
+        enc_fps = None
+        if args.encoder:
+            video = torch.rand(1, 3, 1 + 4 * k, h * model.config.scale_factor_spatial,
+                               w * model.config.scale_factor_spatial, device=device, dtype=dtype) * 2 - 1
+            model.encode(video[:, :, :5])
+            enc_fps = video.shape[2] / _timed(lambda: model.encode(video), device, args.repeats)
+    best = max((v for v in fps if v != "diffusers"), key=fps.get)
+    name = f"{kind} vae {label}"
+    print(f"\n{name}: chunk {k} latent frames ({4 * k} px frames), {h}x{w} latents, {dtype}, {record_device()}")
+    print(f"  {'decoder':<16}{'FPS':>10}{'x diffusers':>14}")
+    for v, f in fps.items():
+        print(f"  {v:<16}{f:>10.1f}{f / fps['diffusers']:>14.2f}")
+        rows.append(record(args.out, f"{name} decode fps ({v})", "fps", round(f, 2), "frames/s", chunk=k,
+                           variant=v, dtype=str(dtype)))
+    rows.append(record(args.out, f"{name} decode fps", "fps", round(fps[best], 2), "frames/s", chunk=k,
+                       variant=best))
+    rows.append(record(args.out, f"{name} decode speedup vs diffusers", "speedup",
+                       round(fps[best] / fps["diffusers"], 3), "x", variant=best,
+                       ours_fps=round(fps[best], 2), diffusers_fps=round(fps["diffusers"], 2)))
+    if args.psnr:
+        print(f"  bf16 vs float32 PSNR: {p:.1f} dB (random weights, first + second chunk)")
+        rows.append(record(args.out, f"{name} decode bf16 psnr vs fp32", "psnr", round(p, 2), "dB"))
+    if enc_fps is not None:
+        print(f"  diffusers encoder: {enc_fps:.1f} FPS ({1 + 4 * k} frames)")
+        rows.append(record(args.out, f"{name} encode fps (diffusers)", "fps", round(enc_fps, 2), "frames/s"))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def record_device() -> str:
+    from bench.record import device_name
+
+    return device_name()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kinds", nargs="+", default=["wan2.1", "wan2.2"], choices=sorted(SETTINGS))
+    p.add_argument("--variants", nargs="+", default=["eager", "graph", "compile+graph"],
+                   choices=["eager", "graph", "compile", "compile+graph"])
+    p.add_argument("--chunks", type=int, default=4, help="timed steady-state chunks (and diffusers clip length)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steady-state chunks per variant")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs of the diffusers decode (median)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--no-psnr", dest="psnr", action="store_false", help="skip the bf16-vs-float32 PSNR")
+    p.add_argument("--encoder", action="store_true", help="also time the (diffusers) encoder")
+    p.add_argument("--tiny", action="store_true", help="tiny configs at tiny sizes (CPU smoke test)")
+    p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    dtype = getattr(torch, args.dtype)
+    args.psnr = args.psnr and dtype != torch.float32  # float32 vs float32 says nothing
+    for kind in args.kinds:
+        bench_kind(kind, args, device, dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
