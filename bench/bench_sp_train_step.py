@@ -4,9 +4,9 @@ Runs the real trainer with `longlive train`'s parallel strategy (grid, Ulysses S
 all-reduce) on random latents; rank 0 prints a per-rank table and appends JSON lines (bench/record.py)
 to --out. GPU (one process per GPU; SP = world size unless --sp is given, DP = the rest):
 
-  torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --latent-frames 21 42 84 --layout balanced --out bench/results.jsonl
-  torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --latent-frames 21 42 84 --layout naive --out bench/results.jsonl
-  torchrun --nproc_per_node 1 bench/bench_sp_train_step.py --latent-frames 21 42 84 --out bench/results.jsonl   # SP=1
+  torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --latent-frames 24 48 96 --layout balanced --out bench/results.jsonl
+  torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --latent-frames 24 48 96 --layout naive --out bench/results.jsonl
+  torchrun --nproc_per_node 1 bench/bench_sp_train_step.py --latent-frames 24 48 96 --out bench/results.jsonl   # SP=1
 
 CPU smoke test: torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --preset tiny --latent-frames 4 --height 64 --width 64 --chunk-frames 1
 """
@@ -34,7 +34,7 @@ from megatron_longlive.training.trainer import Trainer  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="wan2.1-1.3b")
-    p.add_argument("--latent-frames", type=int, nargs="+", default=[21, 42, 84],
+    p.add_argument("--latent-frames", type=int, nargs="+", default=[24, 48, 96],
                    help="latent frames per clip (each a multiple of chunk-frames * sp)")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
