@@ -419,10 +419,12 @@ class StreamingVAEDecoder:
         fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
         z = (latents.to(self.device, torch.float32) * self.std + self.mean).to(self.dtype)
         z = z.contiguous(memory_format=fmt)
-        if self.cuda_graph and not self.state.first:
+        if self.state.first:  # once per clip: eager (keeps compile / CUDA graphs to the one steady-state shape)
+            out = self.net(z, self.state.caches, True)
+        elif self.cuda_graph:
             out = self._replay(z)
         else:
-            out = self.fn(z, self.state.caches, self.state.first)
+            out = self.fn(z, self.state.caches, False)
         self.state.first = False
         return out
 
