@@ -4,8 +4,9 @@ Per chunk c (latents [B, C, chunk_frames, H, W], RoPE frames counting from c * c
   1. k denoising passes on the timestep list, each attending the cache (sinks + window + itself);
      Euler flow-matching step x <- x + (sigma_next - sigma) * v, the last step lands on sigma = 0;
   2. one pass of the clean chunk at t = 0 that writes its K/V into the cache's current region;
-  3. commit: the first chunks fill the global sink, then the shot sink (if any), the rest roll through
-     the window (the oldest is evicted).
+  3. commit: the chunk's role under `sinks.chunk_role` (the rule shared with teacher forcing) puts it in
+     the global sink, the current shot's sink, or the rolling window (the oldest is evicted). Before every
+     pass the cache holds exactly `sinks.visible_chunks(c, shot_starts, rule)` (asserted).
 Text conditioning enters through `set_prompt`: cross-attention K/V are computed once per prompt. A
 prompt switch may `recache` the stored chunks' K/V under the new prompt (LongLive's KV recache).
 """
@@ -22,6 +23,7 @@ from ..models.wan.model import WanDiT
 from ..models.wan.rope import grid_positions
 from ..training.schedule import shift_sigma, sigma_to_timestep
 from .kv_cache import CacheLayout, KVCache
+from .sinks import SinkRule, chunk_role, normalize_shot_starts, visible_chunks
 
 
 def sampling_sigmas(steps: Sequence[int], shift: float, num_train_timesteps: int = 1000) -> list[float]:
@@ -52,6 +54,8 @@ class StreamingEngine:
         self.grid = (infer.chunk_frames // pt, h // ph, w // pw)    # token grid of one chunk
         self.latent_shape = (cfg.in_channels, infer.chunk_frames, h, w)
         self.layout = CacheLayout.from_config(infer, self.grid[1] * self.grid[2], pt)
+        self.rule = SinkRule.from_layout(self.layout)
+        self.shot_starts: list[int] = [0]      # chunk indices where shots start (new_shot=True)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(self.layout, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim,
@@ -66,6 +70,7 @@ class StreamingEngine:
         """Start a new video (prompt kept)."""
         self.cache.reset()
         self.chunk_index = 0
+        self.shot_starts = [0]
 
     @torch.no_grad()
     def set_prompt(self, text: torch.Tensor, recache: bool = False, new_shot: bool = False) -> None:
@@ -74,7 +79,8 @@ class StreamingEngine:
         new_shot: the next chunk starts a shot (it replaces the shot sink). recache: recompute the stored
         chunks' K/V under the new prompt from their clean latents."""
         self.context_kv = self.model.embed_context(text.to(self.device, self.dtype))
-        if new_shot:
+        if new_shot and self.chunk_index not in self.shot_starts:
+            self.shot_starts.append(self.chunk_index)
             self.cache.clear_shot_sink()
         if recache:
             self.recache()
@@ -89,6 +95,9 @@ class StreamingEngine:
     def _forward(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """One DiT pass of the current chunk x [B, C, F, H, W] at `sigma`, attending the cache."""
         assert self.context_kv is not None, "call set_prompt() before generating"
+        stored = [c for c, _ in self.cache.stored_chunks()]
+        assert stored == visible_chunks(self.chunk_index, self.shot_starts, self.rule), \
+            f"cache holds chunks {stored}, the sink rule says {visible_chunks(self.chunk_index, self.shot_starts, self.rule)}"
         tokens, _ = self.model.patchify(x.to(self.dtype))
         out = self.model.forward_tokens(tokens, self._timesteps(sigma), self.context_kv,
                                         self._positions(self.chunk_index), kv_cache=self.cache)
@@ -105,12 +114,11 @@ class StreamingEngine:
         """Run the clean chunk at t = 0, store its K/V (sink first, then window), advance the chunk counter."""
         self._forward(clean, 0.0)
         c, latents = self.chunk_index, clean.to(self.dtype)
-        if not self.cache.sink_full("global"):
-            self.cache.set_sink(c, "global", latents)
-        elif not self.cache.sink_full("shot"):
-            self.cache.set_sink(c, "shot", latents)
-        else:
+        role = chunk_role(c, normalize_shot_starts(self.shot_starts), self.rule)
+        if role == "window":
             self.cache.append(c, latents)
+        else:
+            self.cache.set_sink(c, role, latents)
         self.chunk_index += 1
 
     @torch.no_grad()

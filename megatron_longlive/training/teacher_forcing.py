@@ -14,19 +14,30 @@ import dataclasses
 
 import torch
 
+from ..inference.sinks import SinkRule, visible_chunks
 from ..models.wan.attention import ChunkMask
 from ..models.wan.rope import grid_positions
 from .schedule import noise_latents, sample_sigmas, sigma_to_timestep, velocity_target
 
 
-def tf_block_table(num_chunks: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """[2n, 2n] bool: allowed[q_block, kv_block] for the [clean | noisy] block order."""
+def tf_block_table(num_chunks: int, device: torch.device | str | None = None, rule: SinkRule | None = None,
+                   shot_starts: tuple[int, ...] = (0,)) -> torch.Tensor:
+    """[2n, 2n] bool: allowed[q_block, kv_block] for the [clean | noisy] block order.
+
+    rule=None: full causal history. With a `SinkRule` (long multi-shot tuning), clean x_i and noisy z_i
+    attend exactly the earlier clean chunks `inference.sinks.visible_chunks(i, shot_starts, rule)` - the
+    context the streaming engine's cache holds for chunk i - plus themselves."""
     n = num_chunks
     idx = torch.arange(n, device=device)
     allowed = torch.zeros(2 * n, 2 * n, dtype=torch.bool, device=device)
-    allowed[:n, :n] = idx[None, :] <= idx[:, None]      # clean -> clean, causal incl. self
-    allowed[n:, :n] = idx[None, :] < idx[:, None]       # noisy -> strictly earlier clean
-    allowed[n:, n:] = torch.eye(n, dtype=torch.bool, device=device)  # noisy -> itself
+    if rule is None:
+        allowed[:n, :n] = idx[None, :] < idx[:, None]   # clean -> strictly earlier clean
+    else:
+        for i in range(n):
+            allowed[i, visible_chunks(i, shot_starts, rule)] = True
+    allowed[n:, :n] = allowed[:n, :n]                   # noisy z_i sees the clean context x_i was cached with
+    allowed[:n, :n] |= torch.eye(n, dtype=torch.bool, device=device)  # clean -> itself
+    allowed[n:, n:] = torch.eye(n, dtype=torch.bool, device=device)   # noisy -> itself
     return allowed
 
 
@@ -38,10 +49,11 @@ def tf_block_ids(num_chunks: int, chunk_frames: int, tokens_per_frame: int,
 
 
 def teacher_forcing_mask(num_chunks: int, chunk_frames: int, tokens_per_frame: int,
-                         device: torch.device | str | None = None) -> ChunkMask:
-    """The teacher-forcing mask over the [clean | noisy] token sequence."""
+                         device: torch.device | str | None = None, rule: SinkRule | None = None,
+                         shot_starts: tuple[int, ...] = (0,)) -> ChunkMask:
+    """The teacher-forcing mask over the [clean | noisy] token sequence (see `tf_block_table`)."""
     ids = tf_block_ids(num_chunks, chunk_frames, tokens_per_frame, device)
-    return ChunkMask(ids, ids, tf_block_table(num_chunks, device))
+    return ChunkMask(ids, ids, tf_block_table(num_chunks, device, rule, shot_starts))
 
 
 # ----- assembling the [clean | noisy] sequence and the loss ------------------------------------------
@@ -76,11 +88,13 @@ def chunk_to_frames(per_chunk: torch.Tensor, chunk_frames: int) -> torch.Tensor:
 
 
 def build_tf_inputs(model, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, chunk_frames: int,
-                    num_train_timesteps: int = 1000) -> TFInputs:
+                    num_train_timesteps: int = 1000, rule: SinkRule | None = None,
+                    shot_starts: tuple[int, ...] = (0,)) -> TFInputs:
     """Noise every chunk at its own sigma and assemble the [clean | noisy] token sequence.
 
     latents, noise: [B, C, F, H, W] (F latent frames, a multiple of chunk_frames); sigma: [B, n] per chunk.
-    `model` provides `patchify` and `cfg.patch_size` (a WanDiT).
+    `model` provides `patchify` and `cfg.patch_size` (a WanDiT). rule/shot_starts: the sink/window mask
+    the engine uses (see `tf_block_table`); None = full causal history.
     """
     b, _, f, _, _ = latents.shape
     pt = model.cfg.patch_size[0]
@@ -103,7 +117,7 @@ def build_tf_inputs(model, latents: torch.Tensor, noise: torch.Tensor, sigma: to
     pos = grid_positions(*grid, device=latents.device)                        # [S, 3]
     positions = torch.cat([pos, pos], dim=0)
     # 5. the block mask, chunk = block
-    mask = teacher_forcing_mask(n, chunk_frames // pt, grid[1] * grid[2], latents.device)
+    mask = teacher_forcing_mask(n, chunk_frames // pt, grid[1] * grid[2], latents.device, rule, shot_starts)
     return TFInputs(tokens, t, positions, mask, grid, velocity_target(latents, noise), n, chunk_frames)
 
 
