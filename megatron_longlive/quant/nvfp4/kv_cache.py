@@ -160,7 +160,10 @@ class NVFP4KVCache(KVCache):
             used = [s for s, c in enumerate(self.slot_chunk) if c is not None]
             end = (max(used) + 2) * tpc if used else tpc
         regions = end // tpc
-        valid = torch.tensor([True] + [c is not None for c in self.slot_chunk], device=self.k_ts.device)
+        flags = (True, *(c is not None for c in self.slot_chunk))
+        if getattr(self, "_valid", (None,))[0] != flags:       # one host->device copy per cache state, not per layer
+            self._valid = (flags, torch.tensor(flags, device=self.k_ts.device))
+        valid = self._valid[1]
         return PackedKV(self.k_codes[layer, :, :end], self.k_scales[layer, :, :end], self.k_ts[layer, :regions],
                         self.v_codes[layer, :, :end], self.v_scales[layer, :, :end], self.v_ts[layer, :regions],
                         valid[:regions], tpc)
