@@ -29,7 +29,7 @@ from bench.record import record  # noqa: E402
 
 # name: (query tokens = tokens per chunk, window chunks incl. sink and current, heads, head dim, layers)
 SETTINGS = {"wan2.1-1.3b 480p": (4680, 4, 12, 128, 30), "wan2.2-5b 704p": (7040, 4, 24, 128, 30)}
-GROWING = (1, 2, 4, 8, 16)
+GROWING = [1, 2, 4, 8, 16]
 
 
 def packed_window(tpc: int, chunks: int, heads: int, d: int, device: str):
@@ -65,7 +65,8 @@ def sdpa_ms(q, k, v, backend, warmup, iters) -> float | None:
         return None
 
 
-def run_setting(name, tpc, chunks, heads, d, layers, a, tag=""):
+def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> dict:
+    """Time and check one setting; returns the best (BLOCK_M, BLOCK_N) per split_p (reused at other windows)."""
     from torch.nn.attention import SDPBackend
 
     from megatron_longlive.quant.nvfp4.kernels.kv_attention_triton import nvfp4_kv_attention
@@ -80,11 +81,12 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag=""):
     rows = {}
     for label, backend in (("bf16 sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("bf16 sdpa flash", SDPBackend.FLASH_ATTENTION)):
         rows[label] = sdpa_ms(q, k, v, backend, a.warmup, a.iters)
-    ref = kv.reference_attention(q) if a.check else None
+    ref = kv.reference_attention(q) if a.check and not tag else None     # fp32 oracle, main settings only
     del k, v
+    best_tiles = {}
     for split in (True, False):
         best = None
-        for bm, bn in a.tiles:
+        for bm, bn in (tiles or {}).get(split, a.tiles):
             fn = lambda: nvfp4_kv_attention(q, kv.k_codes, kv.k_scales, kv.k_ts, kv.v_codes, kv.v_scales, kv.v_ts,  # noqa: E731
                                             tpc, kv.valid, split_p=split, block_m=bm, block_n=bn)
             try:
@@ -95,6 +97,8 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag=""):
             if best is None or ms < best[0]:
                 best = (ms, bm, bn)
         label = f"nvfp4-kv triton{' split-p' if split else ''}"
+        if best:
+            best_tiles[split] = [best[1:]]
         rows[label] = best[0] if best else None
         if best and ref is not None:
             out = nvfp4_kv_attention(q, kv.k_codes, kv.k_scales, kv.k_ts, kv.v_codes, kv.v_scales, kv.v_ts, tpc,
@@ -117,6 +121,7 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag=""):
     record(a.out, f"{name}{tag} kv cache bf16", "memory", bf16_b / 2**20, "MiB", skv=skv, layers=layers)
     record(a.out, f"{name}{tag} kv cache nvfp4", "memory", q4_b / 2**20, "MiB", skv=skv, layers=layers,
            ratio=bf16_b / q4_b)
+    return best_tiles
 
 
 def main() -> int:
@@ -136,18 +141,18 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"          # before the kernel module is imported
         SETTINGS.clear()
         SETTINGS["smoke"] = (48, 3, 2, 32, 2)
-        a.device, a.warmup, a.iters, a.tiles, a.no_growing = "cpu", 0, 1, [(32, 32)], True
+        GROWING[:] = [1, 2]
+        a.device, a.warmup, a.iters, a.tiles = "cpu", 0, 1, [(32, 32)]
     elif not torch.cuda.is_available():
         print("bench_kv_attention needs CUDA (or --smoke; the CPU path is tested in tests/unit/test_nvfp4_kv.py)")
         return 1
     print("| setting | Sq | Skv | heads | attention | ms | TFLOP/s | of peak |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, (tpc, chunks, heads, d, layers) in SETTINGS.items():
-        run_setting(name, tpc, chunks, heads, d, layers, a)
+    best = {name: run_setting(name, *setting, a) for name, setting in SETTINGS.items()}
     if not a.no_growing:
         for name, (tpc, _, heads, d, layers) in SETTINGS.items():
             for chunks in GROWING:
-                run_setting(name, tpc, chunks, heads, d, layers, a, tag=f" window {chunks} chunks")
+                run_setting(name, tpc, chunks, heads, d, layers, a, tag=f" window {chunks} chunks", tiles=best[name])
     return 0
 
 
