@@ -137,3 +137,18 @@ def test_real_architecture_chunked_equals_diffusers(kind, hw):
             out = _stream_decode(dec, z, k)
             assert out.shape == ref.shape
             assert (out - ref).abs().max() <= TOL, (kind, k)
+
+
+def test_large_chunks_split_into_exact_sub_chunks():
+    """A chunk over the activation limit is decoded as sub-chunks in sequence: same frames (the caches carry)."""
+    vae = WanVAE.tiny("wan2.1", seed=6)
+    z = torch.randn(1, vae.z_dim, 9, 2, 3, generator=torch.Generator().manual_seed(4))
+    ref = vae.decode(z)
+    probe = StreamingVAEDecoder(vae, device="cpu", dtype=torch.float32)
+    limit = probe.net.largest_activation(1, 2, 3, 2)
+    dec = StreamingVAEDecoder(vae, device="cpu", dtype=torch.float32, max_elements=limit)
+    assert dec.sub_chunk(1, 2, 3, 4) == 2 and dec.sub_chunk(1, 2, 3, 3) == 1 and probe.sub_chunk(1, 2, 3, 4) == 4
+    out = torch.cat([dec.decode(z[:, :, s:e]) for s, e in [(0, 4), (4, 8), (8, 9)]], 2)
+    assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
+    with pytest.raises(ValueError, match="max_elements"):
+        StreamingVAEDecoder(vae, device="cpu", max_elements=10).decode(z[:, :, :1])

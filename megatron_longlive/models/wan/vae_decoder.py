@@ -49,8 +49,9 @@ class CausalConv3d(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim, kt, kh, kw))
         self.bias = nn.Parameter(torch.zeros(out_dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.in_dim, self.kt, self.padding = in_dim, kt, (0, kh // 2, kw // 2)
+        self.in_dim, self.out_dim, self.kt, self.padding = in_dim, out_dim, kt, (0, kh // 2, kw // 2)
         self.scale = scale  # spatial size of the input relative to the latent grid (for cache shapes)
+        self.tscale = 1  # frames of its input per latent frame (set by the decoder; for activation sizes)
         self.slot: int | None = None  # index into the cache list (temporal convs only), set by the decoder
 
     def forward(self, x: torch.Tensor, caches: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -222,6 +223,17 @@ class Decoder(nn.Module):
             scale *= 2 if up_flag else 1
         self.norm_out = RMSNorm(out_dim)
         self.conv_out = CausalConv3d(out_dim, out_channels, (3, 3, 3), scale)
+        tscale = 1
+        for block in self.up_blocks:
+            for m in block.resnets.modules():
+                if isinstance(m, CausalConv3d):
+                    m.tscale = tscale
+            up = block.upsampler if is_residual else (block.upsamplers[0] if block.upsamplers else None)
+            if up is not None and up.time_conv is not None:
+                up.time_conv.tscale, tscale = tscale, 2 * tscale
+            if up is not None:
+                up.resample[1].tscale = tscale
+        self.conv_out.tscale = tscale
 
     def forward(self, x: torch.Tensor, caches: list[torch.Tensor], first: bool) -> torch.Tensor:
         x = self.mid_block(self.conv_in(x, caches), caches)
@@ -310,6 +322,11 @@ class StreamingWanDecoder(nn.Module):
                   for m in self.temporal_convs]
         return DecodeState(caches)
 
+    def largest_activation(self, batch: int, height: int, width: int, latent_frames: int) -> int:
+        """Elements of the largest conv input/output when decoding `latent_frames` at once (cache included)."""
+        return max(batch * max(m.in_dim, m.out_dim) * (m.tscale * latent_frames + (m.kt - 1))
+                   * height * m.scale * width * m.scale for m in self.modules() if isinstance(m, CausalConv3d))
+
     def pixel_frames(self, latent_frames: int, first: bool) -> int:
         """Pixel frames a chunk of `latent_frames` decodes to (1 + 4(k-1) for the first chunk, else 4k)."""
         return self.temporal_stride * latent_frames - (self.temporal_stride - 1 if first else 0)
@@ -369,10 +386,14 @@ class StreamingVAEDecoder:
     One stream at a time (`reset()` starts a new clip). `decode(chunk)` takes [B, z, k, h, w] latents in the DiT's
     normalized space (WanVAE's convention), returns [B, 3, T, H, W] in `dtype` on `device` with T = 1 + 4(k-1)
     for the clip's first chunk and 4k after. `compile=True` wraps the network in `torch.compile`;
-    `cuda_graph=True` captures one CUDA graph per steady-state chunk shape (the first chunk runs eagerly)."""
+    `cuda_graph=True` captures one CUDA graph per steady-state chunk shape (the first chunk runs eagerly).
+    A chunk whose largest activation would exceed `max_elements` (2^31 - 1: 32-bit indexing in conv kernels; e.g.
+    Wan2.2 at 704p with 8 latent frames) is decoded as equal sub-chunks in sequence, which is exact because the
+    caches carry the causal state (`sub_chunk`)."""
 
     def __init__(self, vae: nn.Module, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                 channels_last: bool | None = None, compile: bool = False, cuda_graph: bool = False):
+                 channels_last: bool | None = None, compile: bool = False, cuda_graph: bool = False,
+                 max_elements: int = 2**31 - 1):
         model = getattr(vae, "model", vae)  # WanVAE or AutoencoderKLWan
         cfg = model.config
         self.device = torch.device(device) if device is not None else model.decoder.conv_in.weight.device
@@ -386,6 +407,7 @@ class StreamingVAEDecoder:
             raise ValueError("StreamingVAEDecoder(cuda_graph=True) needs a CUDA device. Fix: pass device='cuda' or "
                              "cuda_graph=False.")
         self.cuda_graph = cuda_graph
+        self.max_elements = max_elements  # per-call activation limit (32-bit indexing of conv kernels)
         self.mean = torch.tensor(cfg.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, device=self.device).view(1, -1, 1, 1, 1)
         self.fn = torch.compile(self.net, dynamic=False) if compile else self.net
@@ -400,6 +422,11 @@ class StreamingVAEDecoder:
         """Start a new clip: zero the caches in place (captured graphs stay valid)."""
         if self.state is not None:
             self.state.reset()
+
+    def largest_activation(self, batch: int, height: int, width: int, latent_frames: int) -> int:
+        """Elements of the largest conv input/output when decoding `latent_frames` at once (cache included)."""
+        return max(batch * max(m.in_dim, m.out_dim) * (m.tscale * latent_frames + (m.kt - 1))
+                   * height * m.scale * width * m.scale for m in self.modules() if isinstance(m, CausalConv3d))
 
     def pixel_frames(self, latent_frames: int, first: bool) -> int:
         return self.net.pixel_frames(latent_frames, first)
@@ -418,15 +445,27 @@ class StreamingVAEDecoder:
             self._graphs.clear()
         fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
         z = (latents.to(self.device, torch.float32) * self.std + self.mean).to(self.dtype)
-        z = z.contiguous(memory_format=fmt)
-        if self.state.first:  # once per clip: eager (keeps compile / CUDA graphs to the one steady-state shape)
-            out = self.net(z, self.state.caches, True)
-        elif self.cuda_graph:
-            out = self._replay(z)
-        else:
-            out = self.fn(z, self.state.caches, False)
-        self.state.first = False
-        return out
+        s = self.sub_chunk(b, h, w, z.shape[2])
+        outs = []
+        for i in range(0, z.shape[2], s):
+            zi = z[:, :, i:i + s].contiguous(memory_format=fmt)
+            if self.state.first:  # once per clip: eager (keeps compile / CUDA graphs to the steady-state shape)
+                outs.append(self.net(zi, self.state.caches, True))
+            elif self.cuda_graph:
+                outs.append(self._replay(zi))
+            else:
+                outs.append(self.fn(zi, self.state.caches, False))
+            self.state.first = False
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def sub_chunk(self, batch: int, height: int, width: int, latent_frames: int) -> int:
+        """Latent frames per decoder call: the largest divisor of `latent_frames` within `max_elements`."""
+        for s in range(latent_frames, 0, -1):
+            if latent_frames % s == 0 and self.net.largest_activation(batch, height, width, s) <= self.max_elements:
+                return s
+        raise ValueError(f"one latent frame of {height}x{width} (batch {batch}) already needs "
+                         f"{self.net.largest_activation(batch, height, width, 1)} elements > max_elements="
+                         f"{self.max_elements}. Fix: decode a smaller batch or raise max_elements.")
 
     def _replay(self, z: torch.Tensor) -> torch.Tensor:
         key = tuple(z.shape)
@@ -443,7 +482,7 @@ class StreamingVAEDecoder:
             for c, v in zip(caches, saved):  # the warm-up advanced the caches: restore them
                 c.copy_(v)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the DiT may run in another thread
                 static_out = self.fn(static_in, caches, False)
             self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = self._graphs[key]
