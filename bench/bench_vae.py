@@ -86,9 +86,11 @@ def bench_kind(kind: str, args, device: torch.device, dtype: torch.dtype) -> lis
         if args.psnr:
             ref = StreamingVAEDecoder(model, device=device, dtype=torch.float32)
             low = StreamingVAEDecoder(model, device=device, dtype=dtype)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 ref
             kk = min(k, 3)  # float32 activations of an 8-frame 704p chunk would need ~2x the bf16 memory
             p = min(psnr(low.decode(z[:, :, s:s + kk]), ref.decode(z[:, :, s:s + kk].float())) for s in (0, kk))
             del ref, low
+            torch.backends.cudnn.allow_tf32 = True
         enc_fps = None
         if args.encoder:
             video = torch.rand(1, 3, 1 + 4 * k, h * model.config.scale_factor_spatial,
