@@ -53,10 +53,13 @@ class _ReadOnlyCache:
         self.cache = cache
 
     def hook(self, layer: int):
+        # The context is read now, at forward time: activation checkpointing re-runs `fn` in backward, when
+        # later chunks have been committed to the cache.
+        slots = [s for s, c in enumerate(self.cache.slot_chunk) if c is not None]
+        ks = [self.cache.k[layer, :, self.cache.layout.tokens(s)].clone() for s in slots]
+        vs = [self.cache.v[layer, :, self.cache.layout.tokens(s)].clone() for s in slots]
+
         def fn(k, v, mask):
-            slots = [s for s, c in enumerate(self.cache.slot_chunk) if c is not None]
-            ks = [self.cache.k[layer, :, self.cache.layout.tokens(s)] for s in slots]
-            vs = [self.cache.v[layer, :, self.cache.layout.tokens(s)] for s in slots]
             return torch.cat(ks + [k], dim=1), torch.cat(vs + [v], dim=1), None
         return fn
 
@@ -195,17 +198,19 @@ class Distiller:
         text, z, sigma, eps = self._draw()
         with torch.no_grad(), use_adapter(self.model, GENERATOR):
             x = rollout(self.engine, text, z, grad=False)
-        loss = critic_loss(self.model, x, text, sigma, eps, self.mode, self.chunk_frames)
-        self._update(loss, self.critic_params, self.critic_opt)
+        # backward inside the adapter context: activation checkpointing recomputes blocks during backward
+        with use_adapter(self.model, CRITIC):
+            loss = critic_loss(self.model, x, text, sigma, eps, self.mode, self.chunk_frames)
+            self._update(loss, self.critic_params, self.critic_opt)
         return loss.item()
 
     def generator_step(self) -> tuple[float, dict]:
         text, z, sigma, eps = self._draw()
-        with use_adapter(self.model, GENERATOR):
+        with use_adapter(self.model, GENERATOR):     # (the scores switch adapters inside and restore this one)
             x = rollout(self.engine, text, z, grad=True)
-        loss, info = dmd_loss(self.model, x, text, self.null_text.expand_as(text), sigma, eps, self.dc.real_guidance,
-                              self.mode, self.chunk_frames)
-        info["gen_grad_norm"] = self._update(loss, self.gen_params, self.gen_opt)
+            loss, info = dmd_loss(self.model, x, text, self.null_text.expand_as(text), sigma, eps,
+                                  self.dc.real_guidance, self.mode, self.chunk_frames)
+            info["gen_grad_norm"] = self._update(loss, self.gen_params, self.gen_opt)
         return loss.item(), info
 
     def train_step(self) -> dict:
