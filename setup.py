@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_longlive*", "dataloaders*", "tools*"]),
     include_package_data=True,
-    package_data={"megatron_longlive.launch": ["templates/*"], "megatron_longlive.serve": ["static/*"]},
+    package_data={"megatron_longlive.launch": ["templates/*"], "megatron_longlive.serve": ["static/*"],
+                  "megatron_longlive": ["assets/tiny_vae_wan21/*"]},
     install_requires=[
         "torch>=2.5",
         "megatron-core>=0.16",

@@ -9,8 +9,10 @@ The wrapper fixes the conventions the rest of the package relies on:
 
 The causal Wan VAE groups frames as [first frame alone] + groups of 4, so pixel and latent frame counts follow
 the 1 + 4k rule: `latent_frames_for` / `pixel_frames_for` convert between them and reject other counts.
-Nothing here downloads: `tiny()` builds random small configs, `random()` the real architectures with random
-weights, `from_pretrained()` reads a local diffusers directory or an official Wan2.1 `.pth` file.
+Nothing here downloads: `tiny()` builds random small configs (or, with `pretrained=True` for wan2.1, loads the
+shipped tiny weights trained on the synthetic shapes by tools/train_tiny_vae.py), `random()` the real
+architectures with random weights, `from_pretrained()` reads a local diffusers directory, an official Wan2.1
+`.pth` file, or `builtin:tiny-wan2.1` (the shipped tiny weights).
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ from torch import nn
 
 VaeKind = Literal["wan2.1", "wan2.2"]
 TEMPORAL_STRIDE = 4
+# The shipped tiny Wan2.1 VAE (package data), reachable as a path value `builtin:tiny-wan2.1`.
+BUILTIN_TINY_WAN21 = "builtin:tiny-wan2.1"
+TINY_WAN21_ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "assets", "tiny_vae_wan21")
 
 # Per-channel latent statistics of the official checkpoints (diffusers' Wan2.1 default and the
 # Wan2.2-TI2V-5B-Diffusers vae/config.json, as written by diffusers' scripts/convert_wan_to_diffusers.py).
@@ -108,9 +114,24 @@ class WanVAE(nn.Module):
         return cfg
 
     @classmethod
-    def tiny(cls, kind: VaeKind = "wan2.1", seed: int = 0) -> "WanVAE":
-        """Small random VAE with the real compression (wan2.1: 16 ch 4x8x8; wan2.2: 48 ch 4x16x16)."""
-        return cls.random(kind, seed=seed, tiny=True)
+    def tiny(cls, kind: VaeKind = "wan2.1", seed: int = 0, pretrained: bool = False) -> "WanVAE":
+        """Small VAE with the real compression (wan2.1: 16 ch 4x8x8; wan2.2: 48 ch 4x16x16): random (seeded), or
+        with `pretrained=True` the shipped wan2.1 weights trained on the synthetic shapes (seed is then unused)."""
+        if not pretrained:
+            return cls.random(kind, seed=seed, tiny=True)
+        if kind != "wan2.1":
+            raise ValueError(f"no shipped tiny weights for vae kind {kind!r}. Fix: use kind='wan2.1' or "
+                             f"pretrained=False")
+        if not os.path.isfile(os.path.join(TINY_WAN21_ASSET, "config.json")):
+            raise FileNotFoundError(f"shipped tiny VAE missing at {TINY_WAN21_ASSET}. Fix: reinstall the package or "
+                                    f"run `python tools/train_tiny_vae.py`")
+        model = AutoencoderKLWan.from_pretrained(TINY_WAN21_ASSET, local_files_only=True)
+        expected = cls.config_for("wan2.1", tiny=True)
+        got = {k: model.config[k] for k in expected if k not in ("latents_mean", "latents_std")}
+        if got != {k: v for k, v in expected.items() if k in got}:
+            raise ValueError(f"{TINY_WAN21_ASSET}: config {got} differs from the tiny wan2.1 architecture. Fix: "
+                             f"retrain it with tools/train_tiny_vae.py")
+        return cls(model.float(), "wan2.1")
 
     @classmethod
     def random(cls, kind: VaeKind = "wan2.1", seed: int = 0, tiny: bool = False) -> "WanVAE":
@@ -123,7 +144,12 @@ class WanVAE(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> "WanVAE":
         """Load real weights from a local diffusers VAE directory (config.json + weights; a pipeline root with a
-        `vae/` subfolder also works) or an official Wan2.1 `.pth`/`.safetensors` file. Never downloads."""
+        `vae/` subfolder also works), an official Wan2.1 `.pth`/`.safetensors` file, or `builtin:tiny-wan2.1`
+        (the shipped tiny VAE, see `tiny`). Never downloads."""
+        if path == BUILTIN_TINY_WAN21:
+            return cls.tiny("wan2.1", pretrained=True).to(dtype)
+        if path.startswith("builtin:"):
+            raise ValueError(f"unknown builtin VAE {path!r}. Fix: use {BUILTIN_TINY_WAN21!r} or a local path")
         if not os.path.exists(path):
             raise FileNotFoundError(f"VAE weights not found at {path!r}. Fix: pass a local diffusers VAE directory "
                                     f"(e.g. Wan2.1-T2V-1.3B-Diffusers/vae) or the official Wan2.1_VAE.pth file.")

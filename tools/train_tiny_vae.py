@@ -1,0 +1,114 @@
+"""Train the shipped tiny Wan2.1 VAE (`WanVAE.tiny('wan2.1')` architecture) on synthetic moving-shape clips.
+
+    python tools/train_tiny_vae.py [--steps 200] [--out megatron_longlive/assets/tiny_vae_wan21]
+
+CPU only, deterministic (fixed seeds, fixed step count). Clips come from dataloaders/synthetic.py's
+`render_video` (64x64, 1 + 4k frames); training uses random 16x16 crops of 5-frame clips (the VAE is fully
+convolutional, so it transfers to 64x64) with L1 + MSE reconstruction of a posterior sample plus a small KL
+term. Afterwards the per-channel mean / std of the posterior means over full 64x64 clips are written into the
+config's `latents_mean` / `latents_std`, so `WanVAE.encode` yields roughly unit-variance latents. Output: a
+diffusers-format directory (config.json + diffusion_pytorch_model.safetensors, ~0.9 MB) plus train_info.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataloaders.synthetic import render_video
+from megatron_longlive.models.wan.vae import TINY_WAN21_ASSET, WanVAE
+
+DATA_SEED = 1234          # training clips: render_video(DATA_SEED, i)
+HELDOUT_SEED = 98765      # held-out clips for the PSNR check (also used by the unit test)
+
+
+def clips(seed: int, indices, num_frames: int = 5, size: int = 64) -> torch.Tensor:
+    """Synthetic clips [N, 3, T, size, size] in [-1, 1] of render_video(seed, i) for i in indices."""
+    out = [torch.from_numpy(render_video(seed, i, size, size, num_frames, 1)[0]) for i in indices]
+    return torch.stack(out).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of pixels in [-1, 1] (peak-to-peak 2)."""
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return 10 * np.log10(4.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def reconstruct(vae: WanVAE, video: torch.Tensor) -> torch.Tensor:
+    """Encode + decode through the normalized-latent interface, clip by clip."""
+    return torch.cat([vae.decode(vae.encode(v[None])) for v in video])
+
+
+def train(steps: int, batch: int, crop: int, lr: float, kl_weight: float, seed: int,
+          progress: bool = True) -> tuple[WanVAE, list[float]]:
+    torch.manual_seed(seed)
+    vae = WanVAE.tiny("wan2.1", seed=seed)
+    model = vae.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for step in tqdm(range(steps), desc="train tiny VAE", disable=not progress):
+        full = clips(DATA_SEED, range(step * batch, (step + 1) * batch))           # [B, 3, 5, 64, 64]
+        y0, x0 = rng.integers(0, 64 - crop + 1, size=2)
+        x = full[..., y0:y0 + crop, x0:x0 + crop]                                   # [B, 3, 5, crop, crop]
+        post = model.encode(x).latent_dist
+        recon = model.decode(post.sample()).sample
+        kl = 0.5 * torch.mean(post.mean ** 2 + post.var - 1 - post.logvar)
+        loss = (recon - x).abs().mean() + ((recon - x) ** 2).mean() + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return WanVAE(model.eval(), "wan2.1"), losses
+
+
+@torch.no_grad()
+def latent_stats(vae: WanVAE, video: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean / std of the raw posterior means over `video` [N, 3, T, H, W]."""
+    mu = torch.cat([vae.model.encode(v[None]).latent_dist.mean for v in video])   # [N, 16, t, h, w]
+    mu = mu.transpose(0, 1).flatten(1).double()
+    return [round(v, 5) for v in mu.mean(1).tolist()], [round(max(v, 1e-3), 5) for v in mu.std(1).tolist()]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=70)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--crop", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=TINY_WAN21_ASSET)
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    vae, losses = train(args.steps, args.batch, args.crop, args.lr, args.kl_weight, args.seed)
+    stats_video = clips(DATA_SEED, range(10_000, 10_004))
+    mean, std = latent_stats(vae, stats_video)
+    vae.model.register_to_config(latents_mean=mean, latents_std=std)
+    held = clips(HELDOUT_SEED, range(3))
+    trained_psnr = psnr(reconstruct(vae, held), held)
+    random_psnr = psnr(reconstruct(WanVAE.tiny("wan2.1", seed=0), held), held)
+    os.makedirs(args.out, exist_ok=True)
+    vae.model.save_pretrained(args.out, safe_serialization=True)
+    info = dict(vars(args), data_seed=DATA_SEED, heldout_seed=HELDOUT_SEED, loss_first=losses[0],
+                loss_last=sum(losses[-10:]) / len(losses[-10:]), heldout_psnr_db=round(trained_psnr, 2),
+                random_init_psnr_db=round(random_psnr, 2), train_seconds=round(time.perf_counter() - t0, 1))
+    info.pop("out")
+    with open(os.path.join(args.out, "train_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
