@@ -107,7 +107,7 @@ def test_viewer_in_headless_chromium(server, tmp_path):
             assert int(_text(page, "#now-since")) == apply_at
             assert int(_text(page, "#chunk")) >= apply_at
             shot = os.path.join(artifacts, "viewer_after_switch.png")
-            page.screenshot(path=shot)
+            page.screenshot(path=shot, full_page=True)
             assert os.path.getsize(shot) > 1000
             assert not errors, errors
         finally:

@@ -21,7 +21,8 @@ from megatron_longlive.inference.prompts import PromptSegment
 from megatron_longlive.models.wan.vae import WanVAE
 from megatron_longlive.serve.app import Viewer, build_app
 from megatron_longlive.serve.settings import ServeSettings
-from megatron_longlive.serve.stream import StreamingDecoder
+from megatron_longlive.inference.engine import StreamingEngine
+from megatron_longlive.serve.stream import LiveStream, StreamingDecoder
 
 RED, BLUE = "a red square slides right", "a blue circle moves down"
 
@@ -55,6 +56,33 @@ def test_streaming_decoder_equals_full_decode():
     parts = [dec.decode(z[:, :, a:b]) for a, b in ((0, 1), (1, 3), (3, 4))]
     assert [p.shape[2] for p in parts] == [1, 8, 4]
     torch.testing.assert_close(torch.cat(parts, dim=2), full, rtol=0, atol=1e-5)   # fp32 rounding only
+
+
+def test_live_stream_recache_and_new_shot_follow_the_engine(parts):
+    """Default switches recache (and may start a shot): same result as driving the engine by hand."""
+    cfg, model, vae, text = parts
+    cfg = load_config(None, ["infer.height=32", "infer.width=32", "infer.window_frames=4", "infer.shot_sink_frames=1"])
+    stream = LiveStream(cfg, model, vae, text, RED)
+    assert stream.request_switch(RED) == 0            # nothing started: the first chunk takes it
+    frames = [stream.next_chunk()[2] for _ in range(3)]
+    assert stream.request_switch(BLUE, new_shot=True) == 3
+    c, switch, last = stream.next_chunk()
+    assert (c, switch) == (3, stream.switches[-1]) and switch.chunk == 3 and switch.new_shot
+    assert [f.shape for f in frames + [last]] == [(1, 32, 32, 3)] + [(4, 32, 32, 3)] * 3
+    engine = StreamingEngine(model, cfg.infer, (4, 4))
+    gen = torch.Generator().manual_seed(cfg.infer.seed)
+    engine.set_prompt(text.encode([RED]))
+    ref = [engine.generate_chunk(torch.randn(1, 16, 1, 4, 4, generator=gen)) for _ in range(3)]
+    engine.set_prompt(text.encode([BLUE]), recache=True, new_shot=True)
+    ref.append(engine.generate_chunk(torch.randn(1, 16, 1, 4, 4, generator=gen)))
+    torch.testing.assert_close(torch.cat(stream.latents, 2), torch.cat(ref, 2), rtol=0, atol=0)
+    plain = StreamingEngine(model, cfg.infer, (4, 4))     # without recache/new shot chunk 3 differs
+    gen = torch.Generator().manual_seed(cfg.infer.seed)
+    plain.set_prompt(text.encode([RED]))
+    for _ in range(3):
+        plain.generate_chunk(torch.randn(1, 16, 1, 4, 4, generator=gen))
+    plain.set_prompt(text.encode([BLUE]))
+    assert not torch.equal(plain.generate_chunk(torch.randn(1, 16, 1, 4, 4, generator=gen)), ref[3])
 
 
 def test_page_and_health(parts):
