@@ -73,3 +73,11 @@ def visible_chunks(i: int, shot_starts: Sequence[int], rule: SinkRule) -> list[i
             window.append(j)
         j -= 1
     return sorted(glob + shot + window)
+
+
+def shot_starts_from_chunk_shot(chunk_shot: Sequence[int]) -> tuple[int, ...]:
+    """Per-chunk shot ids (a data item's 'chunk_shot' [num_chunks], non-decreasing) -> shot start chunks."""
+    ids = [int(s) for s in chunk_shot]
+    if any(b < a for a, b in zip(ids, ids[1:])):
+        raise ValueError(f"chunk_shot={ids} must be non-decreasing (shots are contiguous runs of chunks)")
+    return tuple(i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1])

@@ -7,7 +7,8 @@ import torch
 
 from megatron_longlive.config import InferConfig
 from megatron_longlive.inference.engine import StreamingEngine
-from megatron_longlive.inference.sinks import SinkRule, chunk_role, normalize_shot_starts, visible_chunks
+from megatron_longlive.inference.sinks import (SinkRule, chunk_role, normalize_shot_starts, shot_starts_from_chunk_shot,
+                                              visible_chunks)
 from megatron_longlive.training.teacher_forcing import build_tf_inputs, noisy_prediction, tf_block_table, tf_forward
 
 H = W = 8
@@ -32,6 +33,13 @@ def test_rule_by_hand_two_shot_switches():
     assert visible_chunks(5, (0, 2), SinkRule(1, 0, None)) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="shot starts"):
         visible_chunks(3, (-1,), rule)
+
+
+def test_shot_starts_from_chunk_shot():
+    assert shot_starts_from_chunk_shot(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])) == (0, 3, 5)
+    assert shot_starts_from_chunk_shot([4, 4]) == (0,)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        shot_starts_from_chunk_shot([0, 1, 0])
 
 
 def test_tf_table_full_causal_default_unchanged():
