@@ -94,9 +94,12 @@ def test_page_and_health(parts):
 
 
 def test_frames_arrive_and_switch_lands_on_next_chunk_boundary(parts):
-    cfg, model, vae, text = parts
-    client, viewer = _client(parts, max_chunks=5, min_switch_interval_s=0, max_lead_s=0.1, recache=False)
-    events, apply_at = [], None          # ("switch", chunk) / ("frame", chunk, index)
+    _, model, vae, text = parts
+    # 4 fps, 0.1 s lead: chunk 2 starts ~1.1 s after the first frame, so the switch sent on that frame lands at 1 or 2
+    cfg = load_config(None, ["infer.height=32", "infer.width=32", "infer.fps=4", "infer.num_chunks=4"])
+    client, viewer = _client((cfg, model, vae, text), max_chunks=4, min_switch_interval_s=0, max_lead_s=0.1,
+                             recache=False)
+    events, apply_at, announced, at_ack = [], None, 0, None    # events: ("switch", chunk) / ("frame", chunk, index)
     with client.websocket_connect("/ws") as ws:
         _start(ws)
         while True:
@@ -113,15 +116,18 @@ def test_frames_arrive_and_switch_lands_on_next_chunk_boundary(parts):
             data = json.loads(msg["text"])
             if data["type"] == "queued":
                 assert data["prompt"] == BLUE
-                apply_at = data["apply_at"]
+                apply_at, at_ack = data["apply_at"], announced
+            elif data["type"] == "chunk":
+                announced += 1
             elif data["type"] == "switch":
                 events.append(("switch", data["chunk"], data["prompt"]))
             elif data["type"] == "end":
                 break
-    assert 1 <= apply_at <= 2, apply_at                 # the next chunk not yet started when the switch came
+    # the first chunk not started when the switch came: all before it were announced, but perhaps the last one
+    assert 1 <= apply_at <= 3 and at_ack <= apply_at <= at_ack + 1, (apply_at, at_ack)
     frames = [e for e in events if e[0] == "frame"]
-    assert [e[2] for e in frames] == list(range(1 + 4 * 4))           # 1 + 4 frames per later latent frame
-    assert [e[1] for e in frames] == [0] + [c for c in range(1, 5) for _ in range(4)]
+    assert [e[2] for e in frames] == list(range(1 + 4 * 3))           # 1 + 4 frames per later latent frame
+    assert [e[1] for e in frames] == [0] + [c for c in range(1, 4) for _ in range(4)]
     switches = [e for e in events if e[0] == "switch"]
     assert switches == [("switch", 0, RED), ("switch", apply_at, BLUE)]
     # the switch message precedes exactly the frames of chunk apply_at
@@ -132,7 +138,8 @@ def test_frames_arrive_and_switch_lands_on_next_chunk_boundary(parts):
     ref = generate_video(cfg, model, [PromptSegment(0, RED), PromptSegment(apply_at, BLUE)], None, vae, text,
                          progress=False).latents
     torch.testing.assert_close(streamed, ref, rtol=0, atol=0)
-    late = generate_video(cfg, model, [PromptSegment(0, RED), PromptSegment(apply_at + 1, BLUE)], None, vae, text,
+    other = apply_at + 1 if apply_at + 1 < cfg.infer.num_chunks else apply_at - 1    # a switch one chunk off
+    late = generate_video(cfg, model, [PromptSegment(0, RED), PromptSegment(other, BLUE)], None, vae, text,
                           progress=False).latents
     assert not torch.equal(streamed, late)
 
