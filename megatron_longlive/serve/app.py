@@ -21,6 +21,7 @@ import json
 import os
 import struct
 import time
+import traceback
 from collections import OrderedDict
 
 import numpy as np
@@ -100,8 +101,13 @@ class Viewer:
     async def _run(self, ws: WebSocket) -> None:
         await ws.send_json(self.hello())
         prompt = await self._start_prompt(ws)
-        stream = await asyncio.to_thread(LiveStream, self.cfg, self.model, self.vae, self.text_encoder, prompt,
-                                         self.settings.recache, self.embeds)
+        try:
+            stream = await asyncio.to_thread(LiveStream, self.cfg, self.model, self.vae, self.text_encoder, prompt,
+                                             self.settings.recache, self.embeds)
+        except ValueError as e:
+            await ws.send_json({"type": "error", "message": f"cannot start the stream: {e}"})
+            await ws.close(code=1011)
+            return
         self.streams.append(stream)
         stop = asyncio.Event()
         receiver = asyncio.create_task(self._receive_switches(ws, stream, stop))
@@ -154,8 +160,14 @@ class Viewer:
                     except asyncio.TimeoutError:
                         pass
                     continue
-            chunk, switch, frames = await asyncio.to_thread(stream.next_chunk)
-            blobs = await asyncio.to_thread(lambda: [jpeg(f, s.jpeg_quality) for f in frames])
+            try:
+                chunk, switch, frames = await asyncio.to_thread(stream.next_chunk)
+                blobs = await asyncio.to_thread(lambda: [jpeg(f, s.jpeg_quality) for f in frames])
+            except Exception as e:  # noqa: BLE001 - tell the page, log the traceback, end the session
+                traceback.print_exc()
+                await ws.send_json({"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
+                await ws.close(code=1011)
+                return
             if stop.is_set():
                 return
             if switch is not None:

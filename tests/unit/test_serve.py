@@ -192,6 +192,20 @@ def test_second_session_is_refused_then_admitted_after_the_first_ends(parts):
         assert third.receive_json()["type"] == "hello"
 
 
+def test_bad_geometry_is_reported_to_the_page(parts):
+    _, model, vae, text = parts
+    cfg = load_config(None, ["infer.height=36", "infer.width=32"])
+    client, _ = _client((cfg, model, vae, text))
+    with client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "start", "prompt": RED})
+        err = ws.receive_json()
+        assert err["type"] == "error" and "multiples of the VAE stride 8" in err["message"]
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1011
+
+
 def test_serve_cli_rejects_bad_limits(capsys):
     assert main(["serve", "--max-sessions", "0"]) == 2
     assert "--max-sessions must be >= 1" in capsys.readouterr().err
