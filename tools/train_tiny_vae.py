@@ -81,7 +81,7 @@ def latent_stats(vae: WanVAE, video: torch.Tensor) -> tuple[list[float], list[fl
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=70)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-3)
