@@ -13,6 +13,12 @@ if ROOT not in sys.path:
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU every Triton kernel runs in the interpreter. The variable must be set before any kernel
+# module is imported (the @triton.jit decorator reads it), and tests of several modules import kernels,
+# so it is set once for the whole session here. GPU-compile tests strip it in their own subprocesses.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def tiny_cfg():
