@@ -14,6 +14,7 @@ demo: install
 	$(PY) -m megatron_longlive.cli.main demo
 
 test: install
+	bash tools/install_chromium.sh   # Debian chromium + playwright driver for the viewer's browser test
 	$(PY) -m pytest -q tests
 
 test-all: install
