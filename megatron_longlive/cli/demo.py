@@ -1,4 +1,4 @@
-"""The CPU quickstart: synthetic shapes data -> train the tiny model -> stream a multi-second mp4 from prompts."""
+"""The CPU quickstart: synthetic shapes data -> train the tiny model -> distill a 2-step LoRA -> stream an mp4."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,9 @@ DEMO_OVERRIDES = [
     "train.max_steps=300", "train.lr=1e-3", "train.warmup_steps=20", "train.save_interval=100",
     "train.log_interval=10", "train.wandb_mode=disabled",
     "infer.num_chunks=10", "infer.chunk_frames=1", "infer.window_frames=4", "infer.sink_frames=1",
+    # few-step LoRA by simplified DMD: a short run, 2-step sampling afterwards
+    "distill.max_steps=20", "distill.critic_ratio=2", "distill.rollout_frames=4", "distill.rank=8",
+    "distill.critic_rank=8", "distill.denoising_steps=[1000,500]",
 ]
 
 
@@ -22,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT[@CHUNK]",
                         help="Prompts for the video (default: two captions of the synthetic data, switching halfway).")
     parser.add_argument("--skip-train", action="store_true", help="Generate from the untrained (random) model.")
+    parser.add_argument("--skip-distill", action="store_true",
+                        help="Sample the trained model with infer.denoising_steps instead of the distilled 2-step LoRA.")
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
 
 
@@ -36,18 +41,19 @@ def run(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out_dir)
     run_dir = os.path.join(out, "run")
     overrides = DEMO_OVERRIDES + [f"train.output_dir={run_dir}", f"data.path={os.path.join(out, 'data')}",
+                                  f"distill.teacher={run_dir}", f"distill.output_dir={os.path.join(out, 'distill')}",
                                   f"infer.output={os.path.join(out, 'video.mp4')}"] + args.overrides
     cfg = load_config(args.config, overrides)
     progress = not args.no_progress
     # 1. synthetic data: mp4 files + manifest, encoded to latents with the tiny VAE and text encoder
-    print(f"[1/3] synthetic data -> {cfg.data.path}")
+    print(f"[1/4] synthetic data -> {cfg.data.path}")
     dataset = build_dataset(cfg, progress=progress)
     # 2. teacher-forcing training of the tiny model
     if args.skip_train:
-        print("[2/3] training skipped (--skip-train): generating from the randomly initialised model")
+        print("[2/4] training skipped (--skip-train): generating from the randomly initialised model")
         checkpoint = None
     else:
-        print(f"[2/3] training {cfg.train.max_steps} steps -> {run_dir}")
+        print(f"[2/4] training {cfg.train.max_steps} steps -> {run_dir}")
         trainer = Trainer(cfg, dataset=dataset, device="cpu", progress=progress)
         losses = trainer.train()
         if trainer.step < cfg.train.max_steps:
@@ -65,9 +71,26 @@ def run(args: argparse.Namespace) -> int:
         segments = parse_cli_prompts([f"{first}@0", f"{second}@{cfg.infer.num_chunks // 2}"])
     for s in segments:
         print(f"      chunk {s.start_chunk:>3}: {s.prompt}")
+    # 3. few-step LoRA distilled by simplified DMD on the frozen trained model (only the LoRA trains)
+    adapter = None
+    if checkpoint and not args.skip_distill:
+        from ..training.dmd import build_distill
+
+        print(f"[3/4] distilling a {len(cfg.distill.denoising_steps)}-step LoRA ({cfg.distill.max_steps} DMD steps) "
+              f"-> {cfg.distill.output_dir}")
+        distiller = build_distill(cfg, "cpu", progress=progress)
+        distiller.train(progress=progress)
+        adapter = os.path.join(cfg.distill.output_dir, f"step_{distiller.step:06d}", "generator")
+        cfg.infer.denoising_steps = list(cfg.distill.denoising_steps)
+    else:
+        print("[3/4] distillation skipped: sampling with infer.denoising_steps")
     vae, text_encoder = load_encoders(cfg)
     model = load_dit(cfg, checkpoint)
-    print(f"[3/3] generating {cfg.infer.num_chunks} chunks")
+    if adapter:
+        from ..training.lora_switch import load_with_adapter
+
+        load_with_adapter(model, adapter, merge=True)
+    print(f"[4/4] generating {cfg.infer.num_chunks} chunks with {len(cfg.infer.denoising_steps)} denoising steps each")
     result = generate_video(cfg, model, segments, cfg.infer.output, vae, text_encoder,
                             latents_path=os.path.join(out, "latents.pt"), progress=progress)
     frames = result.video.shape[2]

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-index", type=int, default=0, help="Which video of a LongLive JSONL file.")
     parser.add_argument("--switch-frame-indices", default=None,
                         help="LongLive JSONL: comma-separated latent frames where prompts switch (if not in the file).")
+    parser.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
+                        help="Few-step LoRA (peft-format dir from `longlive distill`), merged into the weights; "
+                             "pair it with its short schedule, e.g. --set infer.denoising_steps=[1000,500].")
     parser.add_argument("--out", default=None, help="Output mp4 (default: infer.output).")
     parser.add_argument("--latents-out", default=None, help="Also save the latents (.pt or .safetensors).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
@@ -55,6 +58,13 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model = load_dit(cfg, args.checkpoint, device, dtype)
+    if args.lora:
+        from ..training.lora_switch import load_with_adapter
+
+        if not os.path.isdir(args.lora):
+            raise FileNotFoundError(f"--lora {args.lora}: not a directory. Fix: pass the adapter directory written "
+                                    f"by `longlive distill` (step_*/generator).")
+        load_with_adapter(model, args.lora, merge=True)
     out = args.out or cfg.infer.output
     t0 = time.perf_counter()
     result = generate_video(cfg, model, segments, out, latents_path=args.latents_out, progress=not args.no_progress)

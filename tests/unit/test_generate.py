@@ -100,11 +100,13 @@ def test_generate_bad_input(tmp_path, weights, capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
-    """The README main job with a short training run: data -> train -> generate; the video moves."""
+    """The README main job, short: data -> train -> distill a 2-step LoRA -> generate with it; the video moves."""
     rc = main(["demo", "--out-dir", str(tmp_path), "--no-progress", "--set", "train.max_steps=30",
-               "--set", "data.num_videos=4", "--set", "infer.num_chunks=6"])
+               "--set", "data.num_videos=4", "--set", "infer.num_chunks=6", "--set", "distill.max_steps=2"])
     assert rc == 0
     out = capsys.readouterr().out
+    assert "[3/4] distilling a 2-step LoRA" in out and "with 2 denoising steps each" in out
+    assert (tmp_path / "distill" / "step_000002" / "generator" / "adapter_model.safetensors").exists()
     video = tmp_path / "video.mp4"
     assert f"video: {video}" in out
     frames = read_mp4(video)
