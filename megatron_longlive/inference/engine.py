@@ -39,7 +39,7 @@ class StreamingEngine:
     """Chunk loop over a `WanDiT` with a preallocated KV cache. Latent-space in, latent-space out."""
 
     def __init__(self, model: WanDiT, infer: InferConfig, latent_size: tuple[int, int], batch: int = 1,
-                 keep_latents: bool = True):
+                 keep_latents: bool = True, kv_cache: str = "bf16"):
         if infer.guidance_scale != 1.0:
             raise ValueError(f"infer.guidance_scale={infer.guidance_scale}: classifier-free guidance is not "
                              f"supported by the streaming engine yet. Fix: set infer.guidance_scale=1.0")
@@ -58,8 +58,13 @@ class StreamingEngine:
         self.shot_starts: list[int] = [0]      # chunk indices where shots start (new_shot=True)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.cache = KVCache(self.layout, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim,
-                             self.latent_shape if keep_latents else None, self.dtype, self.device)
+        # kv_cache: "bf16" (the model's dtype) or "nvfp4" (packed 4-bit pages, quant.kv_cache); the NVFP4
+        # cache hands the model dequantized K/V ("dequant" attention) so the model stays unchanged.
+        from ..quant.nvfp4.kv_cache import build_kv_cache  # imported here: that module imports this package
+
+        self.cache = build_kv_cache(kv_cache, self.layout, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim,
+                                    self.latent_shape if keep_latents else None, self.dtype, self.device,
+                                    attention="dequant")
         self.sigmas = sampling_sigmas(infer.denoising_steps, infer.timestep_shift)
         self.batch = batch
         self.context_kv: list | None = None

@@ -107,6 +107,10 @@ def load_dit(cfg: RunConfig, checkpoint: str | None, device: str | torch.device 
                 raise ValueError(f"{path}: cannot load into model.preset={cfg.model.preset!r} ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}). Fix: use the config the checkpoint was "
                                  f"trained with (the run directory's config.yaml)") from e
+    # quant.linear: W4A4 (nvfp4_emulated) or W8A8 (fp8) inference linears outside the high-precision keep-list.
+    from ..quant.providers import convert_linears
+
+    convert_linears(model, cfg.quant)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -146,7 +150,8 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
     changes = prompt_changes(segments)
     # 1. text: one encoder pass per distinct prompt
     embeds = {p: text_encoder.encode([p]) for p in dict.fromkeys(changes.values())}
-    engine = StreamingEngine(model, inf, (inf.height // stride, inf.width // stride), batch=1)
+    engine = StreamingEngine(model, inf, (inf.height // stride, inf.width // stride), batch=1,
+                             kv_cache=cfg.quant.kv_cache)
     # 2. the chunk loop
     chunks = list(stream_latents(engine, inf.num_chunks, lambda c: embeds[changes[c]].to(device) if c in changes
                                  else None, seed=inf.seed, progress=progress))
