@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from generate_helpers import GEN, tiny_dit
+
 from megatron_longlive.cli.main import main
-from megatron_longlive.models.wan import WanDiT
 from megatron_longlive.models.wan.convert import save_wan_weights
 from megatron_longlive.training.lora_switch import add_adapter, adapter_parameters, save_named_adapter
 
-GEN = ["--set", "infer.num_chunks=2", "--set", "infer.chunk_frames=1", "--set", "infer.window_frames=3",
-       "--set", "infer.sink_frames=1", "--set", "infer.height=32", "--set", "infer.width=32",
-       "--set", "infer.denoising_steps=[1000,500]", "--prompt", "a red square slides right@0", "--no-progress"]
-
 
 def test_generate_with_lora_equals_merged_checkpoint(tmp_path, tiny_cfg):
-    torch.manual_seed(0)
-    base = WanDiT(tiny_cfg)
-    base.init_weights()
-    torch.nn.init.normal_(base.head.head.weight, std=0.02)
+    base = tiny_dit(tiny_cfg, head_std=0.02)
     save_wan_weights(base, tmp_path / "base.safetensors")
     targets = ["self_attn.q", "ffn.0"]
     add_adapter(base, "fewstep", targets, rank=4)

@@ -3,25 +3,19 @@ from __future__ import annotations
 
 import torch
 
+from generate_helpers import GEN, tiny_dit
+
 from megatron_longlive.cli.main import main
 from megatron_longlive.config import load_config
 from megatron_longlive.inference.engine import StreamingEngine
 from megatron_longlive.inference.pipeline import load_dit
-from megatron_longlive.models.wan import WanDiT
 from megatron_longlive.models.wan.convert import save_wan_weights
 from megatron_longlive.quant.nvfp4.kv_cache import NVFP4KVCache
 from megatron_longlive.quant.nvfp4.linear import NVFP4Linear
 
-GEN = ["--set", "infer.num_chunks=3", "--set", "infer.chunk_frames=1", "--set", "infer.window_frames=3",
-       "--set", "infer.sink_frames=1", "--set", "infer.height=32", "--set", "infer.width=32",
-       "--set", "infer.denoising_steps=[1000,500]", "--prompt", "a red square slides right@0", "--no-progress"]
-
 
 def _weights(tmp_path, tiny_cfg):
-    torch.manual_seed(0)
-    model = WanDiT(tiny_cfg)
-    model.init_weights()
-    torch.nn.init.normal_(model.head.head.weight, std=0.05)
+    model = tiny_dit(tiny_cfg)
     path = tmp_path / "w.safetensors"
     save_wan_weights(model, path)
     return path
