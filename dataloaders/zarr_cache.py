@@ -30,6 +30,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
+from megatron_longlive.utils.durable import fsync_path
+
 FORMAT = "megatron_longlive.latent_cache/1"
 _TMP = "_tmp"
 _MANIFEST = "_manifest"
@@ -75,14 +77,6 @@ def duration_group(seconds: float, edges: Sequence[float]) -> str | None:
         return None
     i = int(np.searchsorted(np.asarray(edges, dtype=np.float64), seconds, side="right")) - 1
     return names[i]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -178,7 +172,7 @@ class CacheWriter:
             if os.path.exists(final):  # a directory without zarr.json cannot be ours; clear it
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(os.path.dirname(final))
+            fsync_path(os.path.dirname(final))
         if rec.key not in self.videos:
             c, f, h, w = rec.latents.shape
             line = {"type": "video", "key": rec.key, "group": rec.group, "source": rec.attrs.get("source", ""),

@@ -37,3 +37,12 @@ def tiny_model(tiny_cfg):
     model.init_weights()
     torch.nn.init.normal_(model.head.head.weight, std=0.02)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a shared 2-core machine two threads run tiny steps ~6x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..training.checkpoint import COMPLETE, CheckpointManager, _dcp_quiet, _fsync_path, _fsync_tree
+from ..training.checkpoint import COMPLETE, CheckpointManager, _dcp_quiet, _fsync_tree
+from ..utils.durable import fsync_path
 from .grid import ProcessGroups
 
 
@@ -62,7 +63,7 @@ class DistCheckpointManager(CheckpointManager):
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
             self._write_latest(os.path.basename(final))
             self._prune()
         dist.barrier()

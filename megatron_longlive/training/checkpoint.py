@@ -27,24 +27,20 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..utils.durable import fsync_path
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(root: str) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
-            _fsync_path(os.path.join(dirpath, name))
-        _fsync_path(dirpath)
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:
@@ -128,7 +124,7 @@ class CheckpointManager:
         if os.path.exists(final):  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_path(self.root)
+        fsync_path(self.root)
         self._write_latest(os.path.basename(final))
         self._prune()
         return final
@@ -140,7 +136,7 @@ class CheckpointManager:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.root, LATEST))
-        _fsync_path(self.root)
+        fsync_path(self.root)
 
     def _prune(self) -> None:
         for step in self.complete_steps()[:-self.keep_last]:

@@ -18,7 +18,7 @@ from megatron_longlive.training import checkpoint as ckpt_mod
 from megatron_longlive.training.checkpoint import COMPLETE, CheckpointManager
 from megatron_longlive.training.metrics import read_metrics
 from megatron_longlive.training.trainer import TeacherForcingStep, Trainer
-from test_trainer import one_thread  # noqa: F401  (autouse: one intra-op thread, as in the subprocesses)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread, as in the subprocesses
 
 
 def tree(run_dir, **train):

@@ -13,13 +13,9 @@ from megatron_longlive.models.wan.convert import save_wan_weights
 from megatron_longlive.training import dmd
 from megatron_longlive.training.lora_switch import adapter_parameters, load_named_adapter, use_adapter
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def _cfg(tmp_path, **distill):

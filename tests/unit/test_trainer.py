@@ -14,6 +14,8 @@ from megatron_longlive.training.lora import ADAPTER_WEIGHTS
 from megatron_longlive.training.metrics import read_metrics
 from megatron_longlive.training.trainer import Trainer, TrainingDiverged, build_model, lr_lambda
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny_config(run_dir, **train):
     base = {"output_dir": str(run_dir), "max_steps": 4, "save_interval": 1000, "wandb_mode": "disabled",
@@ -23,13 +25,6 @@ def tiny_config(run_dir, **train):
                                   "num_frames": 13}})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads run these tiny steps ~6x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # Measured (2026-11-25, CPU, 1 thread): tiny model, 2 fixed random videos (seed 0), micro_batch 1, lr 1e-2,
