@@ -20,7 +20,7 @@ import shutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from ..training.checkpoint import COMPLETE, CheckpointManager, _dcp_quiet, _fsync_tree
 from ..utils.durable import fsync_path
@@ -78,18 +78,9 @@ class DistCheckpointManager(CheckpointManager):
         if missing and os.path.exists(os.path.join(path, COMPLETE)):
             raise ValueError(f"{path}: no trainer state for dp_rank(s) {missing} (the checkpoint was written with "
                              f"fewer data-parallel ranks). Fix: resume with a DP degree <= the saved one.")
-        if not os.path.exists(os.path.join(path, COMPLETE)):
-            raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker (an interrupted write). "
-                             f"Fix: resume from another checkpoint or delete this directory.")
+        self._check_complete(path)
         state, plain = self._dcp_state(model, optimizer, ema_state)
-        try:
-            _dcp_quiet(dcp.load, state, checkpoint_id=path)  # in place: DTensors share the local shards
-        except Exception as e:  # noqa: BLE001 - re-raised with the path and a fix
-            raise ValueError(f"{path}: cannot load into this model/optimizer ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}). Fix: resume with the model config the "
-                             f"checkpoint was written with.") from e
-        set_state_dict(model, optimizer, model_state_dict=plain["model"], optim_state_dict=plain["optim"])
-        return torch.load(os.path.join(path, f"trainer_rank{self.rank}.pt"), weights_only=False)
+        return self._load_into(path, state, plain, model, optimizer)  # in place: DTensors share the local shards
 
     def _dcp_state(self, model, optimizer, ema_state: dict | None) -> tuple[dict, dict]:
         """(state for DCP with TP shards as DTensors, the same state with plain local tensors)."""

@@ -145,18 +145,27 @@ class CheckpointManager:
     # ----- load -----------------------------------------------------------------------------------
     def load(self, path: str, model, optimizer, ema_state: dict | None) -> dict:
         """Restore model / optimizer / EMA in place from `path`; return the trainer state dict."""
-        if not os.path.exists(os.path.join(path, COMPLETE)):
-            raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker (an interrupted write). "
-                             f"Fix: resume from another checkpoint or delete this directory.")
+        self._check_complete(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if ema_state is not None:
             state["ema"] = ema_state
+        return self._load_into(path, state, state, model, optimizer)
+
+    @staticmethod
+    def _check_complete(path: str) -> None:
+        if not os.path.exists(os.path.join(path, COMPLETE)):
+            raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker (an interrupted write). "
+                             f"Fix: resume from another checkpoint or delete this directory.")
+
+    def _load_into(self, path: str, state: dict, plain: dict, model, optimizer) -> dict:
+        """DCP-load `state` in place, push `plain` (the same tensors as local ones) into model and optimizer,
+        return this rank's trainer state."""
         try:
             _dcp_quiet(dcp.load, state, checkpoint_id=path)
         except Exception as e:  # noqa: BLE001 - re-raised with the path and a fix
             raise ValueError(f"{path}: cannot load into this model/optimizer ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}). Fix: resume with the config the "
                              f"checkpoint was written with (model, train.lora_rank, train.ema_decay).") from e
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=plain["model"], optim_state_dict=plain["optim"])
         return torch.load(os.path.join(path, f"trainer_rank{self.rank}.pt"), weights_only=False)
