@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-index", type=int, default=0, help="Which video of a LongLive JSONL file.")
     parser.add_argument("--switch-frame-indices", default=None,
                         help="LongLive JSONL: comma-separated latent frames where prompts switch (if not in the file).")
+    parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                        help="Negative prompt of classifier-free guidance (infer.negative_prompt; default: the empty "
+                             "string, as Wan). Guidance is on when infer.guidance_scale != 1, e.g. "
+                             "--set infer.guidance_scale=5; it runs one forward of twice the batch per step.")
     parser.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
                         help="Few-step LoRA (peft-format dir from `longlive distill`), merged into the weights; "
                              "pair it with its short schedule, e.g. --set infer.denoising_steps=[1000,500].")
@@ -47,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.prompts import load_prompt_file, parse_cli_prompts
 
     cfg = _config(args)
+    if args.negative_prompt is not None:
+        cfg.infer.negative_prompt = args.negative_prompt
     if bool(args.prompt) == bool(args.prompt_file):
         raise ValueError("give either --prompt TEXT[@CHUNK] (repeatable) or --prompt-file FILE")
     if args.prompt_file:

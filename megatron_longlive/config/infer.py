@@ -34,7 +34,11 @@ class InferConfig(ConfigBase):
     fps: float = 8.0
     """Frames per second of the written video."""
     guidance_scale: float = 1.0
-    """Classifier-free guidance scale (1 = off)."""
+    """Classifier-free guidance scale s: v = v_neg + s * (v_prompt - v_neg) from one batched forward of 2x the
+    batch (1 = off: no negative-prompt stream, half the KV-cache memory)."""
+    negative_prompt: str = ""
+    """Negative prompt of classifier-free guidance (used when guidance_scale != 1); empty = the empty string's
+    embedding, as diffusers' Wan pipelines do."""
     seed: int = 0
     """Noise seed."""
     output: str = "outputs/video.mp4"

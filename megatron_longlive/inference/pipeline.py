@@ -152,6 +152,8 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
     embeds = {p: text_encoder.encode([p]) for p in dict.fromkeys(changes.values())}
     engine = StreamingEngine(model, inf, (inf.height // stride, inf.width // stride), batch=1,
                              kv_cache=cfg.quant.kv_cache)
+    if engine.guidance:          # classifier-free guidance: the negative prompt's stream
+        engine.set_negative_prompt(text_encoder.encode([inf.negative_prompt]).to(device))
     # 2. the chunk loop
     chunks = list(stream_latents(engine, inf.num_chunks, lambda c: embeds[changes[c]].to(device) if c in changes
                                  else None, seed=inf.seed, progress=progress))

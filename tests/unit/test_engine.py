@@ -173,7 +173,7 @@ def test_sampling_sigmas_and_bad_settings(tiny_model):
     assert sampling_sigmas([1000, 500], 1.0) == pytest.approx([1.0, 0.5, 0.0])
     with pytest.raises(ValueError, match="strictly decreasing"):
         sampling_sigmas([500, 1000], 5.0)
-    with pytest.raises(ValueError, match="guidance_scale"):
-        StreamingEngine(tiny_model, InferConfig(guidance_scale=3.0), (H, W))
+    with pytest.raises(ValueError, match="guidance_scale=3.0 on an engine without a negative-prompt stream"):
+        StreamingEngine(tiny_model, InferConfig(), (H, W)).predict(torch.zeros(1, 16, 1, H, W), 1.0, guidance_scale=3.0)
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         StreamingEngine(tiny_model, InferConfig(), (7, 8))
