@@ -7,6 +7,14 @@ of noisy chunk i is n + i. Attention rule (block granularity):
   * noisy z_i attends clean x_j for j < i, and itself; never another noisy chunk.
 A clean chunk and its noisy twin share RoPE positions; each noisy chunk has its own sigma on Wan's
 shifted flow schedule; the loss is the flow-matching velocity MSE on noisy tokens only.
+
+Optional, all off by default (the default path is unchanged bit for bit):
+  * per-chunk text (multi-shot): `text` [B, N, L, text_dim] with `chunk_text` [B, n]; clean x_i and noisy
+    z_i cross-attend caption chunk_text[b, i] (`models/wan/text_context.FrameText`);
+  * a separate clean history (`history`): the clean half is built from it (error recycling puts the model's
+    own degraded predictions there); noisy twins and loss targets always come from the data;
+  * first-frame conditioning (`cond_first`): the noisy twin of chunk 0 keeps its first token frame clean
+    (t = 0, no loss), so the model learns image-to-video (Wan2.2-TI2V style).
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import torch
 from ..inference.sinks import SinkRule, visible_chunks
 from ..models.wan.attention import ChunkMask
 from ..models.wan.rope import grid_positions
+from ..models.wan.text_context import frame_text_context
 from .schedule import noise_latents, sample_sigmas, sigma_to_timestep, velocity_target
 
 
@@ -65,7 +74,8 @@ class TFInputs:
     tokens: [B, 2S, D] patch embeddings, clean half then noisy half (S = F' * tokens_per_frame);
     t: [B, 2F'] timesteps per token frame (0 for the clean half); positions: [2S, 3] RoPE positions, the
     clean grid repeated so a chunk and its noisy twin share positions; mask: the teacher-forcing ChunkMask;
-    grid: (F', H', W') of one half; target: [B, C, F, H, W] velocity eps - x of the noisy half.
+    grid: (F', H', W') of one half; target: [B, C, F, H, W] velocity eps - x of the noisy half;
+    loss_weight: None (every noisy element carries loss) or [B, F] 1.0 / 0.0 per noisy latent frame.
     """
 
     tokens: torch.Tensor
@@ -76,6 +86,7 @@ class TFInputs:
     target: torch.Tensor
     num_chunks: int
     chunk_frames: int
+    loss_weight: torch.Tensor | None = None
 
     @property
     def num_clean_tokens(self) -> int:
@@ -89,12 +100,16 @@ def chunk_to_frames(per_chunk: torch.Tensor, chunk_frames: int) -> torch.Tensor:
 
 def build_tf_inputs(model, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, chunk_frames: int,
                     num_train_timesteps: int = 1000, rule: SinkRule | None = None,
-                    shot_starts: tuple[int, ...] = (0,)) -> TFInputs:
+                    shot_starts: tuple[int, ...] = (0,), history: torch.Tensor | None = None,
+                    cond_first: torch.Tensor | None = None) -> TFInputs:
     """Noise every chunk at its own sigma and assemble the [clean | noisy] token sequence.
 
     latents, noise: [B, C, F, H, W] (F latent frames, a multiple of chunk_frames); sigma: [B, n] per chunk.
     `model` provides `patchify` and `cfg.patch_size` (a WanDiT). rule/shot_starts: the sink/window mask
     the engine uses (see `tf_block_table`); None = full causal history.
+    history: [B, C, F, H, W] latents of the clean half (default `latents`); noisy twins and targets use `latents`.
+    cond_first: [B] bool; True = the noisy twin of chunk 0 keeps its first token frame (temporal patch) clean,
+    at t = 0 and without loss (image-to-video conditioning).
     """
     b, _, f, _, _ = latents.shape
     pt = model.cfg.patch_size[0]
@@ -105,27 +120,53 @@ def build_tf_inputs(model, latents: torch.Tensor, noise: torch.Tensor, sigma: to
     # 1. noisy twin of every chunk: z_i = (1 - s_i) x_i + s_i eps_i
     sigma_f = chunk_to_frames(sigma, chunk_frames).to(latents.dtype)          # [B, F]
     noisy = noise_latents(latents, noise, sigma_f[:, None, :, None, None])
+    weight = None
+    if cond_first is not None and bool(cond_first.any()):
+        # 1b. conditioned videos: the first token frame of z_0 is the clean latent, carrying no loss
+        cond = cond_first.to(latents.device)
+        keep = cond[:, None, None, None, None]
+        noisy = torch.cat([torch.where(keep, latents[:, :, :pt], noisy[:, :, :pt]), noisy[:, :, pt:]], dim=2)
+        weight = torch.ones(b, f, dtype=torch.float32, device=latents.device)
+        weight[:, :pt] = (~cond).float()[:, None]
     # 2. tokens of both halves (same patch embedding), frame-major raster order
-    clean_tok, grid = model.patchify(latents)                                 # [B, S, D]
+    clean_tok, grid = model.patchify(latents if history is None else history)  # [B, S, D]
     noisy_tok, _ = model.patchify(noisy)
     tokens = torch.cat([clean_tok, noisy_tok], dim=1)                         # [B, 2S, D]
     # 3. per token-frame timesteps: 0 for clean, sigma * 1000 for noisy (one value per temporal patch)
     sigma_hi = chunk_to_frames(sigma, chunk_frames).to(torch.promote_types(sigma.dtype, torch.float32))
     t_noisy = sigma_to_timestep(sigma_hi[:, ::pt], num_train_timesteps)      # [B, F']
+    if weight is not None:
+        t_noisy = t_noisy.clone()
+        t_noisy[:, 0] = torch.where(cond, torch.zeros_like(t_noisy[:, 0]), t_noisy[:, 0])
     t = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)               # [B, 2F']
     # 4. positions: the clean grid, repeated for the noisy half
     pos = grid_positions(*grid, device=latents.device)                        # [S, 3]
     positions = torch.cat([pos, pos], dim=0)
     # 5. the block mask, chunk = block
     mask = teacher_forcing_mask(n, chunk_frames // pt, grid[1] * grid[2], latents.device, rule, shot_starts)
-    return TFInputs(tokens, t, positions, mask, grid, velocity_target(latents, noise), n, chunk_frames)
+    return TFInputs(tokens, t, positions, mask, grid, velocity_target(latents, noise), n, chunk_frames, weight)
+
+
+def tf_text_context(model, text: torch.Tensor, chunk_text: torch.Tensor | None, chunk_frames: int) -> list:
+    """Cross-attention context of the [clean | noisy] sequence.
+
+    chunk_text None: `text` [B, L, text_dim] is the one caption of each video (`model.embed_context`).
+    Else `text` [B, N, L, text_dim] holds N captions per video and chunk_text [B, n] the caption of every
+    chunk: clean x_i and noisy z_i attend caption chunk_text[b, i] (a `FrameText` per layer).
+    """
+    if chunk_text is None:
+        return model.embed_context(text)
+    if text.ndim != 4:
+        raise ValueError(f"per-chunk text needs text [B, N, L, text_dim], got {tuple(text.shape)}")
+    frames = chunk_to_frames(chunk_text.long(), chunk_frames // model.cfg.patch_size[0])  # [B, F'] per half
+    return frame_text_context(model, text, torch.cat([frames, frames], dim=1).to(text.device))
 
 
 def tf_forward(model, inputs: TFInputs, context_kv: list) -> torch.Tensor:
     """Head output over the whole [clean | noisy] sequence: [B, 2S, prod(patch) * C].
 
-    context_kv: `model.embed_context(text)` - one text context for the whole video. Per-chunk prompts
-    (multi-shot) will enter here as a per-token context; the sequence layout does not change.
+    context_kv: `tf_text_context(...)` - `model.embed_context(text)` for one caption per video, or
+    per-layer `FrameText`s for per-chunk captions; the sequence layout does not change.
     """
     return model.forward_tokens(inputs.tokens, inputs.t, context_kv, inputs.positions, inputs.mask)
 
@@ -135,9 +176,16 @@ def noisy_prediction(model, out: torch.Tensor, inputs: TFInputs) -> torch.Tensor
     return model.unpatchify(out[:, inputs.num_clean_tokens:], inputs.grid)
 
 
-def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE of the velocity over noisy tokens, in float32. pred, target: [B, C, F, H, W]."""
-    return (pred.float() - target.float()).pow(2).mean()
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE of the velocity over noisy tokens, in float32. pred, target: [B, C, F, H, W].
+
+    weight: None, or [B, F] 1.0 / 0.0 per latent frame: the mean over loss-bearing frames only."""
+    err = (pred.float() - target.float()).pow(2)
+    if weight is None:
+        return err.mean()
+    w = weight.to(err.device, err.dtype)[:, None, :, None, None]
+    per_frame = err.shape[1] * err.shape[3] * err.shape[4]                    # C * H * W elements per frame
+    return (err * w).sum() / (w.sum() * per_frame).clamp(min=1)
 
 
 def per_chunk_loss(pred: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> torch.Tensor:
@@ -149,14 +197,28 @@ def per_chunk_loss(pred: torch.Tensor, target: torch.Tensor, chunk_frames: int) 
 
 def teacher_forcing_loss(model, latents: torch.Tensor, text: torch.Tensor, chunk_frames: int,
                          generator: torch.Generator | None = None, shift: float = 5.0,
-                         num_train_timesteps: int = 1000) -> tuple[torch.Tensor, TFInputs]:
+                         num_train_timesteps: int = 1000, chunk_text: torch.Tensor | None = None,
+                         first_frame_prob: float = 0.0, recycler=None) -> tuple[torch.Tensor, TFInputs]:
     """Sample per-chunk sigmas and noise (on `generator`, CPU), run the TF forward, return (loss, inputs).
 
-    latents: [B, C, F, H, W]; text: [B, L, text_dim] one caption per video.
+    latents: [B, C, F, H, W]; text: [B, L, text_dim] one caption per video, or [B, N, L, text_dim] with
+    chunk_text [B, n] the caption of every chunk (multi-shot). first_frame_prob: chance per video that
+    chunk 0's first token frame is a clean conditioning frame (drawn on `generator` after the noise).
+    recycler: an `error_recycling.ErrorRecycler` (degrades the clean history, then records this step's
+    errors) or None. With the defaults this is the plain teacher-forcing loss.
     """
     b, f = latents.shape[0], latents.shape[2]
     sigma = sample_sigmas((b, f // chunk_frames), shift, num_train_timesteps, generator)
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
-    inputs = build_tf_inputs(model, latents, noise, sigma.to(latents.device), chunk_frames, num_train_timesteps)
-    out = tf_forward(model, inputs, model.embed_context(text))
-    return flow_matching_loss(noisy_prediction(model, out, inputs), inputs.target), inputs
+    cond = torch.rand(b, generator=generator) < first_frame_prob if first_frame_prob > 0 else None
+    history, degraded = None, None
+    if recycler is not None:
+        keep = model.cfg.patch_size[0] if cond is not None else 0          # the conditioning frame stays exact
+        history, degraded = recycler.degrade(latents, chunk_frames, keep_first=keep, keep_mask=cond)
+    inputs = build_tf_inputs(model, latents, noise, sigma.to(latents.device), chunk_frames, num_train_timesteps,
+                             history=history, cond_first=cond)
+    out = tf_forward(model, inputs, tf_text_context(model, text, chunk_text, chunk_frames))
+    pred = noisy_prediction(model, out, inputs)
+    if recycler is not None:
+        recycler.record(pred, inputs.target, sigma, chunk_frames, degraded, inputs.loss_weight)
+    return flow_matching_loss(pred, inputs.target, inputs.loss_weight), inputs

@@ -24,6 +24,7 @@ from ...config.model import ModelConfig
 from ..provider import LinearProvider
 from .attention import AttentionCore, ChunkMask
 from .rope import apply_rope, grid_positions, rope_cos_sin
+from .text_context import cross_attend
 
 # A per-layer hook of the streaming KV cache: given this chunk's (k, v) [B, S, H, D] and the mask,
 # return the (k, v, mask) to attend over (cache contents + this chunk), writing the cache as it likes.
@@ -114,10 +115,10 @@ class WanCrossAttention(nn.Module):
         v = self.v(context).unflatten(-1, (-1, self.head_dim))
         return k, v
 
-    def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context_kv) -> torch.Tensor:
+        """context_kv: `(k, v)` [B, L, H, D], or a `text_context.FrameText` (a text per token frame, multi-shot)."""
         q = self.norm_q(self.q(x)).unflatten(-1, (-1, self.head_dim))
-        k, v = context_kv
-        return self.o(self.core(q, k, v).flatten(2))
+        return self.o(cross_attend(self.core, q, context_kv).flatten(2))
 
 
 class WanBlock(nn.Module):
