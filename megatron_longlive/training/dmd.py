@@ -161,8 +161,8 @@ class Distiller:
         if dc.rollout_frames % self.chunk_frames:
             raise ValueError(f"distill.rollout_frames={dc.rollout_frames} must be a multiple of train.chunk_frames="
                              f"{self.chunk_frames}. Fix: e.g. distill.rollout_frames={4 * self.chunk_frames}.")
-        self.prompts = prompts                                                      # [N, L, text_dim]
-        self.null_text = torch.zeros_like(prompts[:1])
+        self.prompts = prompts                                                      # [N, L, text_dim], any device
+        self.null_text = torch.zeros_like(prompts[:1], device=self.device)          # [1, L, text_dim] unconditional
         adtype = torch.float32                                                      # adapters train in fp32
         add_adapter(model, GENERATOR, dc.targets, dc.rank, dc.alpha, adtype)
         add_adapter(model, CRITIC, dc.targets, dc.critic_rank, dc.critic_alpha, adtype)
