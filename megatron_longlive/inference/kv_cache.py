@@ -105,6 +105,7 @@ class KVCache:
         self._ring: list[int] = []        # window slots in age order, oldest first
         self._recache_plan: list[int] | None = None
         self._mask_cache: tuple | None = None
+        self._layer_hooks = [LayerHook(self, i) for i in range(self.num_layers)]
 
     def stored_chunks(self) -> list[tuple[int, int]]:
         """(chunk index, slot) of every stored chunk, in temporal order."""
@@ -190,11 +191,17 @@ class KVCache:
             self._mask_cache = (key, ChunkMask(q_blocks, kv_blocks, allowed))
         return self._mask_cache[1]
 
-    def hook(self, layer: int):
-        """The `KVHook` of layer `layer` for `WanDiT.forward_tokens`."""
-        if self._recache_plan is not None:
-            return lambda k, v, mask: self._recache_hook(layer, k, v, mask)
-        return lambda k, v, mask: self._chunk_hook(layer, k, v, mask)
+    def hook(self, layer: int) -> "LayerHook":
+        """The `KVHook` of layer `layer` for `WanDiT.forward_tokens` (one stable object per layer)."""
+        return self._layer_hooks[layer]
+
+    def context_signature(self) -> tuple[int, bool]:
+        """(tokens the next chunk pass attends, whether that needs a mask): the shape-defining state of a
+        chunk pass, so a compiled / CUDA-graphed step can be keyed by it (inference/chunk_step.py)."""
+        tpc = self.layout.tokens_per_chunk
+        used = [s for s, c in enumerate(self.slot_chunk) if c is not None]
+        end = (max(used) + 2) * tpc if used else tpc
+        return end, not all(c is not None for c in self.slot_chunk[: end // tpc - 1])
 
     def _chunk_hook(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask):
         """k, v: [B, tokens_per_chunk, H, D] of the current chunk -> (K, V, mask) over context + chunk."""
@@ -203,8 +210,7 @@ class KVCache:
         assert k.shape[1] == tpc, f"chunk has {k.shape[1]} tokens, the cache expects {tpc}"
         self.k[layer, :, :tpc].copy_(k)
         self.v[layer, :, :tpc].copy_(v)
-        used = [s for s, c in enumerate(self.slot_chunk) if c is not None]
-        end = (max(used) + 2) * tpc if used else tpc
+        end, _ = self.context_signature()
         return self.k[layer, :, :end], self.v[layer, :, :end], self._context_mask(tpc, end, k.device)
 
     def _recache_hook(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask):
@@ -222,3 +228,18 @@ class KVCache:
         if self.latents is not None:
             total += self.latents.numel() * self.latents.element_size()
         return total
+
+
+class LayerHook:
+    """The KV hook of one layer: a stable object (not a fresh lambda per call) whose bookkeeping runs
+    eagerly, so a `torch.compile`d block sees the same callable type for every layer and chunk and
+    compiles once (the cache's Python state - slots, rings, plans - never becomes a compile guard)."""
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    @torch.compiler.disable
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, mask):
+        if self.cache._recache_plan is not None:
+            return self.cache._recache_hook(self.layer, k, v, mask)
+        return self.cache._chunk_hook(self.layer, k, v, mask)

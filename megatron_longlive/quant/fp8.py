@@ -85,8 +85,28 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, db, None
 
 
+def fp8_inference_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                         emulate: bool) -> torch.Tensor:
+    """y = x W^T + b with frozen E4M3 weights (qw [N, K], sw [N, 1]) and x quantized row by row on the fly.
+
+    The activation quantization is plain torch ops on purpose: under `torch.compile` Inductor fuses it
+    into the op that produced x (norm + modulation, GELU), which is what makes FP8 pay off on Hopper
+    (an unfused quantization pass costs more than the GEMM saves)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    qx, sx = quantize_rowwise(x.reshape(-1, k))
+    if emulate:
+        y = fp8_gemm(qx, sx, qw, sw, True, torch.float32)
+        y = y if bias is None else y + bias.float()
+    else:
+        y = torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), bias=bias, out_dtype=torch.bfloat16)
+    return y.to(x.dtype).view(*lead, -1)
+
+
 class FP8Linear(QuantLinearBase):
-    """nn.Linear with E4M3 rowwise-scaled GEMMs. emulate: None = scaled-mm where native (CUDA sm89+)."""
+    """nn.Linear with E4M3 rowwise-scaled GEMMs. emulate: None = scaled-mm where native (CUDA sm89+).
+
+    `freeze()` quantizes the weight once for inference: afterwards no-grad forwards use the frozen E4M3
+    weight and quantize only the activation (`fp8_inference_linear`); training forwards are unchanged."""
 
     kind = "FP8 (torch._scaled_mm)"
 
@@ -94,12 +114,23 @@ class FP8Linear(QuantLinearBase):
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.emulate = emulate
+        self.register_buffer("qweight", None, persistent=False)    # set by freeze()
+        self.register_buffer("wscale", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear, emulate: bool | None = None) -> "FP8Linear":
         """Wrap an existing linear, sharing its parameters."""
         return cls._wrap(linear, emulate=emulate)
 
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Quantize the current weight for inference (call again after changing the weight)."""
+        qw, sw = quantize_rowwise(self.weight)
+        self.qweight, self.wscale = qw, sw
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emulate = self.emulate if self.emulate is not None else not use_scaled_mm(x.device)
+        if self.qweight is not None and not torch.is_grad_enabled():
+            bias = None if self.bias is None else self.bias.to(torch.float32 if emulate else torch.bfloat16)
+            return fp8_inference_linear(x, self.qweight, self.wscale, bias, emulate)
         return FP8LinearFunction.apply(x, self.weight, self.bias, emulate)

@@ -173,3 +173,13 @@ def convert_linears(model: nn.Module, quant_cfg: QuantConfig) -> list[str]:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return names
+
+
+def freeze_for_inference(model: nn.Module) -> int:
+    """Quantize the weights of every low-bit linear that supports it once (e.g. FP8Linear), so inference
+    forwards only quantize activations. Returns how many modules were frozen."""
+    frozen = [m for m in model.modules() if callable(getattr(m, "freeze", None))]
+    for m in frozen:
+        m.freeze()
+    return len(frozen)
+

@@ -160,6 +160,10 @@ class WanHead(nn.Module):
         return self.head(modulate(self.norm(x), shift, scale))
 
 
+def _call_block(block: "WanBlock", *args) -> torch.Tensor:
+    return block(*args)
+
+
 class WanDiT(nn.Module):
     """The Wan DiT. `forward` runs a whole video (bidirectional or masked); the finer-grained methods
     (`patchify`, `time_embed`, `embed_context`, `forward_tokens`, `unpatchify`) let teacher forcing and
@@ -214,12 +218,15 @@ class WanDiT(nn.Module):
         return rope_cos_sin(positions, self.cfg.rope_dims, self.cfg.rope_theta)
 
     def forward_tokens(self, tokens: torch.Tensor, t: torch.Tensor, context_kv: list, positions: torch.Tensor,
-                       mask: ChunkMask | torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+                       mask: ChunkMask | torch.Tensor | None = None, kv_cache=None,
+                       run_block: Callable | None = None) -> torch.Tensor:
         """Run all blocks and the head on an assembled token sequence.
 
         tokens: [B, S, D], whole frames; t: [B, F] timesteps of those frames (S = F * tokens_per_frame);
         context_kv: from `embed_context`; positions: [S, 3]; mask: over the S tokens (or None = full);
         kv_cache: None, or an object whose `.hook(layer_index)` returns a `KVHook`.
+        run_block: how a block is called, `run_block(block, x, e0, cos, sin, context_kv, mask, hook)`
+        (default: plain call); lets a compiled step run every block through one compiled function.
         Returns the head output [B, S, prod(patch) * out_channels].
         """
         e, e0 = self.time_embed(t)
@@ -227,7 +234,7 @@ class WanDiT(nn.Module):
         x = tokens
         for i, block in enumerate(self.blocks):
             hook = kv_cache.hook(i) if kv_cache is not None else None
-            x = block(x, e0, cos, sin, context_kv[i], mask, hook)
+            x = (run_block or _call_block)(block, x, e0, cos, sin, context_kv[i], mask, hook)
         return self.head(x, e)
 
     # ----- whole video --------------------------------------------------------------------------

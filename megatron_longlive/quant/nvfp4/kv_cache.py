@@ -36,16 +36,16 @@ from . import reference
 AttentionMode = Literal["dequant", "fused"]
 
 
-def quantize_chunk(x: torch.Tensor) -> reference.NVFP4Quantized:
+def quantize_chunk(x: torch.Tensor, amax: torch.Tensor | None = None) -> reference.NVFP4Quantized:
     """One chunk's K or V [B, T, H, D] -> NVFP4 with one tensor scale for the chunk (1x16 blocks along D).
 
     CPU: the reference quantizer. CUDA: the Triton quantizer (bitwise equal), without the finite check so
-    that a chunk step has no host sync."""
+    that a chunk step has no host sync. amax: the chunk's max |value| when x is a shard of it (SP: H/N heads)."""
     if not x.is_cuda:
-        return reference.quantize(x)
+        return reference.quantize(x, amax=amax)
     from .kernels import ops
 
-    return ops.quantize(x, check_finite=False)
+    return ops.quantize(x, check_finite=False, amax=amax)
 
 
 @dataclasses.dataclass
@@ -134,12 +134,18 @@ class NVFP4KVCache(KVCache):
     def _write(self, layer: int, region: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize one chunk's k, v [B, T, H, D] into region `region` (0 = current) of `layer`, in place."""
         tok = self.layout.tokens(region - 1)
-        for x, codes, scales, ts in ((k, self.k_codes, self.k_scales, self.k_ts),
-                                     (v, self.v_codes, self.v_scales, self.v_ts)):
-            qx = quantize_chunk(x)
+        amax = self.chunk_amax(k, v)
+        for x, a, codes, scales, ts in ((k, amax[0], self.k_codes, self.k_scales, self.k_ts),
+                                        (v, amax[1], self.v_codes, self.v_scales, self.v_ts)):
+            qx = quantize_chunk(x, a)
             codes[layer, :, tok].copy_(qx.packed)
             scales[layer, :, tok].copy_(qx.scales)
             ts[layer, region].copy_(qx.tensor_scale)
+
+    def chunk_amax(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Tensor amax of one chunk's K and V for its region scales; None = the tensor's own max |value|. A
+        head-sharded cache (distributed/sp_inference.py) returns the max over all shards instead."""
+        return None, None
 
     def _store(self, slot: int, chunk_index: int, latents: torch.Tensor | None) -> None:
         """Copy the current chunk's packed K/V (all layers) into `slot`: bytes, no requantization."""
@@ -157,8 +163,7 @@ class NVFP4KVCache(KVCache):
         """Layer `layer`'s packed K/V over the first `end` tokens (default: up to the last stored slot)."""
         tpc = self.layout.tokens_per_chunk
         if end is None:
-            used = [s for s, c in enumerate(self.slot_chunk) if c is not None]
-            end = (max(used) + 2) * tpc if used else tpc
+            end, _ = self.context_signature()
         regions = end // tpc
         flags = (True, *(c is not None for c in self.slot_chunk))
         if getattr(self, "_valid", (None,))[0] != flags:       # one host->device copy per cache state, not per layer
