@@ -1,19 +1,27 @@
-"""Time teacher-forcing training steps (forward + backward + AdamW) of a model config.
+"""Time teacher-forcing training steps (forward + backward + AdamW) of a model config, per training precision.
 
 CPU default: the tiny preset. GPU default: Wan2.1-1.3B at 480x832, 21 latent frames, chunk 3, BF16
-autocast, activation checkpointing. Prints a table and appends JSON lines (bench/record.py) to --out.
+autocast, activation checkpointing. `--quant` picks one or more precision variants (bench/train_variants.py:
+bf16, fp8, nvfp4_emulated, nvfp4_lora), each built as training builds it (providers / packed base + LoRA), run
+one after another in this process. Per variant: step time, tokens/s, peak memory (CUDA max_memory_allocated
+after the warm-up steps) and the training-state bytes (weights + grads + AdamW, from the real tensors), each with
+its ratio to bf16 when bf16 is in the run. Prints a table and appends JSON lines (bench/record.py) to --out.
+A variant that fails (OOM, CUDA error, NaN) is reported with its error and the script exits with status 1.
 
   python bench/bench_train_step.py --out bench/results.jsonl                       # tiny on CPU
   python bench/bench_train_step.py --preset wan2.1-1.3b --out bench/results.jsonl  # on a GPU
+  python bench/bench_train_step.py --quant bf16 fp8 nvfp4_emulated nvfp4_lora --out bench/results.jsonl
 """
 from __future__ import annotations
 
 import argparse
 import os
+import gc
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -22,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.record import record  # noqa: E402
 from dataloaders.latent_dataset import random_latent_dataset  # noqa: E402
 from megatron_longlive.config import build_config  # noqa: E402
-from megatron_longlive.models.wan import WanDiT  # noqa: E402
+from bench.memory_account import measured_state_bytes  # noqa: E402
+from bench.train_variants import VARIANTS, build_variant_model, count_quantized, variant_tree  # noqa: E402
 from megatron_longlive.training.trainer import Trainer  # noqa: E402
 
 
@@ -37,56 +46,107 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32")
     p.add_argument("--no-activation-checkpointing", action="store_true")
-    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--quant", nargs="+", default=["bf16"], choices=VARIANTS, metavar="VARIANT",
+                   help=f"precision variants to time, in order ({', '.join(VARIANTS)}); ratios are to bf16")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="LoRA rank: of nvfp4_lora (0: 16), and an optional LoRA on the other variants (0: none)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation, allocator)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if len(set(a.quant)) != len(a.quant):
+        p.error(f"--quant lists a variant twice: {a.quant}")
+    if torch.device(a.device).type == "cuda" and not cuda:
+        p.error(f"--device {a.device}: CUDA is not available here (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}). Fix: run on a GPU machine or pass --device cpu")
+    return a
+
+
+def run_variant(a, variant: str, run_dir: str) -> dict:
+    """Build `variant` as training does, run warm-up + timed Trainer steps; returns its figures."""
+    device = torch.device(a.device)
+    ac = device.type == "cuda" and not a.no_activation_checkpointing
+    tree = variant_tree(variant, a.lora_rank)
+    cfg = build_config({
+        "model": {"preset": a.preset},
+        "data": {"source": "zarr", "path": os.path.join(run_dir, "none.pt"), "height": a.height, "width": a.width,
+                 "num_frames": 1 + 4 * (a.latent_frames - 1)},
+        "quant": tree["quant"],
+        "train": {"output_dir": os.path.join(run_dir, variant), "max_steps": a.warmup + a.steps,
+                  "wandb_mode": "disabled", "micro_batch": a.micro_batch, "chunk_frames": a.chunk_frames,
+                  "precision": a.precision, "activation_checkpointing": ac, "warmup_steps": 1, "lr": 1e-5,
+                  **tree["train"]}})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = build_variant_model(cfg, device)
+    counts = count_quantized(model)
+    expected = {"fp8": "FP8Linear", "nvfp4_emulated": "NVFP4Linear", "nvfp4_lora": "PackedNVFP4Linear"}.get(variant)
+    if expected and counts[expected] == 0:
+        raise RuntimeError(f"variant {variant}: the model holds no {expected} (all linears kept high precision?)")
+    trainer = Trainer(cfg, dataset=random_latent_dataset(cfg, a.micro_batch), device=device, model=model,
+                      progress=False)
+    times, tokens = [], 0
+    for i in range(a.warmup + a.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            if i == a.warmup:
+                torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        m = trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+            tokens = m["tokens_per_s"] * m["step_time"]
+    step_s = statistics.median(times)
+    out = {"step_time": (round(step_s * 1e3, 2), "ms"), "tokens_per_s": (round(tokens / step_s, 1), "tokens/s"),
+           "state_memory": (round(measured_state_bytes(trainer.model, trainer.optimizer)["total"] / 2**20, 2), "MiB")}
+    if device.type == "cuda":
+        out["peak_memory"] = (round(torch.cuda.max_memory_allocated() / 2**30, 2), "GiB")
+    info = {"tokens_per_step": int(tokens), "quantized_modules": {k: v for k, v in counts.items() if v},
+            "trainable_params": sum(p.numel() for p in trainer.params), "lora_rank": cfg.train.lora_rank}
+    del trainer, model
+    gc.collect()
+    return {"figures": out, "info": info, "ac": ac}
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    device = torch.device(a.device)
-    ac = device.type == "cuda" and not a.no_activation_checkpointing
+    results, errors = {}, {}
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = build_config({
-            "model": {"preset": a.preset},
-            "data": {"source": "zarr", "path": os.path.join(run_dir, "none.pt"), "height": a.height, "width": a.width,
-                     "num_frames": 1 + 4 * (a.latent_frames - 1)},
-            "train": {"output_dir": run_dir, "max_steps": a.warmup + a.steps, "wandb_mode": "disabled",
-                      "micro_batch": a.micro_batch, "chunk_frames": a.chunk_frames, "precision": a.precision,
-                      "activation_checkpointing": ac, "lora_rank": a.lora_rank, "warmup_steps": 1, "lr": 1e-5}})
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = WanDiT(cfg.model)
-            model.init_weights()
-        trainer = Trainer(cfg, dataset=random_latent_dataset(cfg, a.micro_batch), device=device, model=model,
-                          progress=False)
-        times, tokens = [], 0
-        for i in range(a.warmup + a.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                if i == a.warmup:
-                    torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            m = trainer.train_step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= a.warmup:
-                times.append(time.perf_counter() - t0)
-                tokens = m["tokens_per_s"] * m["step_time"]
-    step_s = statistics.median(times)
-    name = (f"{a.preset} train step {a.latent_frames}x{a.height}x{a.width} chunk{a.chunk_frames} mb{a.micro_batch} "
-            f"{a.precision}{' ac' if ac else ''}{f' lora{a.lora_rank}' if a.lora_rank else ''}")
-    rows = [record(a.out, name, "step_time", round(step_s * 1e3, 2), "ms"),
-            record(a.out, name, "tokens_per_s", round(tokens / step_s, 1), "tokens/s", tokens_per_step=int(tokens))]
-    if device.type == "cuda":
-        rows.append(record(a.out, name, "peak_memory", round(torch.cuda.max_memory_allocated() / 2**30, 2), "GiB"))
-    print(f"{'name':<60} {'metric':<14} {'value':>12} unit")
+        for variant in a.quant:
+            try:
+                results[variant] = run_variant(a, variant, run_dir)
+            except Exception as e:  # keep the other variants' figures, then fail loudly
+                traceback.print_exc()
+                errors[variant] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if torch.device(a.device).type == "cuda":
+                    gc.collect()
+                    torch.cuda.empty_cache()
+    ac = torch.device(a.device).type == "cuda" and not a.no_activation_checkpointing
+    base = (f"{a.preset} train step {a.latent_frames}x{a.height}x{a.width} chunk{a.chunk_frames} mb{a.micro_batch} "
+            f"{a.precision}{' ac' if ac else ''}")
+    ref = results.get("bf16")
+    rows = []
+    for variant, r in results.items():
+        rank = r["info"]["lora_rank"]
+        name = base + (f" lora{rank}" if variant == "bf16" and rank else "")  # bf16: the pre-existing row names
+        if variant != "bf16":
+            name += f" {variant}" + (f" r{rank}" if rank else "")
+        for metric, (value, unit) in r["figures"].items():
+            extra = dict(variant=variant, **r["info"])
+            if ref is not None and metric in ref["figures"] and ref["figures"][metric][0]:
+                extra["ratio_to_bf16"] = round(value / ref["figures"][metric][0], 4)
+            rows.append(record(a.out, name, metric, value, unit, **extra))
+    print(f"{'name':<72} {'metric':<13} {'value':>11} {'unit':<9} {'x bf16':>7}")
     for r in rows:
-        print(f"{r['name']:<60} {r['metric']:<14} {r['value']:>12} {r['unit']}")
-    return 0
+        ratio = f"{r['ratio_to_bf16']:.3f}" if "ratio_to_bf16" in r else "-"
+        print(f"{r['name']:<72} {r['metric']:<13} {r['value']:>11} {r['unit']:<9} {ratio:>7}")
+    for variant, err in errors.items():
+        print(f"FAILED {variant}: {err}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

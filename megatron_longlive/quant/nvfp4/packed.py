@@ -54,6 +54,8 @@ class PackedNVFP4Linear(nn.Module):
         w = linear.weight
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, block_2d,
                   bias_dtype=w.dtype, device=w.device)
+        if w.device.type == "meta":  # shapes only (memory accounting): nothing to quantize
+            return new
         q = _ops(w.device).quantize(w.detach(), block_2d=block_2d)
         new.codes.copy_(q.packed)
         new.scales.copy_(q.scales)
