@@ -1,7 +1,8 @@
 """The dataset protocol the trainer consumes, a `.pt`/in-memory implementation, and a resumable loader.
 
 An item is a dict: 'latents' [C, F, H, W] float (VAE-normalised latents), 'text' [L, text_dim] (text
-encoder output, padded), 'caption' str. Sources are registered by `data.source` name; `build_dataset`
+encoder output, padded), 'caption' str; multi-shot items add 'texts' [S, L, text_dim] (one caption per
+shot) and 'frame_shot' [F] (the shot of every latent frame) or the Zarr cache's 'chunk_shot' [num_chunks]. Sources are registered by `data.source` name; `build_dataset`
 looks one up. `synthetic` is provided by `dataloaders/synthetic.py`, which must define
 `build_dataset(cfg: RunConfig) -> LatentDataset`. `LatentLoader` shuffles per epoch from a seed,
 shards indices over data-parallel ranks, crops clips to the configured latent frames, and its
@@ -30,10 +31,11 @@ class LatentDataset(Protocol):
 
 
 class InMemoryLatentDataset:
-    """Items held in memory: latents [N, C, F, H, W], text [N, L, text_dim], captions (N strings)."""
+    """Items held in memory: latents [N, C, F, H, W], text [N, L, text_dim], captions (N strings); optionally
+    per-shot captions texts [N, S, L, text_dim] with frame_shot [N, F] (shot index of every latent frame)."""
 
     def __init__(self, latents: torch.Tensor, text: torch.Tensor, captions: list[str] | None = None,
-                 name: str = "<memory>"):
+                 name: str = "<memory>", texts: torch.Tensor | None = None, frame_shot: torch.Tensor | None = None):
         if latents.ndim != 5:
             raise ValueError(f"{name}: 'latents' must be [N, C, F, H, W], got shape {tuple(latents.shape)}. "
                              f"Fix: stack one [C, F, H, W] latent per video.")
@@ -44,13 +46,28 @@ class InMemoryLatentDataset:
         if len(captions) != latents.shape[0]:
             raise ValueError(f"{name}: {len(captions)} captions for {latents.shape[0]} videos. "
                              f"Fix: give one caption per video.")
+        if (texts is None) != (frame_shot is None):
+            raise ValueError(f"{name}: 'texts' and 'frame_shot' come together (per-shot captions and the shot of "
+                             f"every latent frame). Fix: give both or neither.")
+        if texts is not None:
+            n, f = latents.shape[0], latents.shape[2]
+            if texts.ndim != 4 or texts.shape[0] != n or texts.shape[2:] != text.shape[1:]:
+                raise ValueError(f"{name}: 'texts' must be [N={n}, S, L, text_dim] like 'text' {tuple(text.shape)}, "
+                                 f"got {tuple(texts.shape)}. Fix: one padded text-encoder output per shot.")
+            if frame_shot.shape != (n, f) or int(frame_shot.min()) < 0 or int(frame_shot.max()) >= texts.shape[1]:
+                raise ValueError(f"{name}: 'frame_shot' must be [N={n}, F={f}] shot indices in [0, {texts.shape[1]}), "
+                                 f"got shape {tuple(frame_shot.shape)}. Fix: the shot of every latent frame.")
         self.latents, self.text, self.captions, self.name = latents, text, captions, name
+        self.texts, self.frame_shot = texts, frame_shot
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def __getitem__(self, index: int) -> dict:
-        return {"latents": self.latents[index], "text": self.text[index], "caption": self.captions[index]}
+        item = {"latents": self.latents[index], "text": self.text[index], "caption": self.captions[index]}
+        if self.texts is not None:
+            item["texts"], item["frame_shot"] = self.texts[index], self.frame_shot[index]
+        return item
 
 
 def random_latent_dataset(cfg, num_videos: int = 4, seed: int = 0, frames: int | None = None) -> InMemoryLatentDataset:
@@ -66,10 +83,14 @@ def random_latent_dataset(cfg, num_videos: int = 4, seed: int = 0, frames: int |
 
 
 def save_latent_file(path: str | os.PathLike, latents: torch.Tensor, text: torch.Tensor,
-                     captions: list[str] | None = None) -> None:
-    """Write a `.pt` latent file readable by `PtLatentDataset`."""
+                     captions: list[str] | None = None, texts: torch.Tensor | None = None,
+                     frame_shot: torch.Tensor | None = None) -> None:
+    """Write a `.pt` latent file readable by `PtLatentDataset` (texts / frame_shot: optional per-shot captions)."""
     captions = list(captions) if captions is not None else [""] * latents.shape[0]
-    torch.save({"latents": latents.contiguous(), "text": text.contiguous(), "captions": captions}, path)
+    blob = {"latents": latents.contiguous(), "text": text.contiguous(), "captions": captions}
+    if texts is not None:
+        blob["texts"], blob["frame_shot"] = texts.contiguous(), frame_shot.long().contiguous()
+    torch.save(blob, path)
 
 
 class PtLatentDataset(InMemoryLatentDataset):
@@ -84,7 +105,8 @@ class PtLatentDataset(InMemoryLatentDataset):
         missing = [k for k in ("latents", "text") if k not in blob]
         if missing:
             raise ValueError(f"{path}: missing field(s) {missing}. Fix: write the file with save_latent_file().")
-        super().__init__(blob["latents"], blob["text"], blob.get("captions"), name=path)
+        super().__init__(blob["latents"], blob["text"], blob.get("captions"), name=path, texts=blob.get("texts"),
+                         frame_shot=blob.get("frame_shot"))
 
 
 # ----- sources --------------------------------------------------------------------------------------
@@ -158,6 +180,28 @@ def check_item(item: dict, index: int, dataset_name: str, cfg) -> None:
 
 # ----- loader ---------------------------------------------------------------------------------------
 
+def item_frame_shot(item: dict) -> torch.Tensor:
+    """[F] shot index of every latent frame of a multi-shot item ('frame_shot', or the Zarr 'chunk_shot')."""
+    if "frame_shot" in item:
+        return item["frame_shot"].long()
+    chunk_shot, frames = item["chunk_shot"].long(), item["latents"].shape[1]
+    if tuple(item.get("chunk_range", (0, len(chunk_shot)))) != (0, len(chunk_shot)) or frames % len(chunk_shot):
+        raise ValueError(f"item {item.get('key', '')!r}: 'chunk_shot' covers {len(chunk_shot)} chunks but the item "
+                         f"holds {frames} latent frames of chunks {item.get('chunk_range')}. Fix: load whole videos "
+                         f"(sp_size=1) for the single-process loader.")
+    return chunk_shot.repeat_interleave(frames // len(chunk_shot))
+
+
+def stack_shot_texts(items: list[dict], frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-shot captions of a batch: texts [B, S_max, L, D] (zero-padded shots) and frame_shot [B, frames]."""
+    num = max(it["texts"].shape[0] for it in items)
+    first = items[0]["texts"]
+    texts = torch.zeros(len(items), num, *first.shape[1:], dtype=torch.float32)
+    for i, it in enumerate(items):
+        texts[i, :it["texts"].shape[0]] = it["texts"].float()
+    return texts, torch.stack([item_frame_shot(it)[:frames] for it in items])
+
+
 class LatentLoader:
     """Endless, resumable batches: per-epoch shuffle from `seed`, DP sharding, latent-frame crop.
 
@@ -198,9 +242,12 @@ class LatentLoader:
             if self.check is not None:
                 self.check(item, i)
             items.append(item)
-        return {"latents": torch.stack([it["latents"][:, :self.frames] for it in items]).float(),
-                "text": torch.stack([it["text"] for it in items]).float(),
-                "caption": [it["caption"] for it in items], "index": order}
+        batch = {"latents": torch.stack([it["latents"][:, :self.frames] for it in items]).float(),
+                 "text": torch.stack([it["text"] for it in items]).float(),
+                 "caption": [it["caption"] for it in items], "index": order}
+        if all("texts" in it for it in items):
+            batch["texts"], batch["frame_shot"] = stack_shot_texts(items, self.frames)
+        return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}

@@ -65,6 +65,24 @@ class TrainConfig(ConfigBase):
     """Global seed."""
     init_from: str = ""
     """Starting weights: a safetensors file of WanDiT weights (official Wan names); empty = Wan's random init."""
+    per_shot_text: bool = True
+    """Multi-shot training: when the dataset gives per-shot captions ('texts' + shot ids), each chunk (clean and noisy twin) cross-attends its own shot's caption; False: the first caption for the whole video. No effect on one-caption data."""
+    first_frame_prob: float = 0.0
+    """Image-to-video training: chance per video that chunk 0's first latent frame is a clean conditioning frame (t = 0, no loss), as Wan2.2-TI2V conditions on the image latent; 0 = off."""
+    error_recycling: bool = False
+    """Error recycling: add the model's own recent x0 errors (a buffer bucketed by noise level) to clean-history chunks, so the AR model learns to recover from its drift. Loss targets never change."""
+    error_recycling_clean_prob: float = 0.2
+    """Error recycling: fraction of videos whose history is kept clean."""
+    error_recycling_chunk_prob: float = 0.9
+    """Error recycling: chance that each clean-history chunk of a non-clean video gets a recycled error."""
+    error_recycling_num_buckets: int = 20
+    """Error recycling: noise-level buckets over sigma in [0, 1]."""
+    error_recycling_bucket_size: int = 32
+    """Error recycling: errors kept per bucket (a full bucket replaces a random entry)."""
+    error_recycling_modulate: float = 0.3
+    """Error recycling: an injected error is scaled by a factor uniform in [1 - modulate, 1 + modulate]."""
+    error_recycling_clean_update_prob: float = 0.1
+    """Error recycling: chance that a video kept clean still adds its errors to the buffer."""
 
     def validate(self) -> None:
         for name in ("max_steps", "grad_accum", "micro_batch", "chunk_frames", "keep_last", "num_train_timesteps"):
@@ -74,5 +92,12 @@ class TrainConfig(ConfigBase):
             raise self.error("lr", f"must be positive, got {self.lr}", "use e.g. 1e-4")
         if not 0 <= self.ema_decay < 1:
             raise self.error("ema_decay", f"must be in [0, 1), got {self.ema_decay}", "use 0 (off) or e.g. 0.99")
+        for name in ("first_frame_prob", "error_recycling_clean_prob", "error_recycling_chunk_prob",
+                     "error_recycling_modulate", "error_recycling_clean_update_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise self.error(name, f"must be in [0, 1], got {getattr(self, name)}", f"set train.{name} in [0, 1]")
+        for name in ("error_recycling_num_buckets", "error_recycling_bucket_size"):
+            if getattr(self, name) < 1:
+                raise self.error(name, f"must be >= 1, got {getattr(self, name)}", f"set train.{name} >= 1")
         if self.lora_rank < 0:
             raise self.error("lora_rank", f"must be >= 0, got {self.lora_rank}", "use 0 (full) or e.g. 16")

@@ -211,14 +211,14 @@ def teacher_forcing_loss(model, latents: torch.Tensor, text: torch.Tensor, chunk
     sigma = sample_sigmas((b, f // chunk_frames), shift, num_train_timesteps, generator)
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
     cond = torch.rand(b, generator=generator) < first_frame_prob if first_frame_prob > 0 else None
-    history, degraded = None, None
+    history, kept_clean = None, None
     if recycler is not None:
         keep = model.cfg.patch_size[0] if cond is not None else 0          # the conditioning frame stays exact
-        history, degraded = recycler.degrade(latents, chunk_frames, keep_first=keep, keep_mask=cond)
+        history, kept_clean = recycler.degrade(latents, chunk_frames, keep_first=keep, keep_mask=cond)
     inputs = build_tf_inputs(model, latents, noise, sigma.to(latents.device), chunk_frames, num_train_timesteps,
                              history=history, cond_first=cond)
     out = tf_forward(model, inputs, tf_text_context(model, text, chunk_text, chunk_frames))
     pred = noisy_prediction(model, out, inputs)
     if recycler is not None:
-        recycler.record(pred, inputs.target, sigma, chunk_frames, degraded, inputs.loss_weight)
+        recycler.record(pred, inputs.target, sigma, chunk_frames, kept_clean, inputs.loss_weight)
     return flow_matching_loss(pred, inputs.target, inputs.loss_weight), inputs

@@ -31,6 +31,7 @@ from ..models.provider import LinearProvider
 from ..models.wan import WanDiT
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .ema import EMA
+from .error_recycling import ErrorRecycler, RecyclingOptions
 from .lora import apply_lora, save_adapter
 from .metrics import MetricsLogger
 from .teacher_forcing import teacher_forcing_loss
@@ -48,21 +49,33 @@ class StepStrategy(Protocol):
 
 @dataclasses.dataclass
 class TeacherForcingStep:
-    """Single-process teacher forcing: [clean | noisy] sequence, noisy-token velocity MSE."""
+    """Single-process teacher forcing: [clean | noisy] sequence, noisy-token velocity MSE.
+
+    per_shot_text: use the batch's per-shot captions ('texts' [B, N, L, D], 'frame_shot' [B, F]) when present;
+    a chunk takes the shot of its first latent frame. first_frame_prob / recycler: image-to-video conditioning
+    and error recycling (`teacher_forcing_loss`); the defaults are plain teacher forcing.
+    """
 
     chunk_frames: int
     shift: float = 5.0
     num_train_timesteps: int = 1000
     device: torch.device = torch.device("cpu")
     autocast_dtype: torch.dtype | None = None
+    per_shot_text: bool = True
+    first_frame_prob: float = 0.0
+    recycler: ErrorRecycler | None = None
 
     def __call__(self, model, batch, generator):
         latents = batch["latents"].to(self.device, non_blocking=True)
-        text = batch["text"].to(self.device, non_blocking=True)
+        text, chunk_text = batch["text"], None
+        if self.per_shot_text and "texts" in batch:
+            text, chunk_text = batch["texts"], batch["frame_shot"][:, ::self.chunk_frames]
+        text = text.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             loss, inputs = teacher_forcing_loss(model, latents, text, self.chunk_frames, generator, self.shift,
-                                                self.num_train_timesteps)
+                                                self.num_train_timesteps, chunk_text=chunk_text,
+                                                first_frame_prob=self.first_frame_prob, recycler=self.recycler)
         return loss, inputs.tokens.shape[0] * inputs.tokens.shape[1]
 
 
@@ -167,8 +180,11 @@ class Trainer:
         if tc.precision == "bf16" and autocast is None:
             warnings.warn(f"train.precision=bf16 is ignored on {self.device.type}: training runs in float32 "
                           f"(bf16 autocast is used on CUDA only).", stacklevel=2)
+        self.recycler = (ErrorRecycler(RecyclingOptions.from_train_config(tc), seed=tc.seed + 2)
+                         if tc.error_recycling else None)
         self.strategy = strategy or TeacherForcingStep(tc.chunk_frames, tc.timestep_shift, tc.num_train_timesteps,
-                                                       self.device, autocast)
+                                                       self.device, autocast, tc.per_shot_text, tc.first_frame_prob,
+                                                       self.recycler)
         self.generator = torch.Generator().manual_seed(tc.seed + 1)  # sigmas and noise
         # 3. checkpoints and resume
         self.ckpt = self.hooks.checkpoint or CheckpointManager(tc.output_dir, tc.keep_last, rank=dp_rank)
@@ -182,8 +198,11 @@ class Trainer:
 
     # ----- checkpoints ----------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
-                "rng": rng_state(self.generator)}
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                 "rng": rng_state(self.generator)}
+        if self.recycler is not None:
+            state["error_recycling"] = self.recycler.state_dict()
+        return state
 
     def save_checkpoint(self) -> str:
         extra = None
@@ -199,6 +218,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"], self.generator)
+        if self.recycler is not None and "error_recycling" in state:
+            self.recycler.load_state_dict(state["error_recycling"])
         self.last_checkpoint = path
         tqdm.write(f"resumed from {path} at step {self.step}")
 
