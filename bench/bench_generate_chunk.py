@@ -57,6 +57,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, linear: str
     with torch.device(device):
         model = WanDiT(cfg)
         model.init_weights()
+        torch.nn.init.normal_(model.head.head.weight, std=0.02)   # Wan's init zeroes the head: outputs would all be 0
     model = model.to(dtype).eval()
     convert_linears(model, QuantConfig(linear=linear))
     freeze_for_inference(model)

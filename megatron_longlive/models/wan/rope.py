@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def _inv_freq(dim: int, theta: float) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+def _inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
+    # made on the positions' device: a host-to-device copy would break CUDA-graph capture
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
 
 
 def grid_positions(frames: int, height: int, width: int, frame_offset: int = 0,
@@ -26,7 +27,7 @@ def grid_positions(frames: int, height: int, width: int, frame_offset: int = 0,
 def rope_cos_sin(positions: torch.Tensor, dims: tuple[int, int, int], theta: float = 10000.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for positions [S, 3] and per-axis rotary dims -> two [S, sum(dims)//2] float64."""
-    angles = [positions[:, axis].to(torch.float64)[:, None] * _inv_freq(d, theta).to(positions.device)[None, :]
+    angles = [positions[:, axis].to(torch.float64)[:, None] * _inv_freq(d, theta, positions.device)[None, :]
               for axis, d in enumerate(dims)]
     angles = torch.cat(angles, dim=1)
     return torch.cos(angles), torch.sin(angles)

@@ -26,6 +26,8 @@ identically (same tile amax, same per-element rounding). Scales are [M/16, K/16]
 """
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
 import torch
@@ -47,8 +49,13 @@ class NVFP4Quantized(NamedTuple):
 # ----- element formats -------------------------------------------------------------------------------
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes (0..15, one per element) -> float32 values (code 8 is -0.0)."""
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=codes.device)
-    return table[codes.long() & 0xF]
+    return _e2m1_table(codes.device)[codes.long() & 0xF]
+
+
+@functools.lru_cache(maxsize=None)
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    # one table per device, made once: a host-to-device copy per call would break CUDA-graph capture
+    return torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=device)
 
 
 def e2m1_encode(y: torch.Tensor, rand: torch.Tensor | None = None) -> torch.Tensor:
