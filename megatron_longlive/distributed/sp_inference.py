@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -208,6 +209,8 @@ class SPStreamingEngine(StreamingEngine):
             raise ValueError(f"parallel.sp_size={self.sp_size} must divide model.num_heads={heads} (each rank "
                              f"caches H/N heads). Fix: choose a divisor of {heads}")
         super().__init__(model, infer, latent_size, batch, keep_latents, kv_cache, **kwargs)
+        if self.step.mode != "eager":
+            warnings.warn(f"SP inference runs eager chunk passes; step={self.step.mode!r} is ignored")
         self.tokens_per_chunk = math.prod(self.grid)
         split_tokens(self.tokens_per_chunk, self.sp_size, self.sp_rank)   # validates T % N now, not mid-stream
         self.cores = wrap_cached_ulysses(model, plan, group)

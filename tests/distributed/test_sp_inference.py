@@ -12,6 +12,8 @@ a per-shard amax would not be).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from megatron.core import parallel_state  # noqa: F401 - imported once here; the forked ranks inherit it (~30 s each)
@@ -37,10 +39,15 @@ def make_model() -> WanDiT:
     return model.eval()
 
 
-def run_scenario(engine) -> torch.Tensor:
-    """The chunk loop with a prompt switch + recache and a new shot + recache; returns [B, C, T, H, W]."""
+def run_scenario(engine, cfg_i2v: bool = False) -> torch.Tensor:
+    """The chunk loop with a prompt switch + recache and a new shot + recache; returns [B, C, T, H, W].
+    cfg_i2v: with classifier-free guidance (2B rows) and one seeded clean first frame (chunk 0 then has
+    per-frame timesteps 0 and sigma)."""
     g = torch.Generator().manual_seed(3)
     texts = [torch.randn(BATCH, CFG.text_len, CFG.text_dim, generator=g) for _ in range(3)]
+    if cfg_i2v:
+        engine.set_negative_prompt(torch.randn(BATCH, CFG.text_len, CFG.text_dim, generator=g))
+        engine.start_from_latents(torch.randn(BATCH, CFG.in_channels, 1, H, W, generator=g))
     engine.set_prompt(texts[0])
     out = []
     for c in range(NUM_CHUNKS):
@@ -184,3 +191,24 @@ def test_comm_formula_numbers():
     local = 1170 * 12 * 128 * 2                                              # [1, T/4, 12, 128] bf16
     assert c.all_to_all == 4 * local * 3 // 4 * 30 * 5
     assert c.seq_sharded_cache_kv == 2 * (3 * local) * 3 // 4 * 30 * 5       # window of 9 chunks = 3x the chunk
+
+
+def _cfg_i2v_worker(rank: int, world: int) -> torch.Tensor:
+    from megatron_longlive.distributed.grid import init_grid
+    from megatron_longlive.distributed.sp_inference import SPStreamingEngine
+
+    groups = init_grid(1, world, CFG.num_heads)
+    engine = SPStreamingEngine(make_model(), INFER_CFG, (H, W), groups.sp, batch=BATCH)
+    return run_scenario(engine, cfg_i2v=True)
+
+
+INFER_CFG = dataclasses.replace(INFER, guidance_scale=3.0)
+
+
+@pytest.mark.distributed
+def test_sp_inference_guidance_and_image_seed_equal_one_rank():
+    """Guidance (one 2B-row pass) and a seeded first frame (chunk 0 at per-frame timesteps [0, sigma], split
+    over 4 ranks of half a frame each) also match the one-rank engine."""
+    ref = run_scenario(StreamingEngine(make_model(), INFER_CFG, (H, W), batch=BATCH), cfg_i2v=True)
+    for r, got in enumerate(spawn(_cfg_i2v_worker, 4)):
+        torch.testing.assert_close(got, ref, **TOL, msg=lambda m: f"rank {r}: {m}")
