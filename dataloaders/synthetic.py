@@ -204,7 +204,7 @@ def _cache_key(cfg) -> str:
     d, m, inf = cfg.data, cfg.model, cfg.infer
     fields = dict(height=d.height, width=d.width, num_frames=d.num_frames, fps=d.fps, num_videos=d.num_videos,
                   num_shots=d.num_shots, seed=d.seed, vae=m.vae, text_dim=m.text_dim, text_len=m.text_len,
-                  vae_path=inf.vae_path, text_encoder_path=inf.text_encoder_path)
+                  vae_path=inf.vae_path, text_encoder_path=inf.text_encoder_path, per_shot_texts=True)
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -212,8 +212,9 @@ def build_dataset(cfg, progress: bool = True):
     """`data.source: synthetic` for the trainer (cfg: RunConfig): a latent dataset of the synthetic videos.
 
     Videos go to data.path (default: <train.output_dir>/synthetic_data); they are encoded with the VAE and
-    text encoder that `longlive generate` uses (pipeline.load_encoders). One caption per video for now: the
-    first shot's (the trainer takes one text per video; per-chunk shot prompts come with multi-shot training).
+    text encoder that `longlive generate` uses (pipeline.load_encoders). 'text' is the first shot's caption;
+    'texts' [N, S, L, D] holds every shot's caption and 'frame_shot' [N, F] the shot of every latent frame
+    (multi-shot training: each chunk attends its own shot's caption, train.per_shot_text).
     """
     from dataloaders.latent_dataset import PtLatentDataset, save_latent_file
     from megatron_longlive.inference.pipeline import load_encoders
@@ -229,9 +230,28 @@ def build_dataset(cfg, progress: bool = True):
         for entry in tqdm(read_manifest(manifest), desc="VAE encode", unit="video", disable=not progress):
             video = decode_video(entry["path"], cfg.data.num_frames)[None].to(vae.dtype)   # [1, 3, T, H, W]
             latents.append(vae.encode(video).float())
-    captions = [entry["shots"][0]["caption"] for entry in read_manifest(manifest)]
+    entries = read_manifest(manifest)
+    captions = [entry["shots"][0]["caption"] for entry in entries]
     text = text_encoder.encode(captions).float()
+    texts, frame_shot = _shot_texts(entries, text_encoder, latents[0].shape[2])
     tmp = latent_file + f".tmp-{os.getpid()}"
-    save_latent_file(tmp, torch.cat(latents), text, captions)
+    save_latent_file(tmp, torch.cat(latents), text, captions, texts=texts, frame_shot=frame_shot)
     os.replace(tmp, latent_file)
     return PtLatentDataset(latent_file)
+
+
+def _shot_texts(entries: list[dict], text_encoder, num_latent_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every shot's caption encoded (texts [N, S, L, D], zero-padded shots) and frame_shot [N, F] latent frames."""
+    from .captions import latent_frame_of
+
+    num = max(len(e["shots"]) for e in entries)
+    flat = text_encoder.encode([s["caption"] for e in entries for s in e["shots"]]).float()   # [sum S, L, D]
+    texts = torch.zeros(len(entries), num, *flat.shape[1:])
+    frame_shot = torch.zeros(len(entries), num_latent_frames, dtype=torch.long)
+    k = 0
+    for i, e in enumerate(entries):
+        for j, shot in enumerate(e["shots"]):
+            texts[i, j] = flat[k]
+            k += 1
+            frame_shot[i, min(latent_frame_of(shot["start_frame"]), num_latent_frames):] = j
+    return texts, frame_shot
