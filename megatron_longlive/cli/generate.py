@@ -61,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
         segments = load_prompt_file(args.prompt_file, cfg.infer.chunk_frames, args.prompt_index, switches)
     else:
         segments = parse_cli_prompts(args.prompt)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sp = None            # parallel.sp_size > 1 under torchrun/srun: each process is one SP rank, rank 0 writes
+    if cfg.parallel.sp_size > 1:
+        from ..distributed.sp_inference import init_sp_inference
+
+        sp = init_sp_inference(cfg.parallel, cfg.model.num_heads)
+    main = sp is None or sp.rank == 0
+    device = sp.device if sp else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model = load_dit(cfg, args.checkpoint, device, dtype)
     if args.lora:
@@ -73,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
         load_with_adapter(model, args.lora, merge=True)
     out = args.out or cfg.infer.output
     t0 = time.perf_counter()
-    result = generate_video(cfg, model, segments, out, latents_path=args.latents_out, progress=not args.no_progress)
+    result = generate_video(cfg, model, segments, out if main else None,
+                            latents_path=args.latents_out if main else None, progress=main and not args.no_progress,
+                            sp_group=sp.sp if sp else None)
+    if not main:
+        return 0
     frames = result.video.shape[2]
     print(f"wrote {os.path.abspath(out)} ({frames} frames, {frames / cfg.infer.fps:.1f} s at {cfg.infer.fps:g} fps, "
           f"{cfg.infer.num_chunks} chunks, {time.perf_counter() - t0:.1f} s)")

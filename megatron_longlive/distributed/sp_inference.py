@@ -264,3 +264,28 @@ class SPStreamingEngine(StreamingEngine):
                                 math.prod(cfg.patch_size) * cfg.out_channels,
                                 layout.num_slots * layout.tokens_per_chunk,
                                 nvfp4=isinstance(self.cache, NVFP4KVCache))
+
+
+# ----- entry points ---------------------------------------------------------------------------------------------
+def build_engine(model: WanDiT, infer: InferConfig, latent_size: tuple[int, int], sp_group=None,
+                 **kwargs) -> StreamingEngine:
+    """The one-rank `StreamingEngine` (sp_group None) or the `SPStreamingEngine` over `sp_group`."""
+    if sp_group is None:
+        return StreamingEngine(model, infer, latent_size, **kwargs)
+    return SPStreamingEngine(model, infer, latent_size, sp_group, **kwargs)
+
+
+def init_sp_inference(parallel, num_heads: int):
+    """`grid.init_grid` for streaming generation under torchrun/srun: every process is one SP rank (no TP, no DP).
+    parallel: the run's `ParallelConfig`. Returns the `ProcessGroups` (`.sp` for the engine, `.device`)."""
+    from .grid import init_grid
+
+    if parallel.tp_size != 1:
+        raise ValueError(f"parallel.tp_size={parallel.tp_size}: SP inference runs without tensor parallelism. "
+                         f"Fix: set parallel.tp_size=1 for generate")
+    groups = init_grid(1, parallel.sp_size, num_heads, parallel.backend)
+    if groups.dp_size != 1:
+        raise ValueError(f"generate with parallel.sp_size={parallel.sp_size} was launched on {groups.world_size} "
+                         f"processes; every process must be one SP rank. Fix: launch {parallel.sp_size} processes "
+                         f"(torchrun --nproc_per_node {parallel.sp_size})")
+    return groups

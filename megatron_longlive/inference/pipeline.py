@@ -18,7 +18,8 @@ from ..config import RunConfig
 from ..models.wan import WanDiT
 from ..models.wan.text_encoder import TextEncoder
 from ..models.wan.vae import WanVAE
-from .engine import StreamingEngine, stream_latents
+from ..distributed.sp_inference import build_engine
+from .engine import stream_latents
 from .prompts import PromptSegment, check_schedule, prompt_changes
 from .video_writer import write_mp4
 
@@ -137,8 +138,11 @@ def save_latents(path: str, latents: torch.Tensor, prompts: list[PromptSegment])
 
 def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment], out_path: str | None,
                    vae: WanVAE | None = None, text_encoder: TextEncoder | None = None,
-                   latents_path: str | None = None, progress: bool = True) -> GenerationResult:
-    """Run the chunk loop for cfg.infer.num_chunks chunks under the prompt schedule, decode, write mp4/latents."""
+                   latents_path: str | None = None, progress: bool = True, sp_group=None) -> GenerationResult:
+    """Run the chunk loop for cfg.infer.num_chunks chunks under the prompt schedule, decode, write mp4/latents.
+
+    sp_group: run the chunk loop sequence-parallel over this group (distributed/sp_inference.py); every rank
+    gets the same latents, so only one rank should pass out_path / latents_path."""
     inf = cfg.infer
     segments = check_schedule(segments, inf.num_chunks)
     if vae is None or text_encoder is None:
@@ -150,8 +154,8 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
     changes = prompt_changes(segments)
     # 1. text: one encoder pass per distinct prompt
     embeds = {p: text_encoder.encode([p]) for p in dict.fromkeys(changes.values())}
-    engine = StreamingEngine(model, inf, (inf.height // stride, inf.width // stride), batch=1,
-                             kv_cache=cfg.quant.kv_cache)
+    engine = build_engine(model, inf, (inf.height // stride, inf.width // stride), sp_group, batch=1,
+                          kv_cache=cfg.quant.kv_cache)
     if engine.guidance:          # classifier-free guidance: the negative prompt's stream
         engine.set_negative_prompt(text_encoder.encode([inf.negative_prompt]).to(device))
     # 2. the chunk loop

@@ -212,3 +212,48 @@ def test_sp_inference_guidance_and_image_seed_equal_one_rank():
     ref = run_scenario(StreamingEngine(make_model(), INFER_CFG, (H, W), batch=BATCH), cfg_i2v=True)
     for r, got in enumerate(spawn(_cfg_i2v_worker, 4)):
         torch.testing.assert_close(got, ref, **TOL, msg=lambda m: f"rank {r}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_generate_cli_under_torchrun_sp2_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 ... generate --set parallel.sp_size=2`: rank 0 alone writes the mp4 and the
+    latents, which equal the one-process library call (fp32 <= 1e-5) over a prompt switch and window eviction."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_longlive.config import load_config
+    from megatron_longlive.distributed.launch import free_port
+    from megatron_longlive.inference.pipeline import generate_video, load_dit
+    from megatron_longlive.inference.prompts import parse_cli_prompts
+    from megatron_longlive.inference.video_writer import read_mp4
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sets = ["infer.num_chunks=5", "infer.chunk_frames=1", "infer.window_frames=3", "infer.sink_frames=1",
+            "infer.denoising_steps=[1000,500]"]
+    prompts = ["a red square slides right@0", "a blue circle moves down@3"]
+    weights = tmp_path / "dit.safetensors"
+    cfg = load_config(os.path.join(root, "examples", "configs", "tiny.yaml"), sets)
+    model = load_dit(cfg, None, seed=3)
+    torch.nn.init.normal_(model.head.head.weight, std=0.05)
+    save_file(model.state_dict(), str(weights))
+    ref = generate_video(cfg, model, parse_cli_prompts(prompts), None, progress=False).latents
+
+    out, lat = tmp_path / "v.mp4", tmp_path / "v.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "megatron_longlive.cli.main", "generate", "-c", os.path.join(root, "examples", "configs", "tiny.yaml"),
+           "--checkpoint", str(weights), "--out", str(out), "--latents-out", str(lat), "--no-progress",
+           "--set", "parallel.sp_size=2"]
+    for item in sets:
+        cmd += ["--set", item]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1, proc.stdout                 # rank 0 only
+    torch.testing.assert_close(load_file(str(lat))["latents"], ref, **TOL)
+    assert read_mp4(out).shape == (1 + 4 * 4, 64, 64, 3)                 # 5 latent frames -> 17 pixel frames
