@@ -87,7 +87,8 @@ def run_one(args, base: str) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return {"base": base, "step_s": sum(times) / len(times), "peak_gib": _peak(dev), "setup_peak_gib": setup_peak,
-            "base_weights_gib": base_bytes / GIB, "critic_loss": m["critic_loss"], "generator_loss": m["generator_loss"]}
+            "base_weights_gib": base_bytes / GIB, "critic_loss": m["critic_loss"],
+            "generator_loss": m["generator_loss"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -63,12 +63,16 @@ class DistillConfig(ConfigBase):
     batch: int = 1
     """Prompts per rollout."""
     save_interval: int = 50
-    """Generator steps between adapter saves (and one at the end)."""
+    """Generator steps between saves (and one at the end): peft adapters under output_dir/step_N/ and a resumable
+    checkpoint (both adapters, both optimizers, step, RNG; not the frozen base) under output_dir/checkpoints/."""
+    keep_last: int = 3
+    """Resumable checkpoints kept in output_dir/checkpoints/ (older ones are deleted; adapter dirs are all kept)."""
     seed: int = 0
     """Seed of noise, sigmas and prompt order."""
 
     def validate(self) -> None:
-        for name in ("max_steps", "critic_ratio", "rank", "critic_rank", "rollout_frames", "batch", "save_interval"):
+        for name in ("max_steps", "critic_ratio", "rank", "critic_rank", "rollout_frames", "batch", "save_interval",
+                     "keep_last"):
             if getattr(self, name) < 1:
                 raise self.error(name, f"must be >= 1, got {getattr(self, name)}", f"set distill.{name} >= 1")
         if not 1 <= len(self.denoising_steps) <= 8:

@@ -25,7 +25,8 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..utils.durable import fsync_path
 
@@ -73,10 +74,19 @@ def _dcp_quiet(fn, *args, **kwargs):
 class CheckpointManager:
     """Save / find / load checkpoints of one run directory (single process now; rank-aware file names)."""
 
-    def __init__(self, run_dir: str, keep_last: int = 3, rank: int = 0):
+    def __init__(self, run_dir: str, keep_last: int = 3, rank: int = 0, trainable_only: bool = False):
+        """trainable_only: the model part holds only parameters that require grad (e.g. LoRA adapters on a frozen
+        base, which is not written; buffers neither) and is loaded non-strictly; `optimizer` may be a list."""
         self.root = os.path.join(run_dir, "checkpoints")
-        self.keep_last, self.rank = keep_last, rank
+        self.keep_last, self.rank, self.trainable_only = keep_last, rank, trainable_only
         os.makedirs(self.root, exist_ok=True)
+
+    def _model_optim_state(self, model, optimizer) -> tuple[dict, dict]:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        if self.trainable_only:
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+        return model_sd, optim_sd
 
     # ----- discovery ------------------------------------------------------------------------------
     def complete_steps(self) -> list[int]:
@@ -110,7 +120,7 @@ class CheckpointManager:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         tmp = os.path.join(self.root, f".tmp-step_{step:08d}-{os.getpid()}")
         os.makedirs(tmp)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = self._model_optim_state(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if ema_state is not None:
             state["ema"] = ema_state
@@ -146,7 +156,7 @@ class CheckpointManager:
     def load(self, path: str, model, optimizer, ema_state: dict | None) -> dict:
         """Restore model / optimizer / EMA in place from `path`; return the trainer state dict."""
         self._check_complete(path)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = self._model_optim_state(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if ema_state is not None:
             state["ema"] = ema_state
@@ -163,9 +173,10 @@ class CheckpointManager:
         return this rank's trainer state."""
         try:
             _dcp_quiet(dcp.load, state, checkpoint_id=path)
-        except Exception as e:  # noqa: BLE001 - re-raised with the path and a fix
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the path and a fix
             raise ValueError(f"{path}: cannot load into this model/optimizer ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}). Fix: resume with the config the "
-                             f"checkpoint was written with (model, train.lora_rank, train.ema_decay).") from e
-        set_state_dict(model, optimizer, model_state_dict=plain["model"], optim_state_dict=plain["optim"])
+                             f"checkpoint was written with (model, train.lora_rank, train.ema_decay, distill.rank).") from e
+        set_state_dict(model, optimizer, model_state_dict=plain["model"], optim_state_dict=plain["optim"],
+                       options=StateDictOptions(strict=not self.trainable_only))
         return torch.load(os.path.join(path, f"trainer_rank{self.rank}.pt"), weights_only=False)

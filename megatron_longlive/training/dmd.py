@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 from typing import Literal
@@ -33,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..config import InferConfig, RunConfig
+from ..config import InferConfig, RunConfig, to_plain
 from ..inference.engine import StreamingEngine
 from ..models.wan.rope import grid_positions
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .lora_switch import adapter_parameters, add_adapter, save_named_adapter, use_adapter
+from .metrics import MetricsLogger
 from .schedule import noise_latents, shift_sigma
 from .teacher_forcing import build_tf_inputs, noisy_prediction, tf_forward
 
@@ -164,8 +165,9 @@ class Distiller:
         self.prompts = prompts                                                      # [N, L, text_dim], any device
         self.null_text = torch.zeros_like(prompts[:1], device=self.device)          # [1, L, text_dim] unconditional
         adtype = torch.float32                                                      # adapters train in fp32
-        add_adapter(model, GENERATOR, dc.targets, dc.rank, dc.alpha, adtype)
-        add_adapter(model, CRITIC, dc.targets, dc.critic_rank, dc.critic_alpha, adtype)
+        init = torch.Generator().manual_seed(dc.seed + 1)                           # same adapters on any device
+        add_adapter(model, GENERATOR, dc.targets, dc.rank, dc.alpha, adtype, init)
+        add_adapter(model, CRITIC, dc.targets, dc.critic_rank, dc.critic_alpha, adtype, init)
         model.to(self.device)
         self.gen_params, self.critic_params = adapter_parameters(model, GENERATOR), adapter_parameters(model, CRITIC)
         self.gen_opt = torch.optim.AdamW(self.gen_params, lr=dc.lr, betas=dc.betas, weight_decay=0.0)
@@ -175,6 +177,9 @@ class Distiller:
         self.latent = (cfg.model.in_channels, dc.rollout_frames, *latent_hw)
         self.gen = torch.Generator().manual_seed(dc.seed)
         self.step = 0
+        # atomic checkpoints of what training changes: both adapters, both optimizers, step, RNG (not the base)
+        self.ckpt = CheckpointManager(dc.output_dir, dc.keep_last, trainable_only=True)
+        self.last_checkpoint: str | None = None
 
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(text [B, L, D], rollout noise, sigma [B], re-noising noise) on the CPU generator, moved to the device."""
@@ -229,25 +234,55 @@ class Distiller:
         save_named_adapter(self.model, CRITIC, os.path.join(directory, CRITIC), self.dc.targets)
         return directory
 
+    def save_checkpoint(self) -> str:
+        """Atomic resumable checkpoint under output_dir/checkpoints/step_N (see training/checkpoint.py)."""
+        state = {"step": self.step, "rng": rng_state(self.gen)}
+        self.last_checkpoint = self.ckpt.save(self.step, self.model, self.optimizers, None, state)
+        return self.last_checkpoint
+
+    def resume(self) -> str | None:
+        """Restore adapters, optimizers, step and RNG from the newest complete checkpoint; None if there is none."""
+        path = self.ckpt.latest()
+        if path is None:
+            return None
+        state = self.ckpt.load(path, self.model, self.optimizers, None)
+        self.step = int(state["step"])
+        set_rng_state(state["rng"], self.gen)
+        self.last_checkpoint = path
+        tqdm.write(f"resumed distillation from {path} at step {self.step}")
+        return path
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.gen_opt, self.critic_opt]
+
     def train(self, progress: bool = True) -> list[dict]:
+        """Run to distill.max_steps from self.step; metrics.jsonl keeps the rows up to a resumed step, so it reads
+        as one uninterrupted run. Saves adapters and a checkpoint every save_interval steps and at the end."""
         os.makedirs(self.dc.output_dir, exist_ok=True)
         with open(os.path.join(self.dc.output_dir, "config.yaml"), "w") as f:
             f.write(self.cfg.to_yaml())
         rows = []
-        with open(os.path.join(self.dc.output_dir, "metrics.jsonl"), "a") as log:
+        logger = MetricsLogger(self.dc.output_dir, self.cfg.train.wandb_mode, to_plain(self.cfg), resume_step=self.step)
+        try:
             for _ in tqdm(range(self.step, self.dc.max_steps), desc="distill", unit="step", disable=not progress):
                 m = self.train_step()
                 rows.append(m)
-                log.write(json.dumps(m) + "\n")
+                logger.log(m)
                 if m["generator_loss"] != m["generator_loss"]:
                     raise ValueError(f"distill step {self.step}: generator loss is NaN. Fix: lower distill.lr.")
                 if self.step % self.dc.save_interval == 0 or self.step == self.dc.max_steps:
                     self.save()
+                    self.save_checkpoint()
+        finally:
+            logger.close()
         return rows
 
 
-def build_distill(cfg: RunConfig, device: str | torch.device = "cpu", progress: bool = True) -> Distiller:
-    """Load the base named by distill.init (teacher or bidirectional base), prompts from the training data."""
+def build_distill(cfg: RunConfig, device: str | torch.device = "cpu", progress: bool = True,
+                  resume: bool = False) -> Distiller:
+    """Load the base named by distill.init (teacher or bidirectional base), prompts from the training data;
+    resume=True continues from the newest complete checkpoint in distill.output_dir (fresh start if none)."""
     from dataloaders.latent_dataset import build_dataset, latent_shape
 
     dc = cfg.distill
@@ -264,7 +299,10 @@ def build_distill(cfg: RunConfig, device: str | torch.device = "cpu", progress: 
     prompts = torch.stack([ds[i]["text"] for i in range(len(ds))]).float()
     _, h, w = latent_shape(cfg)
     mode: ScoreMode = "causal" if dc.init == "direct" else "bidirectional"
-    return Distiller(cfg, model, prompts, mode, (h, w), device)
+    distiller = Distiller(cfg, model, prompts, mode, (h, w), device)
+    if resume:
+        distiller.resume()
+    return distiller
 
 
 def load_base(cfg: RunConfig, path: str) -> nn.Module:

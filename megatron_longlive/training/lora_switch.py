@@ -40,15 +40,22 @@ class MultiLoRALinear(nn.Module):
         self.alpha: dict[str, float] = {}
         self.active: str | None = None
 
-    def add(self, name: str, rank: int, alpha: float, dtype: torch.dtype | None = None) -> None:
-        """A new adapter: A Kaiming-uniform, B zero (starts at the base model, as peft)."""
+    def add(self, name: str, rank: int, alpha: float, dtype: torch.dtype | None = None,
+            generator: torch.Generator | None = None) -> None:
+        """A new adapter: A Kaiming-uniform, B zero (starts at the base model, as peft). With a (CPU) `generator`
+        A is drawn on the CPU in float32 and copied, so the init does not depend on the device or the global RNG."""
         ref = next(iter(self.base_layer.parameters()), None)
         ref = ref if ref is not None else getattr(self.base_layer, "bias", None)  # packed bases: buffers only
         device = ref.device if ref is not None else next(self.base_layer.buffers()).device
         dtype = dtype or (ref.dtype if ref is not None else torch.float32)
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        if generator is None:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        else:
+            with torch.no_grad():
+                a = nn.init.kaiming_uniform_(torch.empty(rank, self.in_features), a=math.sqrt(5), generator=generator)
+                self.lora_A[name].weight.copy_(a)
         nn.init.zeros_(self.lora_B[name].weight)
         self.rank[name], self.alpha[name] = rank, alpha
 
@@ -72,8 +79,9 @@ def multi_lora_modules(model: nn.Module) -> dict[str, MultiLoRALinear]:
 
 
 def add_adapter(model: nn.Module, name: str, targets: list[str], rank: int, alpha: float = 0.0,
-                dtype: torch.dtype | None = None) -> list[str]:
+                dtype: torch.dtype | None = None, generator: torch.Generator | None = None) -> list[str]:
     """Freeze the base and add adapter `name` (rank, alpha; 0 = rank) on every target linear. Returns module names.
+    generator: a CPU generator for a reproducible, device-independent init (default: the global RNG).
 
     Targets are module-name suffixes ("self_attn.q", "ffn.0"); a target that matches nothing is an error."""
     alpha = alpha or float(rank)
@@ -98,7 +106,7 @@ def add_adapter(model: nn.Module, name: str, targets: list[str], rank: int, alph
             _set_module(model, n, m)
         if name in m.lora_A:
             raise ValueError(f"adapter {name!r} already exists on {n}")
-        m.add(name, rank, alpha, dtype)
+        m.add(name, rank, alpha, dtype, generator)
     return names
 
 

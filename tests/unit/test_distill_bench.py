@@ -47,7 +47,8 @@ def test_dmd_step_keeps_every_tensor_on_the_model_device(monkeypatch, base, init
     item, to_bool = torch.Tensor.item, torch.Tensor.__bool__
     monkeypatch.setattr(torch.Tensor, "item", lambda t: 0.5 if t.device.type == "meta" else item(t))
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: True if t.device.type == "meta" else to_bool(t))
-    args = bench.parse_args([*TINY, "--device", "meta", "--init", init] + (["--activation-checkpointing"] if ac else []))
+    ac_flag = ["--activation-checkpointing"] if ac else []
+    args = bench.parse_args([*TINY, "--device", "meta", "--init", init, *ac_flag])
     d = bench.build_distiller(args, base)
     m = d.train_step()
     assert math.isfinite(m["generator_loss"])
