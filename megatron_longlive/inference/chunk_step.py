@@ -115,7 +115,7 @@ class ChunkStep:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):  # a decode thread may run
             out = self._eager(*inputs[:2], ctx, inputs[2], self._block)
         self._graphs[key] = _Graph(graph, inputs, out)
         self.captures += 1

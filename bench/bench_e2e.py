@@ -1,0 +1,134 @@
+"""End-to-end streaming FPS: DiT chunk loop + streaming VAE decode + frames delivered to a sink, on one GPU.
+
+FPS counts pixel frames that reached the sink (uint8 frames on the CPU, or an mp4 with --mp4), not DiT steps.
+Decode modes: `sync` (decode after each chunk, in series: the LongLive baseline layout) and `stream` (decode
+on a side CUDA stream in a worker thread, overlapping chunk i's decode with chunk i+1's denoising:
+inference/async_decode.py). The DiT runs with the chosen chunk step (inference/chunk_step.py), the VAE
+with our streaming decoder (models/wan/vae_decoder.py, compile + CUDA graph by default). Random weights.
+
+    python bench/bench_e2e.py --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b --out bench/results.jsonl  # GPU
+    python bench/bench_e2e.py --settings tiny --chunks 3            # CPU smoke run (tiny VAE, thread mode)
+
+The dedicated-GPU layout (DiT on one GPU, VAE on another) is estimated from the same run as
+min(DiT FPS, VAE FPS) with both measured alone; --decode-device cuda:1 measures it where two GPUs exist.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_generate_chunk import SETTINGS, build_model  # noqa: E402
+from bench.record import record  # noqa: E402
+from megatron_longlive.config import InferConfig  # noqa: E402
+from megatron_longlive.inference.async_decode import AsyncDecodeConfig, AsyncDecoder  # noqa: E402
+from megatron_longlive.inference.engine import StreamingEngine  # noqa: E402
+from megatron_longlive.models.wan.vae_decoder import StreamingVAEDecoder, random_autoencoder  # noqa: E402
+
+VAE_KIND = {"tiny": "wan2.1", "wan2.1-1.3b": "wan2.1", "wan2.1-1.3b-2step": "wan2.1", "wan2.2-ti2v-5b": "wan2.2"}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_setting(name: str, device: torch.device, dtype: torch.dtype, args) -> list[dict]:
+    _, height, width, stride, infer_kw, label = SETTINGS[name]
+    infer = InferConfig(height=height, width=width, **infer_kw)
+    model = build_model(name, device, dtype, args.linear)
+    engine = StreamingEngine(model, infer, (height // stride, width // stride), kv_cache=args.kv, step=args.step)
+    engine.set_prompt(torch.randn(1, model.cfg.text_len, model.cfg.text_dim))
+    tiny = name == "tiny"
+    dec_device = torch.device(args.decode_device) if args.decode_device else device
+    vae = random_autoencoder(VAE_KIND[name], tiny=tiny, device=dec_device, dtype=dtype)
+    on_cuda = dec_device.type == "cuda"
+    decoder = StreamingVAEDecoder(vae, dec_device, dtype, compile=on_cuda and not args.vae_eager,
+                                  cuda_graph=on_cuda and not args.vae_eager)
+    shape = (1, *engine.latent_shape)
+    gen = torch.Generator().manual_seed(0)
+    frames = {"n": 0}
+
+    def sink(x: torch.Tensor) -> None:
+        frames["n"] += x.shape[1]
+
+    # no_grad, not inference_mode: the decode thread must update the decoder caches made here
+    # warm-up in series: fills the cache, compiles and captures both the DiT step and the decoder
+    with torch.no_grad():
+        for _ in range(engine.layout.num_slots + 3):
+            decoder.decode(engine.generate_chunk(torch.randn(shape, generator=gen).to(device)))
+        _sync(device)
+        # each part alone (steady state)
+        t0 = time.perf_counter()
+        lat = [engine.generate_chunk(torch.randn(shape, generator=gen).to(device)) for _ in range(args.chunks)]
+        _sync(device)
+        dit_s = (time.perf_counter() - t0) / args.chunks
+        t0 = time.perf_counter()
+        px = 0
+        for z in lat:
+            px += decoder.decode(z).shape[2]
+        _sync(dec_device)
+        vae_s = (time.perf_counter() - t0) / args.chunks
+    frames_per_chunk = px // args.chunks
+    rows = []
+    for mode in args.modes:
+        if mode == "device" and not args.decode_device:
+            continue
+        frames["n"] = 0
+        cfg = AsyncDecodeConfig(mode=mode if on_cuda or mode == "sync" else "thread", device=args.decode_device)
+        with torch.no_grad():
+            _sync(device)
+            t0 = time.perf_counter()
+            with AsyncDecoder(decoder.decode, sink, cfg) as pipe:
+                for _ in range(args.chunks):
+                    pipe.submit(engine.generate_chunk(torch.randn(shape, generator=gen).to(device)))
+            elapsed = time.perf_counter() - t0
+        assert frames["n"] == frames_per_chunk * args.chunks, (frames["n"], frames_per_chunk, args.chunks)
+        rows.append(dict(setting=name, label=label, mode=mode, fps=frames["n"] / elapsed,
+                         dit_fps=frames_per_chunk / dit_s, vae_fps=frames_per_chunk / vae_s,
+                         dedicated_estimate=frames_per_chunk / max(dit_s, vae_s)))
+    del engine, model, decoder, vae
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=None, choices=sorted(SETTINGS))
+    p.add_argument("--modes", nargs="+", default=["sync", "stream"], choices=("sync", "stream", "device"))
+    p.add_argument("--step", default="auto", help="DiT chunk step (inference/chunk_step.py); auto = fastest")
+    p.add_argument("--linear", default="bf16", choices=("bf16", "fp8"))
+    p.add_argument("--kv", default="bf16", choices=("bf16", "nvfp4"))
+    p.add_argument("--vae-eager", action="store_true", help="no compile / CUDA graph for the decoder")
+    p.add_argument("--decode-device", default=None, help="e.g. cuda:1: measure the dedicated-GPU layout")
+    p.add_argument("--chunks", type=int, default=8, help="timed chunks per mode")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    settings = args.settings or (["wan2.1-1.3b", "wan2.2-ti2v-5b"] if device.type == "cuda" else ["tiny"])
+    rows = []
+    for name in settings:
+        for r in run_setting(name, device, dtype, args):
+            rows.append(r)
+            extra = dict(setting=name, decode=r["mode"], step=args.step, linear=args.linear, kv=args.kv,
+                         dit_alone_fps=round(r["dit_fps"], 2), vae_alone_fps=round(r["vae_fps"], 2))
+            record(args.out, f"{r['label']} e2e fps ({r['mode']} decode, linear {args.linear})", "fps",
+                   round(r["fps"], 2), "frames/s", **extra)
+            if r["mode"] == rows[0]["mode"]:
+                record(args.out, f"{r['label']} e2e fps (dedicated decode GPU, estimated from one-GPU parts)",
+                       "fps", round(r["dedicated_estimate"], 2), "frames/s", **extra)
+            print(f"[{name} {r['mode']}] e2e {r['fps']:.1f} FPS (DiT alone {r['dit_fps']:.1f}, VAE alone "
+                  f"{r['vae_fps']:.1f}, dedicated-GPU estimate {r['dedicated_estimate']:.1f})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
