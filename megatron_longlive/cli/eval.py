@@ -6,6 +6,9 @@ Examples:
   longlive eval nvfp4_kv.pt --reference bf16.pt --out fid/           # latent dumps: latent MSE, latent drift
   longlive eval -c tiny.yaml --prompt "a red square@0" --prompt "a blue circle@4" --variant steps4 \\
       --variant steps2 infer.denoising_steps=[1000,500] --out fid/    # generate each variant, then compare
+  longlive eval -c tiny.yaml --checkpoint run/ --prompt "a red square" --variant bf16 \\
+      --variant nvfp4_ptq quant.linear=nvfp4_emulated \\
+      --variant nvfp4_qat quant.linear=nvfp4_emulated qat.steps=20 --out fid/   # BF16 vs NVFP4 PTQ vs QAT
 Writes OUT/report.json, OUT/report.md and OUT/<metric>.png (and OUT/runs/* when generating). Metrics whose
 weights are not on local disk (--dino/--clip directories, LPIPS, VBench) are listed as skipped with the reason.
 """
@@ -48,7 +51,9 @@ def add_arguments(parser) -> None:
     gen = parser.add_argument_group("model + prompts mode (instead of VIDEO inputs): generate each variant, compare "
                                     "to the first")
     gen.add_argument("--variant", nargs="+", action="append", default=[], metavar="LABEL [SECTION.KEY=VALUE]",
-                     help="A run to generate: label, then config overrides (repeat; the first is the reference).")
+                     help="A run to generate: label, then config overrides (repeat; the first is the reference). "
+                          "qat.steps=N [qat.loss=task|distill] fine-tunes the checkpoint with the variant's config "
+                          "(e.g. quant.linear=nvfp4_emulated: QAT) for N steps before generating it.")
     add_config_arguments(gen)
     gen.add_argument("--checkpoint", default=None, help="Checkpoint for every variant (default: seeded random init).")
     gen.add_argument("--prompt", action="append", default=[], metavar="TEXT[@CHUNK]", help="Prompt schedule entry.")
@@ -80,7 +85,7 @@ def _generate(args) -> tuple[list[Run], list[int], list[str], list[str]]:
     import torch
 
     from ..config import load_config
-    from ..eval.variants import generate_variants, parse_variant, reproduced_reference
+    from ..eval.variants import generate_variants, parse_variant, qat_notes, reproduced_reference
 
     try:
         from ..inference import pipeline  # noqa: F401
@@ -104,7 +109,7 @@ def _generate(args) -> tuple[list[Run], list[int], list[str], list[str]]:
     variants = [parse_variant(v) for v in args.variant]
     runs = generate_variants(variants, segments, args.out, args.config, args.overrides, args.checkpoint, device, dtype)
     shots = [0 if s.start_chunk == 0 else pixel_frames_for(s.start_chunk * cfg.infer.chunk_frames) for s in segments]
-    return runs, shots, [s.prompt for s in segments], reproduced_reference(runs, variants)
+    return runs, shots, [s.prompt for s in segments], qat_notes(variants, args.out) + reproduced_reference(runs, variants)
 
 
 def run(args) -> int:

@@ -278,4 +278,6 @@ def fidelity_markdown(rows: list[dict], reference: str | None) -> str:
             if any(row.get(c) is not None for row in rows)]
     head = f"## Fidelity vs reference `{reference}`\n\n| run | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols)
     body = [f"| {row['run']} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in rows]
+    if reference is not None:  # the reference's own row: every other row is measured against it
+        body.insert(0, f"| {reference} (reference) | " + " | ".join("-" for _ in cols) + " |")
     return "\n".join([head, *body])
