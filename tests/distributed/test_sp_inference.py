@@ -13,6 +13,9 @@ a per-shard amax would not be).
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,46 +221,61 @@ def test_sp_inference_guidance_and_image_seed_equal_one_rank():
         torch.testing.assert_close(got, ref, **TOL, msg=lambda m: f"rank {r}: {m}")
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_YAML = os.path.join(ROOT, "examples", "configs", "tiny.yaml")
+GEN_SETS = ["infer.num_chunks=5", "infer.chunk_frames=1", "infer.window_frames=3", "infer.sink_frames=1",
+            "infer.denoising_steps=[1000,500]"]
+GEN_PROMPTS = ["a red square slides right@0", "a blue circle moves down@3"]
+
+
+def tiny_weights(path) -> str:
+    """Seeded tiny DiT weights (non-zero head) as .safetensors."""
+    from safetensors.torch import save_file
+
+    from megatron_longlive.config import load_config
+    from megatron_longlive.inference.pipeline import load_dit
+
+    model = load_dit(load_config(TINY_YAML, GEN_SETS), None, seed=3)
+    torch.nn.init.normal_(model.head.head.weight, std=0.05)
+    save_file(model.state_dict(), str(path))
+    return str(path)
+
+
+def torchrun_generate(out_dir, nproc: int, weights: str, *args: str):
+    """`torchrun --nproc_per_node nproc ... generate` on the tiny config with `GEN_SETS`, `GEN_PROMPTS` and
+    `parallel.sp_size=nproc`; returns (stdout, latents, mp4 path)."""
+    from safetensors.torch import load_file
+
+    from megatron_longlive.distributed.launch import free_port
+
+    out, lat = os.path.join(out_dir, "v.mp4"), os.path.join(out_dir, "v.safetensors")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", "megatron_longlive.cli.main", "generate", "-c", TINY_YAML, "--checkpoint", weights,
+           "--out", out, "--latents-out", lat, "--no-progress", "--set", f"parallel.sp_size={nproc}", *args]
+    for item in GEN_SETS:
+        cmd += ["--set", item]
+    for p in GEN_PROMPTS:
+        cmd += ["--prompt", p]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, load_file(lat)["latents"], out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_generate_cli_under_torchrun_sp2_equals_one_process(tmp_path):
     """`torchrun --nproc_per_node 2 ... generate --set parallel.sp_size=2`: rank 0 alone writes the mp4 and the
     latents, which equal the one-process library call (fp32 <= 1e-5) over a prompt switch and window eviction."""
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file, save_file
-
     from megatron_longlive.config import load_config
-    from megatron_longlive.distributed.launch import free_port
     from megatron_longlive.inference.pipeline import generate_video, load_dit
     from megatron_longlive.inference.prompts import parse_cli_prompts
     from megatron_longlive.inference.video_writer import read_mp4
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sets = ["infer.num_chunks=5", "infer.chunk_frames=1", "infer.window_frames=3", "infer.sink_frames=1",
-            "infer.denoising_steps=[1000,500]"]
-    prompts = ["a red square slides right@0", "a blue circle moves down@3"]
-    weights = tmp_path / "dit.safetensors"
-    cfg = load_config(os.path.join(root, "examples", "configs", "tiny.yaml"), sets)
-    model = load_dit(cfg, None, seed=3)
-    torch.nn.init.normal_(model.head.head.weight, std=0.05)
-    save_file(model.state_dict(), str(weights))
-    ref = generate_video(cfg, model, parse_cli_prompts(prompts), None, progress=False).latents
-
-    out, lat = tmp_path / "v.mp4", tmp_path / "v.safetensors"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "megatron_longlive.cli.main", "generate", "-c", os.path.join(root, "examples", "configs", "tiny.yaml"),
-           "--checkpoint", str(weights), "--out", str(out), "--latents-out", str(lat), "--no-progress",
-           "--set", "parallel.sp_size=2"]
-    for item in sets:
-        cmd += ["--set", item]
-    for p in prompts:
-        cmd += ["--prompt", p]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wrote ") == 1, proc.stdout                 # rank 0 only
-    torch.testing.assert_close(load_file(str(lat))["latents"], ref, **TOL)
-    assert read_mp4(out).shape == (1 + 4 * 4, 64, 64, 3)                 # 5 latent frames -> 17 pixel frames
+    weights = tiny_weights(tmp_path / "dit.safetensors")
+    cfg = load_config(TINY_YAML, GEN_SETS)
+    ref = generate_video(cfg, load_dit(cfg, weights), parse_cli_prompts(GEN_PROMPTS), None, progress=False).latents
+    stdout, latents, mp4 = torchrun_generate(str(tmp_path), 2, weights)
+    assert stdout.count("wrote ") == 1, stdout                           # rank 0 only
+    torch.testing.assert_close(latents, ref, **TOL)
+    assert read_mp4(mp4).shape == (1 + 4 * 4, 64, 64, 3)                 # 5 latent frames -> 17 pixel frames
