@@ -17,8 +17,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Prompt starting at chunk CHUNK (repeatable), e.g. 'a red square@0' 'a blue circle@4'.")
     parser.add_argument("--prompt-file", default=None,
                         help="Prompt schedule: .jsonl ({start_chunk, prompt} per line, or LongLive's {prompts: [...]}),"
-                             " .yaml list, or .txt 'CHUNK: prompt' lines.")
-    parser.add_argument("--prompt-index", type=int, default=0, help="Which video of a LongLive JSONL file.")
+                             " .yaml list, .txt 'CHUNK: prompt' lines or LongLive's one-prompt-per-line .txt, or a "
+                             "LongLive case directory (caption/<case>/0.json, 1.json, ... {\"caption\": ...} per shot, "
+                             "optional shot_durations.txt in chunks; later shots get infer.scene_cut_prefix).")
+    parser.add_argument("--prompt-index", type=int, default=0,
+                        help="Which video of a multi-video prompt file (LongLive JSONL or .txt line, 0-based) or "
+                             "which case folder of a LongLive prompt directory (sorted by name).")
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="Image-to-video: start the video from this image (its VAE latent is the clean first latent "
+                             "frame, kept in the global sink). An image of another size is resized (aspect kept) to "
+                             "cover infer.height x infer.width and center-cropped.")
+    parser.add_argument("--continue-from", default=None, metavar="CLIP",
+                        help="Continue this video clip: its first 1+4k frames (resized and center-cropped like --image)"
+                             " are encoded and seed the cache; the output starts with them.")
     parser.add_argument("--switch-frame-indices", default=None,
                         help="LongLive JSONL: comma-separated latent frames where prompts switch (if not in the file).")
     parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
@@ -47,7 +58,8 @@ def _config(args):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..inference.pipeline import generate_video, load_dit
+    from ..inference.conditioning import load_seed
+    from ..inference.pipeline import generate_video, load_dit, load_encoders
     from ..inference.prompts import load_prompt_file, parse_cli_prompts
 
     cfg = _config(args)
@@ -58,9 +70,15 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_file:
         switches = ([int(s) for s in args.switch_frame_indices.split(",") if s.strip()]
                     if args.switch_frame_indices else None)
-        segments = load_prompt_file(args.prompt_file, cfg.infer.chunk_frames, args.prompt_index, switches)
+        segments = load_prompt_file(args.prompt_file, cfg.infer.chunk_frames, args.prompt_index, switches,
+                                    num_chunks=cfg.infer.num_chunks, chunks_per_shot=cfg.infer.chunks_per_shot,
+                                    scene_cut_prefix=cfg.infer.scene_cut_prefix)
     else:
         segments = parse_cli_prompts(args.prompt)
+    vae, text_encoder = load_encoders(cfg)
+    seed = None          # image-to-video / continuation: clean latents of the video's first frames
+    if args.image or args.continue_from:
+        seed = load_seed(vae, cfg.infer.height, cfg.infer.width, args.image, args.continue_from)
     sp = None            # parallel.sp_size > 1 under torchrun/srun: each process is one SP rank, rank 0 writes
     if cfg.parallel.sp_size > 1:
         from ..distributed.sp_inference import init_sp_inference
@@ -79,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
         load_with_adapter(model, args.lora, merge=True)
     out = args.out or cfg.infer.output
     t0 = time.perf_counter()
-    result = generate_video(cfg, model, segments, out if main else None,
+    result = generate_video(cfg, model, segments, out if main else None, vae, text_encoder,
                             latents_path=args.latents_out if main else None, progress=main and not args.no_progress,
-                            sp_group=sp.sp if sp else None)
+                            seed_latents=seed, sp_group=sp.sp if sp else None)
     if not main:
         return 0
     frames = result.video.shape[2]

@@ -39,6 +39,11 @@ class InferConfig(ConfigBase):
     negative_prompt: str = ""
     """Negative prompt of classifier-free guidance (used when guidance_scale != 1); empty = the empty string's
     embedding, as diffusers' Wan pipelines do."""
+    scene_cut_prefix: str = "The scene transitions. "
+    """Text put in front of the prompt of every shot after the first, for LongLive's case-folder prompts
+    (per-shot caption JSON files); LongLive's DEFAULT_SCENE_CUT_PREFIX."""
+    chunks_per_shot: int = 0
+    """Case-folder prompts without shot_durations.txt: chunks per shot (0 = split infer.num_chunks evenly)."""
     seed: int = 0
     """Noise seed."""
     output: str = "outputs/video.mp4"
@@ -58,6 +63,9 @@ class InferConfig(ConfigBase):
         for name in ("chunk_frames", "num_chunks", "window_frames"):
             if getattr(self, name) < 1:
                 raise self.error(name, f"must be >= 1, got {getattr(self, name)}", f"set infer.{name} >= 1")
+        if self.chunks_per_shot < 0:
+            raise self.error("chunks_per_shot", f"must be >= 0, got {self.chunks_per_shot}",
+                             "use 0 (split the video evenly over the shots) or a positive chunk count")
         if self.sink_frames + self.shot_sink_frames >= self.window_frames:
             raise self.error("window_frames", f"window_frames={self.window_frames} must exceed sink_frames + "
                              f"shot_sink_frames={self.sink_frames + self.shot_sink_frames}",

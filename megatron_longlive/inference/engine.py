@@ -22,7 +22,7 @@ clean: overwritten before and after every step and run at per-frame timestep 0 (
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -286,16 +286,17 @@ class StreamingEngine:
 
 
 def stream_latents(engine: StreamingEngine, num_chunks: int, prompt_for_chunk: Callable[[int], "torch.Tensor | None"],
-                   seed: int = 0, progress: bool = True) -> Iterator[torch.Tensor]:
+                   seed: int = 0, progress: bool = True, shot_starts: Collection[int] = ()) -> Iterator[torch.Tensor]:
     """Yield `num_chunks` clean latent chunks [B, C, F, H, W].
 
-    prompt_for_chunk(c) returns new text embeddings when the prompt changes at chunk c, else None.
-    Noise is drawn on a CPU generator seeded with `seed`, so results do not depend on the device.
+    prompt_for_chunk(c) returns new text embeddings when the prompt changes at chunk c, else None; a change
+    at a chunk in `shot_starts` starts a new shot (scene cut). Noise is drawn on a CPU generator seeded with
+    `seed`, so results do not depend on the device. Seeded chunks (start_from_latents) are yielded as given.
     """
     gen = torch.Generator().manual_seed(seed)
     shape = (engine.batch, *engine.latent_shape)
     for c in tqdm(range(num_chunks), desc="generate", unit="chunk", disable=not progress):
         text = prompt_for_chunk(c)
         if text is not None:
-            engine.set_prompt(text)
+            engine.set_prompt(text, new_shot=c in shot_starts)
         yield engine.generate_chunk(torch.randn(shape, generator=gen))

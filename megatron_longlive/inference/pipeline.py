@@ -138,9 +138,12 @@ def save_latents(path: str, latents: torch.Tensor, prompts: list[PromptSegment])
 
 def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment], out_path: str | None,
                    vae: WanVAE | None = None, text_encoder: TextEncoder | None = None,
-                   latents_path: str | None = None, progress: bool = True, sp_group=None) -> GenerationResult:
+                   latents_path: str | None = None, progress: bool = True,
+                   seed_latents: torch.Tensor | None = None, sp_group=None) -> GenerationResult:
     """Run the chunk loop for cfg.infer.num_chunks chunks under the prompt schedule, decode, write mp4/latents.
 
+    seed_latents [1, C, T, h, w] (an image's or a clip's, `conditioning.load_seed`): the video's first T latent
+    frames, kept clean (image-to-video, continuation); they count toward infer.num_chunks and are in the output.
     sp_group: run the chunk loop sequence-parallel over this group (distributed/sp_inference.py); every rank
     gets the same latents, so only one rank should pass out_path / latents_path."""
     inf = cfg.infer
@@ -158,9 +161,16 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
                           kv_cache=cfg.quant.kv_cache)
     if engine.guidance:          # classifier-free guidance: the negative prompt's stream
         engine.set_negative_prompt(text_encoder.encode([inf.negative_prompt]).to(device))
-    # 2. the chunk loop
+    if seed_latents is not None:
+        if seed_latents.shape[2] >= inf.num_chunks * inf.chunk_frames:
+            raise ValueError(f"the image/clip gives {seed_latents.shape[2]} latent frames, which fill all infer.num_chunks="
+                             f"{inf.num_chunks} chunks of {inf.chunk_frames} frames: nothing is left to generate. Fix: "
+                             f"raise infer.num_chunks or use a shorter clip")
+        engine.start_from_latents(seed_latents)
+    # 2. the chunk loop (segments marked new_shot, e.g. scene cuts of LongLive case folders, start shots)
+    shots = {s.start_chunk for s in segments if s.new_shot}
     chunks = list(stream_latents(engine, inf.num_chunks, lambda c: embeds[changes[c]].to(device) if c in changes
-                                 else None, seed=inf.seed, progress=progress))
+                                 else None, seed=inf.seed, progress=progress, shot_starts=shots))
     latents = torch.cat(chunks, dim=2).cpu()                              # [1, C, T, H, W]
     if latents_path:
         save_latents(latents_path, latents, segments)
