@@ -104,6 +104,32 @@ def test_fake_sbatch_sets_job_env_signals_and_requeues(tmp_path):
     assert "requeued (restart 1)" in r.stderr
 
 
+# ----- the example renders in slurm/examples ----------------------------------------------------------------
+RENDERS = {  # file -> (example config, overrides); run dirs are /shared/runs/<name>
+    "wan2.1-ar-balanced-sp.sbatch": ("examples/wan2.1-ar-balanced-sp/config.yaml", []),
+    "wan2.2-5b-nvfp4.sbatch": ("examples/wan2.2-5b-nvfp4/config.yaml",
+                               ["launch.partition=gpu", "launch.container_image=nvcr.io/nvidia/pytorch:25.10-py3",
+                                "launch.container_mounts=/lustre:/lustre"]),
+    "wan2.2-5b-nvfp4-mpirun.sbatch": ("examples/wan2.2-5b-nvfp4/config.yaml",
+                                      ["launch.launcher=mpirun", "launch.setup=['source /opt/venv/bin/activate']"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERS))
+def test_slurm_examples_are_current_renders(name):
+    from megatron_longlive.config import load_config
+    from megatron_longlive.launch.slurm import render_sbatch
+
+    config, overrides = RENDERS[name]
+    text = render_sbatch(load_config(os.path.join(ROOT, config), overrides), "/shared/runs/" + name[:-len(".sbatch")])
+    path = os.path.join(ROOT, "slurm", "examples", name)
+    if os.environ.get("UPDATE_GOLDEN"):
+        with open(path, "w") as f:
+            f.write(text)
+    with open(path) as f:
+        assert text == f.read(), f"re-render with UPDATE_GOLDEN=1 if the change to slurm/examples/{name} is intended"
+
+
 # ----- the rendered job ---------------------------------------------------------------------------
 def _render(run_dir: str, *overrides: str) -> str:
     sets = ["launch.cpus_per_task=1", f"launch.rdzv_port={free_port()}", "launch.env={OMP_NUM_THREADS: '1'}",
