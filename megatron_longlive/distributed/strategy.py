@@ -84,10 +84,6 @@ def build_parallel_training(cfg, device: str | torch.device | None = None) -> di
     from ..training.trainer import build_model
 
     p = cfg.parallel
-    if p.tp_size > 1 and cfg.train.lora_rank > 0:
-        raise ValueError(f"parallel.tp_size={p.tp_size} with train.lora_rank={cfg.train.lora_rank}: LoRA adapters "
-                         f"wrap plain nn.Linear layers, not megatron-core TP linears. Fix: use parallel.tp_size=1 "
-                         f"(SP/DP) for LoRA runs.")
     groups = init_grid(p.tp_size, p.sp_size, cfg.model.num_heads, backend=p.backend)
     if device is not None and torch.device(device).type != groups.device.type:
         raise ValueError(f"--device {device} does not match the process-group backend {groups.backend}. "
@@ -95,9 +91,14 @@ def build_parallel_training(cfg, device: str | torch.device | None = None) -> di
     model = build_model(cfg, device="cpu")  # the full model of a single-process run (seed or init_from)
     if p.tp_size > 1:  # the same weights, sliced into megatron-core column/row-parallel linears
         full = model.state_dict()
-        model = WanDiT(cfg.model, TPLinearProvider(groups.tp, p.tp_size, use_cpu_initialization=True,
-                                                   initialize=False))
+        with torch.random.fork_rng(devices=[]):  # RNG as after build_model: LoRA then draws what TP=1 draws
+            model = WanDiT(cfg.model, TPLinearProvider(groups.tp, p.tp_size, use_cpu_initialization=True,
+                                                       initialize=False))
         load_full_state_dict(model, full, groups.tp_rank, p.tp_size)
+        if cfg.train.lora_rank > 0:  # TP-sharded adapters (the trainer wraps plain models itself)
+            from .tp_lora import apply_tp_lora
+
+            apply_tp_lora(model, cfg.train.lora_targets, cfg.train.lora_rank, cfg.train.lora_alpha, groups.tp)
     model = model.to(groups.device)
     apply_sp_plan(model, WAN_SP_PLAN, groups.sp)
     autocast = torch.bfloat16 if (cfg.train.precision == "bf16" and groups.device.type == "cuda") else None

@@ -39,6 +39,10 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def peft_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) of the whole layer as peft stores them (TP subclasses gather their shards)."""
+        return self.lora_A.weight.detach(), self.lora_B.weight.detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
@@ -47,19 +51,27 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float = 0.0) -> list[str]:
-    """Freeze `model` and wrap target linears in place. Returns the wrapped module names."""
+def _is_linear(m: nn.Module) -> bool:
+    """nn.Linear-like (in_features) or a megatron-core parallel linear (input_size / output_size)."""
+    return hasattr(m, "in_features") or (hasattr(m, "input_size") and hasattr(m, "output_size"))
+
+
+def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float = 0.0, wrap=None) -> list[str]:
+    """Freeze `model` and wrap target linears in place. Returns the wrapped module names.
+
+    wrap(module, rank, alpha) builds the wrapper (default `LoRALinear`; TP models: `distributed.tp_lora`)."""
     alpha = alpha or float(rank)
+    wrap = wrap or LoRALinear
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if _matches(n, targets) and hasattr(m, "in_features")]
+    names = [n for n, m in model.named_modules() if _matches(n, targets) and _is_linear(m)]
     if not names:
         raise ValueError(f"train.lora_targets={targets} matched no linear module. "
                          f"Fix: use module-name suffixes such as 'self_attn.q' or 'ffn.0'.")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
+        setattr(parent, child, wrap(getattr(parent, child), rank, alpha))
     return names
 
 
@@ -68,11 +80,13 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """peft-named adapter tensors: base_model.model.<module>.lora_{A,B}.weight."""
+    """peft-named adapter tensors: base_model.model.<module>.lora_{A,B}.weight (whole layers: under TP a
+    collective that every rank calls)."""
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+        a, b = m.peft_weights()
+        out[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
     return out
 
 
@@ -102,12 +116,15 @@ def read_adapter_files(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, load_file(w_path)
 
 
-def save_adapter(model: nn.Module, directory: str, targets: list[str] | None = None) -> None:
-    """Write adapter_model.safetensors + adapter_config.json (peft's LoRA format)."""
+def save_adapter(model: nn.Module, directory: str, targets: list[str] | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write adapter_model.safetensors + adapter_config.json (peft's LoRA format). tensors: `adapter_state_dict`
+    computed beforehand (under TP it is collective, while only one rank writes)."""
     mods = lora_modules(model)
     assert mods, "save_adapter: the model has no LoRA modules"
     first = next(iter(mods.values()))
-    write_adapter_files(directory, adapter_state_dict(model), first.rank, first.alpha, targets or list(mods))
+    tensors = adapter_state_dict(model) if tensors is None else tensors
+    write_adapter_files(directory, tensors, first.rank, first.alpha, targets or list(mods))
 
 
 def load_adapter(model: nn.Module, directory: str) -> None:

@@ -32,7 +32,7 @@ from ..models.wan import WanDiT
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .ema import EMA
 from .error_recycling import ErrorRecycler, RecyclingOptions
-from .lora import apply_lora, save_adapter
+from .lora import adapter_state_dict, apply_lora, lora_modules, save_adapter
 from .metrics import MetricsLogger
 from .teacher_forcing import teacher_forcing_loss
 
@@ -166,7 +166,7 @@ class Trainer:
         # 2. model (+ LoRA, activation checkpointing), optimizer, schedule, EMA
         self.model = model if model is not None else build_model(cfg, device=self.device)
         self.model.train()
-        if tc.lora_rank > 0:
+        if tc.lora_rank > 0 and not lora_modules(self.model):  # (TP runs get TP-aware adapters from the strategy)
             apply_lora(self.model, tc.lora_targets, tc.lora_rank, tc.lora_alpha)
         if tc.activation_checkpointing:
             apply_activation_checkpointing(self.model)
@@ -207,7 +207,9 @@ class Trainer:
     def save_checkpoint(self) -> str:
         extra = None
         if self.tc.lora_rank > 0:
-            extra = lambda d: save_adapter(self.model, os.path.join(d, "adapter"), self.tc.lora_targets)  # noqa: E731
+            tensors = adapter_state_dict(self.model)  # on every rank: gathers TP shards; one rank writes the files
+            extra = lambda d: save_adapter(self.model, os.path.join(d, "adapter"), self.tc.lora_targets,  # noqa: E731
+                                           tensors)
         self.last_checkpoint = self.ckpt.save(self.step, self.model, self.optimizer,
                                               self.ema.state_dict() if self.ema else None, self._trainer_state(), extra)
         return self.last_checkpoint
