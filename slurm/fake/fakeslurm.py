@@ -382,7 +382,14 @@ def _wait_and_signal(proc: subprocess.Popen, signal_spec) -> None:
         time.sleep(0.1)
 
 
+USAGE = {"srun": "srun [options] COMMAND [ARGS]", "sbatch": "sbatch [options] SCRIPT [ARGS]",
+         "scontrol": "scontrol show hostnames [LIST] | scontrol requeue JOBID"}
+
+
 def main(tool: str, argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: {USAGE[tool]}   (fake, for local dry runs)\n\n{__doc__.strip()}")
+        return 0
     try:
         return {"srun": srun, "sbatch": sbatch, "scontrol": scontrol}[tool](argv)
     except UsageError as e:

@@ -70,6 +70,12 @@ def test_fake_srun_kill_on_bad_exit_stops_the_other_tasks():
     assert "task 0" in r.stderr and "exited with status 143" in r.stderr  # SIGTERM, not the 60 s sleep
 
 
+@pytest.mark.parametrize("tool", ["srun", "sbatch", "scontrol"])
+def test_fake_tools_help(tool):
+    r = _run([tool, "--help"])
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: {tool} ") and "SLURM_PROCID" in r.stdout
+
+
 def test_fake_tools_reject_unknown_options_with_one_line():
     for tool, args in (("srun", ["--no-such-option", "true"]), ("sbatch", ["--no-such-option", "x.sh"]),
                        ("scontrol", ["show", "partitions"])):

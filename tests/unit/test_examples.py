@@ -188,6 +188,7 @@ def test_quickstart(tmp_path):
     assert np.array_equal(sheet[y:y + h, x:x + w], video[12])
 
 
+@pytest.mark.slow  # 30-40 s on the loaded 2-core machine (two CLI processes)
 def test_multishot_prompt_file(tmp_path):
     out = tmp_path / "ms.mp4"
     run_recipe("multishot", tmp_path, *_sets(["infer.height=32", "infer.width=32", "infer.denoising_steps=[1000]"]),
