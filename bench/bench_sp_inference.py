@@ -42,7 +42,8 @@ def bench(model, name: str, kv: str, sp_group, device, timed: int) -> dict:
     _, height, width, stride, infer_kw, _ = SETTINGS[name]
     infer = InferConfig(height=height, width=width, **infer_kw)
     engine = build_engine(model, infer, (height // stride, width // stride), sp_group, batch=1, kv_cache=kv)
-    engine.set_prompt(torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=torch.Generator().manual_seed(1)))
+    text_gen = torch.Generator().manual_seed(1)
+    engine.set_prompt(torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=text_gen))
     shape = (1, *engine.latent_shape)
     gen = torch.Generator().manual_seed(0)                   # the same noise on every rank
     if device.type == "cuda":

@@ -39,6 +39,10 @@ are bitwise the one-rank cache's (tested). Since the blocks are per token and he
 K/V are quantized *before* the all-to-all (seq-sharded, all heads) and cross the network packed: 4.5 bits
 per value instead of 16 (3.56x fewer K/V bytes; q and the output stay in the model dtype), with the same
 codes as quantizing after it. The recache forward attends full-precision K/V, so it sends them unpacked.
+
+Entry points: `build_engine` (one rank or SP), `init_sp_inference` (`longlive generate` under torchrun with
+parallel.sp_size > 1: one process per SP rank, rank 0 writes the mp4), bench/bench_sp_inference.py.
+Not covered: TP inside the SP engine, compiled / CUDA-graphed chunk steps (SP passes run eager).
 """
 from __future__ import annotations
 
