@@ -290,13 +290,15 @@ def stream_latents(engine: StreamingEngine, num_chunks: int, prompt_for_chunk: C
     """Yield `num_chunks` clean latent chunks [B, C, F, H, W].
 
     prompt_for_chunk(c) returns new text embeddings when the prompt changes at chunk c, else None; a change
-    at a chunk in `shot_starts` starts a new shot (scene cut). Noise is drawn on a CPU generator seeded with
-    `seed`, so results do not depend on the device. Seeded chunks (start_from_latents) are yielded as given.
+    at a chunk in `shot_starts` is a scene cut: a new shot (shot sink) and a KV recache of the stored chunks
+    under the new prompt. Noise is drawn on a CPU generator seeded with `seed`, so results do not depend on
+    the device. Seeded chunks (start_from_latents) are yielded as given.
     """
     gen = torch.Generator().manual_seed(seed)
     shape = (engine.batch, *engine.latent_shape)
     for c in tqdm(range(num_chunks), desc="generate", unit="chunk", disable=not progress):
         text = prompt_for_chunk(c)
         if text is not None:
-            engine.set_prompt(text, new_shot=c in shot_starts)
+            cut = c in shot_starts
+            engine.set_prompt(text, new_shot=cut, recache=cut and engine.cache.latents is not None)
         yield engine.generate_chunk(torch.randn(shape, generator=gen))

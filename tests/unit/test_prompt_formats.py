@@ -1,6 +1,6 @@
 """LongLive's prompt formats beside ours (inference/prompts.py): one-prompt-per-line .txt files and case folders of
 per-shot caption JSON files with shot_durations.txt, scene-cut prefix at shot boundaries; bad input; the
-generate CLI starts a shot at every scene cut of a case folder."""
+generate pipeline starts a shot (with KV recache) at every scene cut of a case folder."""
 from __future__ import annotations
 
 import json
@@ -119,11 +119,11 @@ def test_case_folder_bad_input(tmp_path):
 
 
 def test_generate_starts_a_shot_at_each_scene_cut(tmp_path, tiny_cfg):
-    """generate_video with a case folder == the engine driven by hand with new_shot at the scene cuts."""
+    """generate_video with a case folder == the engine driven by hand with new shot + recache at the scene cut."""
     import torch
 
     from megatron_longlive.config import load_config
-    from megatron_longlive.inference.engine import StreamingEngine, stream_latents
+    from megatron_longlive.inference.engine import StreamingEngine
     from megatron_longlive.inference.pipeline import generate_video, load_encoders
 
     from generate_helpers import tiny_dit
@@ -137,11 +137,17 @@ def test_generate_starts_a_shot_at_each_scene_cut(tmp_path, tiny_cfg):
     segs = load_prompt_file(case, num_chunks=4)
     got = generate_video(cfg, model, segs, None, vae, text, progress=False).latents
     embeds = {0: text.encode(["a red square"]), 2: text.encode([P + "a blue circle"])}
-    for new_shot in ((2,), ()):
+    for cut in (True, False):          # by hand: the scene cut starts a shot and recaches under the new prompt
         engine = StreamingEngine(model, cfg.infer, (4, 4))
-        ref = torch.cat(list(stream_latents(engine, 4, embeds.get, progress=False, shot_starts=new_shot)), dim=2)
-        assert engine.shot_starts == [0, *new_shot]
-        if new_shot:
+        gen = torch.Generator().manual_seed(cfg.infer.seed)
+        ref = []
+        for c in range(4):
+            if c in embeds:
+                engine.set_prompt(embeds[c], new_shot=cut and c == 2, recache=cut and c == 2)
+            ref.append(engine.generate_chunk(torch.randn(1, 16, 1, 4, 4, generator=gen)))
+        ref = torch.cat(ref, dim=2)
+        if cut:
+            assert engine.shot_starts == [0, 2]
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
-        else:                                                 # without the shot start the last chunk differs
-            assert (got - ref).abs().max() > 1e-4
+        else:                                                 # a plain switch gives other chunks after the cut
+            assert (got[:, :, 2:] - ref[:, :, 2:]).abs().max() > 1e-4
