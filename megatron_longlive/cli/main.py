@@ -12,6 +12,7 @@ import sys
 
 # name -> module under megatron_longlive.cli; later issues add train, generate, serve, ...
 SUBCOMMANDS: dict[str, str] = {
+    "bench": "bench",
     "convert": "convert",
     "demo": "demo",
     "distill": "distill",
