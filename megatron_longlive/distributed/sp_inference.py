@@ -61,7 +61,7 @@ from ..inference.kv_cache import KVCache
 from ..models.wan.model import WanDiT
 from ..models.wan.sp_plan import WAN_SP_PLAN
 from ..quant.constants import BLOCK
-from ..quant.nvfp4.kv_cache import NVFP4KVCache, quantize_chunk
+from ..quant.nvfp4.kv_cache import NVFP4KVCache, PackedKV, quantize_chunk
 from ..quant.nvfp4.reference import NVFP4Quantized
 from .sp_plan import SPPlan
 from .ulysses import UlyssesAttention, heads_to_seq, seq_to_heads
@@ -127,7 +127,8 @@ class CachedUlyssesAttention(UlyssesAttention):
         else:
             k, v = self._to_heads(k), self._to_heads(v)
             k, v, mask = self.cache.hook(self.layer)(k, v, mask)         # + the cached window, H/N heads
-        out = self.core(q, k, v, mask)                                   # [B, S, H/N, D]
+        # [B, S, H/N, D]; the NVFP4 cache in 'fused' mode hands a PackedKV (Triton kernel, no BF16 window copy)
+        out = k.attend(q) if isinstance(k, PackedKV) else self.core(q, k, v, mask)
         self.sent_bytes += out.numel() * out.element_size() * (self.sp_size - 1) // self.sp_size
         return heads_to_seq(out, self.group, self.sp_size)               # [B, S/N, H, D]
 
@@ -249,7 +250,11 @@ class SPStreamingEngine(StreamingEngine):
     wrapped from outside by this engine (see module docstring)."""
 
     def __init__(self, model: WanDiT, infer: InferConfig, latent_size: tuple[int, int], group, batch: int = 1,
-                 keep_latents: bool = True, kv_cache: str = "bf16", plan: SPPlan = WAN_SP_PLAN, **kwargs):
+                 keep_latents: bool = True, kv_cache: str = "bf16", plan: SPPlan = WAN_SP_PLAN,
+                 kv_attention: str = "dequant", **kwargs):
+        """kv_attention: with the NVFP4 cache, 'dequant' (attend dequantized K/V with the model's core) or
+        'fused' (the fused NVFP4-KV Triton kernel on CUDA, or CPU under TRITON_INTERPRET=1)."""
+        self.kv_attention = kv_attention
         if group is None:
             raise ValueError("SPStreamingEngine needs the SP process group (grid.init_grid(...).sp); with "
                              "parallel.sp_size=1 use StreamingEngine")
@@ -276,7 +281,7 @@ class SPStreamingEngine(StreamingEngine):
         if kind == "bf16":
             return KVCache(*args)
         if kind == "nvfp4":
-            return ShardedNVFP4KVCache(self.group, *args, attention="dequant")
+            return ShardedNVFP4KVCache(self.group, *args, attention=self.kv_attention)
         raise ValueError(f"quant.kv_cache={kind!r}: choose 'bf16' or 'nvfp4'")
 
     def _forward_tokens(self, tokens: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, mask=None,

@@ -279,3 +279,28 @@ def test_generate_cli_under_torchrun_sp2_equals_one_process(tmp_path):
     assert stdout.count("wrote ") == 1, stdout                           # rank 0 only
     torch.testing.assert_close(latents, ref, **TOL)
     assert read_mp4(mp4).shape == (1 + 4 * 4, 64, 64, 3)                 # 5 latent frames -> 17 pixel frames
+
+
+def _fused_worker(rank: int, world: int) -> torch.Tensor:
+    from megatron_longlive.distributed.grid import init_grid
+    from megatron_longlive.distributed.sp_inference import SPStreamingEngine
+
+    groups = init_grid(1, world, CFG.num_heads)
+    engine = SPStreamingEngine(make_model(), INFER, (H, W), groups.sp, batch=BATCH, kv_cache="nvfp4",
+                               kv_attention="fused")
+    return run_scenario(engine)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sp_inference_fused_nvfp4_attention_matches_dequant(reference):
+    """The fused NVFP4-KV kernel (TRITON_INTERPRET=1 on CPU, set by conftest) attends the head-sharded cache;
+    the scenario's latents match the one-rank dequantized-cache attention (the kernel's budget: 1e-3 rel.)."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the fused kernel needs CUDA or TRITON_INTERPRET=1")
+    ref = reference["nvfp4"]["latents"]
+    for r, got in enumerate(spawn(_fused_worker, 2)):
+        err = float((got - ref).norm() / ref.norm())
+        assert err <= 1e-3, f"rank {r}: relative error {err:.2e}"
