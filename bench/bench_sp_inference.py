@@ -8,8 +8,8 @@ measured by the engine's counters and by the shape formula (`chunk_comm_bytes`, 
 prints the table and appends JSON lines to --out.
 
     torchrun --nproc_per_node 1 bench/bench_sp_inference.py --kv bf16 nvfp4 --out bench/results.jsonl   # baseline
-    torchrun --nproc_per_node 2 bench/bench_sp_inference.py --kv bf16 nvfp4 --out bench/results.jsonl
-    torchrun --nproc_per_node 4 bench/bench_sp_inference.py --kv bf16 nvfp4 --out bench/results.jsonl
+    torchrun --nproc_per_node 2 bench/bench_sp_inference.py --kv bf16 nvfp4 nvfp4-fused --out bench/results.jsonl
+    torchrun --nproc_per_node 4 bench/bench_sp_inference.py --kv bf16 nvfp4 nvfp4-fused --out bench/results.jsonl
 CPU smoke test: torchrun --nproc_per_node 2 bench/bench_sp_inference.py --settings tiny --chunks 2
 """
 from __future__ import annotations
@@ -41,7 +41,9 @@ def _sync(device: torch.device) -> None:
 def bench(model, name: str, kv: str, sp_group, device, timed: int) -> dict:
     _, height, width, stride, infer_kw, _ = SETTINGS[name]
     infer = InferConfig(height=height, width=width, **infer_kw)
-    engine = build_engine(model, infer, (height // stride, width // stride), sp_group, batch=1, kv_cache=kv)
+    extra = {"kv_attention": "fused"} if kv == "nvfp4-fused" else {}    # SP engine only
+    engine = build_engine(model, infer, (height // stride, width // stride), sp_group, batch=1,
+                          kv_cache=kv.removesuffix("-fused"), **extra)
     text_gen = torch.Generator().manual_seed(1)
     engine.set_prompt(torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=text_gen))
     shape = (1, *engine.latent_shape)
@@ -77,7 +79,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=None, choices=sorted(SETTINGS),
                    help="default: tiny on CPU; the two full-size settings on CUDA")
-    p.add_argument("--kv", nargs="+", default=["bf16"], choices=("bf16", "nvfp4"), help="KV-cache kinds")
+    p.add_argument("--kv", nargs="+", default=["bf16"], choices=("bf16", "nvfp4", "nvfp4-fused"),
+                   help="KV-cache kinds; nvfp4-fused: the fused NVFP4-KV Triton attention (SP > 1 only)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--chunks", type=int, default=5, help="timed chunks (median reported)")
     p.add_argument("--out", default=None, help="append JSON lines here (rank 0; e.g. bench/results.jsonl)")
@@ -96,6 +99,9 @@ def main() -> int:
     for name in settings:
         model = build_model(name, device, dtype, "bf16")
         for kv in args.kv:
+            if kv == "nvfp4-fused" and groups is None:
+                print("nvfp4-fused: skipped at SP=1 (the one-rank engine attends dequantized K/V)")
+                continue
             r = bench(model, name, kv, groups.sp if groups else None, device, args.chunks)
             r.update(setting=name, kv=kv)
             rows.append(r)
@@ -111,10 +117,10 @@ def main() -> int:
             torch.cuda.empty_cache()
     if main_rank:
         print(f"\nSP={world}, {dtype}, rank 0")
-        print(f"{'setting':<19}{'kv':<7}{'ms/chunk':>10}{'DiT FPS':>9}{'KV MiB/rank':>13}{'peak GiB':>10}"
+        print(f"{'setting':<19}{'kv':<13}{'ms/chunk':>10}{'DiT FPS':>9}{'KV MiB/rank':>13}{'peak GiB':>10}"
               f"{'sent MB/chunk':>15}{'formula MB':>12}")
         for r in rows:
-            print(f"{r['setting']:<19}{r['kv']:<7}{r['ms']:>10.2f}{r['fps']:>9.1f}{r['kv_bytes'] / 2 ** 20:>13.2f}"
+            print(f"{r['setting']:<19}{r['kv']:<13}{r['ms']:>10.2f}{r['fps']:>9.1f}{r['kv_bytes'] / 2 ** 20:>13.2f}"
                   f"{r['peak'] / 2 ** 30:>10.2f}{r['sent'] / 1e6:>15.2f}{r['formula'] / 1e6:>12.2f}")
     destroy_grid()
     return 0
