@@ -53,8 +53,26 @@ class InferConfig(ConfigBase):
     synthetic data is encoded with."""
     text_encoder_path: str = ""
     """Local umT5 directory; empty = the tiny random text encoder (seed 0) that the synthetic data is encoded with."""
+    chunk_step: str = "auto"
+    """How the DiT runs a chunk pass: auto (compile+cuda_graph on CUDA, eager elsewhere), eager, compile, cuda_graph,
+    compile+cuda_graph (inference/chunk_step.py; the first chunks, while the cache fills, always run eagerly)."""
+    streaming_decode: bool = True
+    """Decode each chunk as soon as it is generated (causal streaming VAE decoder, compiled + CUDA-graphed on a GPU)
+    and append its frames to the mp4 while later chunks generate; false: decode the whole video at the end."""
+    decode_mode: str = "auto"
+    """Where streaming decode runs: auto (a side CUDA stream on a GPU, a worker thread on the CPU), stream, thread,
+    sync (inline, in series with the DiT) or device (a dedicated GPU: decode_device)."""
+    decode_device: str = ""
+    """Decode GPU for decode_mode=device, e.g. "cuda:1" (the VAE is moved there)."""
 
     def validate(self) -> None:
+        if self.chunk_step not in ("auto", "eager", "compile", "cuda_graph", "compile+cuda_graph"):
+            raise self.error("chunk_step", f"unknown mode {self.chunk_step!r}",
+                             "use auto, eager, compile, cuda_graph or compile+cuda_graph")
+        if self.decode_mode not in ("auto", "stream", "thread", "sync", "device"):
+            raise self.error("decode_mode", f"unknown mode {self.decode_mode!r}", "use auto, stream, thread, sync or device")
+        if self.decode_mode == "device" and not self.decode_device:
+            raise self.error("decode_device", "is empty but decode_mode=device", 'set infer.decode_device, e.g. "cuda:1"')
         if not self.denoising_steps:
             raise self.error("denoising_steps", "is empty", "give at least one timestep, e.g. [1000, 500]")
         if any(not 0 < t <= 1000 for t in self.denoising_steps):

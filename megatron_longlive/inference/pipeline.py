@@ -158,7 +158,7 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
     # 1. text: one encoder pass per distinct prompt
     embeds = {p: text_encoder.encode([p]) for p in dict.fromkeys(changes.values())}
     engine = build_engine(model, inf, (inf.height // stride, inf.width // stride), sp_group, batch=1,
-                          kv_cache=cfg.quant.kv_cache)
+                          kv_cache=cfg.quant.kv_cache, step=inf.chunk_step if sp_group is None else "eager")
     if engine.guidance:          # classifier-free guidance: the negative prompt's stream
         engine.set_negative_prompt(text_encoder.encode([inf.negative_prompt]).to(device))
     if seed_latents is not None:
@@ -168,16 +168,49 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
                              f"raise infer.num_chunks or use a shorter clip")
         engine.start_from_latents(seed_latents)
     # 2. the chunk loop (segments marked new_shot, e.g. scene cuts of LongLive case folders, start shots)
+    # 3. VAE decode and mp4: streamed (each chunk decoded and appended while later chunks generate) or at the end
     shots = {s.start_chunk for s in segments if s.new_shot}
-    chunks = list(stream_latents(engine, inf.num_chunks, lambda c: embeds[changes[c]].to(device) if c in changes
-                                 else None, seed=inf.seed, progress=progress, shot_starts=shots))
+    chunk_iter = stream_latents(engine, inf.num_chunks, lambda c: embeds[changes[c]].to(device) if c in changes
+                                else None, seed=inf.seed, progress=progress, shot_starts=shots)
+    video = None
+    if out_path and inf.streaming_decode:
+        chunks, video = _generate_streaming_mp4(chunk_iter, vae, out_path, inf)
+    else:
+        chunks = list(chunk_iter)
     latents = torch.cat(chunks, dim=2).cpu()                              # [1, C, T, H, W]
     if latents_path:
         save_latents(latents_path, latents, segments)
-    # 3. VAE decode and mp4
-    video = None
-    if out_path:
+    if out_path and not inf.streaming_decode:
         with torch.no_grad():
             video = vae.decode(latents.to(vae.dtype)).float().clamp(-1, 1)  # [1, 3, T_px, H, W]
         write_mp4(out_path, video[0], inf.fps)
     return GenerationResult(latents, video, out_path, latents_path)
+
+
+def _generate_streaming_mp4(chunk_iter, vae: WanVAE, out_path: str, inf) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run the chunk loop while a worker decodes each chunk with the causal streaming decoder (== the full decode,
+    tests/unit/test_vae_decoder.py) and appends its frames to the mp4 (inference/async_decode.py: bounded queues,
+    in order, flushed on Ctrl-C). Returns the latent chunks and the decoded video [1, 3, T_px, H, W] float32."""
+    from ..models.wan.vae_decoder import StreamingVAEDecoder
+    from .async_decode import AsyncDecodeConfig, AsyncDecoder
+    from .video_writer import Mp4Writer
+
+    dec_device = torch.device(inf.decode_device) if inf.decode_mode == "device" else vae.model.decoder.conv_in.weight.device
+    fast = dec_device.type == "cuda"
+    decoder = StreamingVAEDecoder(vae, dec_device, vae.dtype, compile=fast, cuda_graph=fast)
+    writer = Mp4Writer(out_path, inf.fps)
+    frames: list[torch.Tensor] = []
+
+    def sink(x: torch.Tensor) -> None:            # [1, 3, T, H, W] float32 in [-1, 1] on the CPU
+        frames.append(x)
+        writer.write(x[0])
+
+    mode = inf.decode_mode if inf.decode_mode != "auto" else ("stream" if fast else "thread")
+    cfg = AsyncDecodeConfig(mode=mode, device=inf.decode_device or None, output="float")
+    chunks = []
+    # no_grad, not inference_mode: the decode worker thread updates the decoder's caches in place
+    with torch.no_grad(), AsyncDecoder(decoder.decode, sink, cfg, on_close=writer.close) as pipe:
+        for chunk in chunk_iter:
+            chunks.append(chunk)
+            pipe.submit(chunk.to(dec_device, vae.dtype))
+    return chunks, torch.cat(frames, dim=2)
