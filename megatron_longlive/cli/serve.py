@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Seconds of video generated ahead of playback (bounds switch latency).")
     parser.add_argument("--max-chunks", type=int, default=0, help="End a session after this many chunks (0: endless).")
     parser.add_argument("--no-recache", action="store_true", help="Do not recache the KV cache on a prompt switch.")
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="Start every session from this image (image-to-video; resized to cover infer.height x "
+                             "infer.width and center-cropped).")
+    parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                        help="Negative prompt when infer.guidance_scale != 1 (default: infer.negative_prompt).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,14 +47,21 @@ def run(args: argparse.Namespace) -> int:
     if args.min_switch_interval < 0 or args.max_lead <= 0 or args.max_chunks < 0:
         raise ValueError("--min-switch-interval must be >= 0, --max-lead > 0 and --max-chunks >= 0")
     cfg = _config(args)
+    if args.negative_prompt is not None:
+        cfg.infer.negative_prompt = args.negative_prompt
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     vae, text_encoder = load_encoders(cfg)
+    seed = None
+    if args.image:
+        from ..inference.conditioning import load_seed
+
+        seed = load_seed(vae, cfg.infer.height, cfg.infer.width, image=args.image).to(device)
     model = load_dit(cfg, args.checkpoint, device, dtype)
     settings = ServeSettings(max_prompt_chars=args.max_prompt_chars, min_switch_interval_s=args.min_switch_interval,
                              max_sessions=args.max_sessions, max_lead_s=args.max_lead, max_chunks=args.max_chunks,
                              recache=not args.no_recache)
-    app = build_app(Viewer(cfg, model, vae.to(device), text_encoder.to(device), settings))
+    app = build_app(Viewer(cfg, model, vae.to(device), text_encoder.to(device), settings, seed_latents=seed))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: anyone who can reach this address can drive the model")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", ws="websockets")

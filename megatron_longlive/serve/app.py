@@ -48,8 +48,11 @@ def jpeg(frame: np.ndarray, quality: int) -> bytes:
 class Viewer:
     """Shared state: the loaded model and encoders, the settings, the open sessions."""
 
-    def __init__(self, cfg, model, vae, text_encoder, settings: ServeSettings | None = None):
+    def __init__(self, cfg, model, vae, text_encoder, settings: ServeSettings | None = None,
+                 seed_latents=None):
+        """seed_latents: every session starts from these clean latents (an image's, `serve --image`)."""
         self.cfg, self.model, self.vae, self.text_encoder = cfg, model, vae, text_encoder
+        self.seed_latents = seed_latents
         self.settings = settings or ServeSettings()
         self.active = 0
         self.streams: list[LiveStream] = []     # every session's stream, newest last (for tests and logs)
@@ -103,7 +106,7 @@ class Viewer:
         prompt = await self._start_prompt(ws)
         try:
             stream = await asyncio.to_thread(LiveStream, self.cfg, self.model, self.vae, self.text_encoder, prompt,
-                                             self.settings.recache, self.embeds)
+                                             self.settings.recache, self.embeds, self.seed_latents)
         except ValueError as e:
             await ws.send_json({"type": "error", "message": f"cannot start the stream: {e}"})
             await ws.close(code=1011)

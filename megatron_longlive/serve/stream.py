@@ -67,13 +67,19 @@ class LiveStream:
     """An endless chunk stream whose prompt can change between chunks (thread-safe `request_switch`)."""
 
     def __init__(self, cfg: RunConfig, model, vae: WanVAE, text_encoder: TextEncoder, prompt: str,
-                 recache: bool = True, embed_cache: "OrderedDict | None" = None):
+                 recache: bool = True, embed_cache: "OrderedDict | None" = None,
+                 seed_latents: torch.Tensor | None = None):
+        """seed_latents: clean latents of the first frames (image-to-video, `conditioning.load_seed`)."""
         inf = cfg.infer
         stride = vae.spatial_stride
         if inf.height % stride or inf.width % stride:
             raise ValueError(f"infer.height/width={inf.height}x{inf.width} must be multiples of the VAE stride "
                              f"{stride}")
         self.engine = StreamingEngine(model, inf, (inf.height // stride, inf.width // stride), batch=1)
+        if self.engine.guidance:                         # classifier-free guidance: infer.negative_prompt's stream
+            self.engine.set_negative_prompt(text_encoder.encode([inf.negative_prompt]))
+        if seed_latents is not None:
+            self.engine.start_from_latents(seed_latents)
         self.decoder = StreamingDecoder(vae)
         self.text_encoder = text_encoder
         self.recache = recache

@@ -304,3 +304,29 @@ def test_wrong_size_image_is_resized_and_center_cropped(tmp_path):
     write_mp4(clip, torch.rand(3, 11, 24, 48) * 2 - 1, 8.0)               # 11 frames -> the first 9 are kept
     with pytest.warns(UserWarning, match="using the first 9 of 11 frames"):
         assert load_clip(clip, 32, 32).shape == (1, 3, 9, 32, 32)
+
+
+def test_live_stream_starts_from_the_image_with_guidance(fitted, tiny_cfg):
+    """The viewer's LiveStream (serve --image, guidance on) == the engine driven by hand with the same seed latents."""
+    from generate_helpers import tiny_dit
+
+    from megatron_longlive.serve.stream import LiveStream
+
+    cfg = _cfg(fitted, "infer.guidance_scale=3", "infer.negative_prompt=static")
+    vae, model = fitted["vae"], tiny_dit(tiny_cfg).eval()
+    text = TextEncoder.tiny(text_dim=cfg.model.text_dim, text_len=cfg.model.text_len)
+    seed = load_seed(vae, 32, 32, image=fitted["image"])
+    stream = LiveStream(cfg, model, vae, text, "a red square", seed_latents=seed)
+    first_frames = stream.next_chunk()[2]
+    for _ in range(2):
+        stream.next_chunk()
+    engine = StreamingEngine(model, cfg.infer, (4, 4))
+    engine.set_negative_prompt(text.encode(["static"]))
+    engine.set_prompt(text.encode(["a red square"]))
+    engine.start_from_latents(seed)
+    gen = torch.Generator().manual_seed(cfg.infer.seed)
+    ref = [engine.generate_chunk(torch.randn(1, 16, 1, 4, 4, generator=gen)) for _ in range(3)]
+    torch.testing.assert_close(torch.cat(stream.latents, 2), torch.cat(ref, 2), **TOL)
+    assert torch.equal(stream.latents[0], seed) and stream.engine.guidance
+    roundtrip = vae.decode(seed).clamp(-1, 1)[0].permute(1, 2, 3, 0)                  # [1, H, W, 3]
+    assert np.abs(first_frames.astype(np.float32) - ((roundtrip.numpy() + 1) * 127.5)).max() <= 1.0
