@@ -226,7 +226,8 @@ class StreamingEngine:
     def predict(self, x: torch.Tensor, sigma: float, guidance_scale: float | None = None) -> torch.Tensor:
         """Velocity of the current chunk x [B, C, F, H, W] at noise level sigma (the cache is not changed).
 
-        With guidance: v_u + s * (v_c - v_u) from one batched pass, s = guidance_scale or infer.guidance_scale."""
+        With guidance: v_u + s * (v_c - v_u) from one batched pass, s = guidance_scale or infer.guidance_scale,
+        combined in float32 (returned as float32)."""
         if not self.guidance and guidance_scale not in (None, 1.0):
             raise ValueError(f"guidance_scale={guidance_scale} on an engine without a negative-prompt stream. "
                              f"Fix: build the engine with guidance=True (or infer.guidance_scale != 1)")
@@ -235,7 +236,7 @@ class StreamingEngine:
             return out
         s = self.infer.guidance_scale if guidance_scale is None else guidance_scale
         cond, uncond = out.float().chunk(2)
-        return (uncond + s * (cond - uncond)).to(out.dtype)
+        return uncond + s * (cond - uncond)
 
     @torch.no_grad()
     def commit(self, clean: torch.Tensor) -> None:
