@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -13,6 +14,7 @@ DEMO_OVERRIDES = [
     "train.max_steps=300", "train.lr=1e-3", "train.warmup_steps=20", "train.save_interval=100",
     "train.log_interval=10", "train.wandb_mode=disabled",
     "infer.num_chunks=10", "infer.chunk_frames=1", "infer.window_frames=4", "infer.sink_frames=1",
+    "infer.shot_sink_frames=1",   # the second prompt starts a new shot: its first chunk anchors the shot
     # few-step LoRA by simplified DMD: a short run, 2-step sampling afterwards
     "distill.max_steps=20", "distill.critic_ratio=2", "distill.rollout_frames=4", "distill.rank=8",
     "distill.critic_rank=8", "distill.denoising_steps=[1000,500]",
@@ -62,15 +64,18 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(f"      loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoint {trainer.last_checkpoint}")
         checkpoint = run_dir
-    # 3. streaming generation with a prompt switch halfway
+    # 3. streaming generation: two shots, the prompt switches (with a scene cut) halfway
     if args.prompt:
         segments = parse_cli_prompts(args.prompt)
     else:
         first, second = dataset.captions[0], next((c for c in dataset.captions if c != dataset.captions[0]),
                                                   dataset.captions[0])
         segments = parse_cli_prompts([f"{first}@0", f"{second}@{cfg.infer.num_chunks // 2}"])
+        segments[1] = dataclasses.replace(segments[1], new_shot=True)   # two shots: a scene cut halfway
+    shot = 0
     for s in segments:
-        print(f"      chunk {s.start_chunk:>3}: {s.prompt}")
+        shot += s.new_shot or s.start_chunk == 0
+        print(f"      chunk {s.start_chunk:>3}: shot {shot}: {s.prompt}")
     # 3. few-step LoRA distilled by simplified DMD on the frozen trained model (only the LoRA trains)
     adapter = None
     if checkpoint and not args.skip_distill:

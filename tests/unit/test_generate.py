@@ -113,3 +113,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert frames.shape[0] == 1 + 4 * 5 and frames_change(frames)
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert losses[-1] < losses[0]
+    # two shots with different prompts (issue 8): a scene cut halfway, recorded with the latents
+    prompts = torch.load(tmp_path / "latents.pt")["prompts"]
+    assert [p["start_chunk"] for p in prompts] == [0, 3] and [p["new_shot"] for p in prompts] == [False, True]
+    assert prompts[0]["prompt"] != prompts[1]["prompt"]
+    assert "shot 2:" in out
