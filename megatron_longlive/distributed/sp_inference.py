@@ -123,6 +123,7 @@ class CachedUlyssesAttention(UlyssesAttention):
         if isinstance(self.cache, ShardedNVFP4KVCache) and self.cache.chunk_pass:
             # 4-bit K/V on the wire: quantized before the all-to-all (same codes as quantizing after it)
             kq, vq = (self._packed_to_heads(x) for x in self.cache.quantize_shard(k, v))
+            assert mask is None, "the streaming forward of one chunk takes no mask of its own"
             k, v, mask = self.cache.packed_chunk_hook(self.layer, kq, vq, q.dtype)
         else:
             k, v = self._to_heads(k), self._to_heads(v)
