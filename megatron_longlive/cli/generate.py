@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--lora {args.lora}: not a directory. Fix: pass the adapter directory written "
                                     f"by `longlive distill` (step_*/generator).")
         load_with_adapter(model, args.lora, merge=True)
+    if device.type == "cuda":     # the streaming decoder runs beside the DiT (side stream), in the DiT's dtype
+        vae.model.to(device, dtype)
     out = args.out or cfg.infer.output
     t0 = time.perf_counter()
     result = generate_video(cfg, model, segments, out if main else None, vae, text_encoder,

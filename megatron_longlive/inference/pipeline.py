@@ -18,6 +18,7 @@ from ..config import RunConfig
 from ..models.wan import WanDiT
 from ..models.wan.text_encoder import TextEncoder
 from ..models.wan.vae import WanVAE
+from ..quant.providers import freeze_for_inference
 from ..distributed.sp_inference import build_engine
 from .engine import stream_latents
 from .prompts import PromptSegment, check_schedule, prompt_changes
@@ -157,6 +158,7 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
     changes = prompt_changes(segments)
     # 1. text: one encoder pass per distinct prompt
     embeds = {p: text_encoder.encode([p]) for p in dict.fromkeys(changes.values())}
+    freeze_for_inference(model)   # low-bit linears quantize their weights once (after any LoRA merge)
     engine = build_engine(model, inf, (inf.height // stride, inf.width // stride), sp_group, batch=1,
                           kv_cache=cfg.quant.kv_cache, step=inf.chunk_step if sp_group is None else "eager")
     if engine.guidance:          # classifier-free guidance: the negative prompt's stream
