@@ -121,7 +121,11 @@ def qat_finetune(cfg: RunConfig, checkpoint: str, settings: QATSettings, out_dir
     if key not in datasets:
         datasets[key] = build_dataset(tcfg)
     trainer = Trainer(tcfg, dataset=datasets[key], device=device, strategy=strategy, model=model, progress=progress)
-    trainer.train()
+    # Stochastic rounding / RHT draws use the global RNG: seed it from train.seed (and restore it afterwards), so
+    # a QAT run does not depend on what the variants before it consumed.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(tc.seed)
+        trainer.train()
     if trainer.last_checkpoint is None or not os.path.isdir(trainer.last_checkpoint):
         raise RuntimeError(f"QAT fine-tune in {out_dir} wrote no checkpoint")
     return out_dir

@@ -136,3 +136,17 @@ def test_bad_inputs(setup, tmp_path, capsys):
     cfg = load_config(None, [*setup["overrides"], "train.lora_rank=4"])
     with pytest.raises(ValueError, match="train.lora_rank=4"):
         qat_finetune(cfg, setup["ckpt"], QATSettings(1), str(tmp_path / "l"), progress=False)
+
+
+def test_qat_run_does_not_depend_on_the_global_rng(setup, tmp_path):
+    """Stochastic rounding draws from the global RNG; the fine-tune seeds it from train.seed and restores it."""
+    cfg = load_config(None, [*setup["overrides"], "quant.linear=nvfp4_emulated"])
+    states = []
+    for i, seed in enumerate((1, 2)):
+        torch.manual_seed(seed)
+        expected_next = torch.rand(1)
+        torch.manual_seed(seed)
+        run = qat_finetune(cfg, setup["ckpt"], QATSettings(2), str(tmp_path / f"r{i}"), progress=False)
+        assert torch.equal(torch.rand(1), expected_next)            # the caller's stream is untouched
+        states.append(load_dit(load_config(None, setup["overrides"]), run).state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
