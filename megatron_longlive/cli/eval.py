@@ -101,7 +101,9 @@ def _generate(args) -> tuple[list[Run], list[int], list[str], list[str]]:
     if bool(args.prompt) == bool(args.prompt_file):
         raise ValueError("--variant needs the prompts: give either --prompt TEXT[@CHUNK] (repeatable) or --prompt-file")
     cfg = load_config(args.config, args.overrides)
-    segments = (load_prompt_file(args.prompt_file, cfg.infer.chunk_frames, args.prompt_index) if args.prompt_file
+    segments = (load_prompt_file(args.prompt_file, cfg.infer.chunk_frames, args.prompt_index,
+                                 num_chunks=cfg.infer.num_chunks, chunks_per_shot=cfg.infer.chunks_per_shot,
+                                 scene_cut_prefix=cfg.infer.scene_cut_prefix) if args.prompt_file
                 else parse_cli_prompts(args.prompt))
     segments = check_schedule(segments, cfg.infer.num_chunks)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -75,7 +75,8 @@ class LiveStream:
         if inf.height % stride or inf.width % stride:
             raise ValueError(f"infer.height/width={inf.height}x{inf.width} must be multiples of the VAE stride "
                              f"{stride}")
-        self.engine = StreamingEngine(model, inf, (inf.height // stride, inf.width // stride), batch=1)
+        self.engine = StreamingEngine(model, inf, (inf.height // stride, inf.width // stride), batch=1,
+                                      step=inf.chunk_step)
         if self.engine.guidance:                         # classifier-free guidance: infer.negative_prompt's stream
             self.engine.set_negative_prompt(text_encoder.encode([inf.negative_prompt]))
         if seed_latents is not None:

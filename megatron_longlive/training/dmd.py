@@ -71,7 +71,8 @@ def rollout_engine(model: nn.Module, chunk_frames: int, rollout_frames: int, ste
     infer = InferConfig(denoising_steps=list(steps), timestep_shift=shift, chunk_frames=chunk_frames,
                         num_chunks=rollout_frames // chunk_frames, window_frames=max(rollout_frames, 2 * chunk_frames),
                         sink_frames=chunk_frames, shot_sink_frames=0)
-    return StreamingEngine(model, infer, latent_hw, batch=batch, keep_latents=False)
+    # guidance=False: the rollout is the student's own few-step sampler (CFG enters only the teacher's score)
+    return StreamingEngine(model, infer, latent_hw, batch=batch, keep_latents=False, guidance=False)
 
 
 def rollout(engine: StreamingEngine, text: torch.Tensor, noise: torch.Tensor, grad: bool = True) -> torch.Tensor:
