@@ -4,9 +4,9 @@ Every SP rank computes a *share* of its video's loss (shares sum to the video lo
 a different video, so a replicated parameter's gradient is the SUM over the SP group and the MEAN over
 the DP group; TP-sharded parameters reduce over the same (dp x sp) group of ranks holding the same
 shard (megatron-core's dp-cp group). `allreduce_gradients` does this after backward with flattened
-buckets on any backend (gloo on CPU, NCCL on GPU). Not done yet: megatron-core's
-DistributedDataParallel (bucketed reduction overlapped with backward); it keeps gradients in its own
-`main_grad` buffers, which the plain AdamW trainer does not read.
+buckets on any backend (gloo on CPU, NCCL on GPU). On CUDA, `parallel.ddp_impl` selects megatron-core's
+DistributedDataParallel instead (`mcore_ddp.py`: reduction overlapped with backward); this module stays the
+CPU/gloo path, where megatron-core's DDP cannot run.
 """
 from __future__ import annotations
 

@@ -66,13 +66,24 @@ class SPTeacherForcingStep:
         return loss, b * layout.seq_len // g.sp_size
 
 
-def parallel_hooks(groups: ProcessGroups, output_dir: str, keep_last: int):
-    """The trainer's ParallelHooks for this grid."""
+def parallel_hooks(groups: ProcessGroups, output_dir: str, keep_last: int, model=None, cfg=None):
+    """The trainer's ParallelHooks for this grid. Gradient reduction: megatron-core DDP or our bucketed
+    all-reduce, as `cfg.parallel.ddp_impl` resolves on this device (native without a cfg)."""
     from ..training.trainer import ParallelHooks
     from .checkpoint import DistCheckpointManager
+    from .mcore_ddp import McoreGradSync, resolve_ddp_impl
     from .tensor_parallel import clip_grad_norm_tp
 
-    return ParallelHooks(grad_sync=lambda params: allreduce_gradients(params, groups),
+    impl = resolve_ddp_impl(cfg.parallel.ddp_impl, groups.device.type) if cfg is not None else "native"
+    zero_grad = None
+    if impl == "mcore":
+        p = cfg.parallel
+        sync = McoreGradSync(model, groups, cfg.model, p.ddp_bucket_size, p.ddp_overlap_grad_reduce,
+                             cfg.train.grad_accum)
+        grad_sync, zero_grad = sync, sync.zero_grad
+    else:
+        grad_sync = lambda params: allreduce_gradients(params, groups)  # noqa: E731
+    return ParallelHooks(grad_sync=grad_sync, zero_grad=zero_grad,
                          reduce_loss=lambda value: float(reduce_loss(value, groups)),
                          clip_grad_norm=lambda params, max_norm: clip_grad_norm_tp(params, max_norm, groups.tp),
                          is_logger=groups.rank == 0,
@@ -105,4 +116,5 @@ def build_parallel_training(cfg, device: str | torch.device | None = None) -> di
     strategy = SPTeacherForcingStep(groups, cfg.train.chunk_frames, p.sp_layout, cfg.train.timestep_shift,
                                     cfg.train.num_train_timesteps, autocast)
     return dict(model=model, strategy=strategy, device=groups.device, dp_rank=groups.dp_rank,
-                dp_size=groups.dp_size, hooks=parallel_hooks(groups, cfg.train.output_dir, cfg.train.keep_last))
+                dp_size=groups.dp_size, hooks=parallel_hooks(groups, cfg.train.output_dir, cfg.train.keep_last,
+                                                             model, cfg))

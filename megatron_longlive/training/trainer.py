@@ -94,6 +94,8 @@ class ParallelHooks:
     """(params, max_norm) -> total norm before clipping, over all ranks (TP: shards summed); default torch's."""
     is_logger: bool = True
     checkpoint: CheckpointManager | None = None
+    zero_grad: Callable[[], None] | None = None
+    """Called at the start of every optimizer step, before the first backward (e.g. megatron DDP's grad buffers)."""
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -230,6 +232,8 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches; returns its metrics (raises on NaN/Inf)."""
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.hooks.zero_grad is not None:
+            self.hooks.zero_grad()
         total, tokens, bad = 0.0, 0, []
         for _ in range(self.tc.grad_accum):
             batch = next(self.loader)
