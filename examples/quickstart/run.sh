@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # CPU quickstart: train the tiny model on synthetic data, stream an mp4 with a prompt switch, render a contact sheet.
 #   bash examples/quickstart/run.sh [--set section.key=value ...]
-# Env: OUT (default quickstart_out), LONGLIVE (default `longlive`). Extra arguments go to every longlive command.
+# Env: OUT (default outputs/quickstart, git-ignored), LONGLIVE (default `longlive`). Extra arguments go to every longlive command.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-OUT="${OUT:-quickstart_out}"
+OUT="${OUT:-outputs/quickstart}"
 LONGLIVE="${LONGLIVE:-longlive}"
 
 echo "== 1. train (teacher forcing, tiny model) -> $OUT/run"

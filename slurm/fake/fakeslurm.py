@@ -108,7 +108,7 @@ def parse_options(argv: list[str], with_value: dict[str, str], flags: dict[str, 
     return opts, argv[i:]
 
 
-def _int(opts: dict, key: str, default: int, tool: str) -> int:
+def _int(opts: dict, key: str, default: int) -> int:
     value = opts.get(key, default)
     try:
         out = int(value)
@@ -138,21 +138,21 @@ def srun(argv: list[str]) -> int:
         if key in opts:
             _say("srun", f"--{key} ignored: the command runs on this host, not in a container")
     nodes_env = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or "1"
-    nodes = _int(opts, "nodes", int(nodes_env), "srun")
+    nodes = _int(opts, "nodes", int(nodes_env))
     if "ntasks-per-node" in opts:
-        per_node = _int(opts, "ntasks-per-node", 1, "srun")
+        per_node = _int(opts, "ntasks-per-node", 1)
     elif "ntasks" in opts:
-        per_node = -(-_int(opts, "ntasks", 1, "srun") // nodes)
+        per_node = -(-_int(opts, "ntasks", 1) // nodes)
     else:
         per_node = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1"))
-    ntasks = _int(opts, "ntasks", nodes * per_node, "srun")
+    ntasks = _int(opts, "ntasks", nodes * per_node)
     joblist = os.environ.get("SLURM_JOB_NODELIST")
     hosts = expand_hostlist(joblist) if joblist else fake_nodes(nodes)
     if len(hosts) < nodes:
         raise UsageError(f"the step asks for {nodes} node(s) but the job has {len(hosts)} ({joblist})")
     hosts = hosts[:nodes]
     job_id = os.environ.get("SLURM_JOB_ID") or str(os.getpid())
-    step_id = os.environ.get("FAKE_SLURM_NEXT_STEP", "0")
+    step_id = "0"  # one step per srun call is all the rendered jobs use
     kill_on_bad_exit = opts.get("kill-on-bad-exit", False) not in (False, "0")
     base = dict(os.environ)
     base.update(SLURM_JOB_ID=job_id, SLURM_JOBID=job_id, SLURM_STEP_ID=step_id, SLURM_STEPID=step_id,
@@ -303,8 +303,8 @@ def sbatch(argv: list[str]) -> int:
         raise UsageError(f"batch script {script!r} not found")
     header_opts, _ = parse_options(read_sbatch_headers(script), SBATCH_VALUES, SBATCH_FLAGS, "sbatch")
     opts = {**header_opts, **cli_opts}
-    nodes = _int(opts, "nodes", 1, "sbatch")
-    per_node = _int(opts, "ntasks-per-node", 1, "sbatch")
+    nodes = _int(opts, "nodes", 1)
+    per_node = _int(opts, "ntasks-per-node", 1)
     name = str(opts.get("job-name", os.path.basename(script)))
     job_id = os.environ.get("FAKE_SLURM_JOB_ID") or str(100000 + os.getpid() % 900000)
     hosts = compress_hostlist(fake_nodes(nodes))
