@@ -35,7 +35,7 @@ def _peak(dev: torch.device) -> float:
 
 
 def build_distiller(args, base: str) -> dmd.Distiller:
-    """The tiny..1.3B model with random weights (BF16 on CUDA, fp32 elsewhere), packed to NVFP4 for base=nvfp4,
+    """The tiny..1.3B model with random weights (--dtype; auto: BF16 on CUDA, fp32 elsewhere), NVFP4-packed for nvfp4,
     and a Distiller on it with random prompt embeddings."""
     dev = torch.device(args.device)
     cfg = build_config({"model": {"preset": args.preset},
@@ -49,7 +49,9 @@ def build_distiller(args, base: str) -> dmd.Distiller:
     with torch.device(dev):
         model = WanDiT(cfg.model)
     model.init_weights()
-    model.to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16 if dev.type == "cuda"
+                                                                 else torch.float32)
+    model.to(dtype)
     if base == "nvfp4":
         from megatron_longlive.quant.nvfp4.packed import pack_model
 
@@ -108,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-list", type=int, nargs="+", default=[1000, 500])
     p.add_argument("--steps", type=int, default=2, help="timed steps")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="base weight dtype (auto: bf16 on CUDA, fp32 elsewhere); adapters always train in fp32")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="append JSON lines here (bench/record.py)")
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                          "error": str(e).splitlines()[0]})
     setting = (f"{args.preset} {args.height}x{args.width} rollout {args.rollout_frames} lat-frames chunk "
                f"{args.chunk_frames} critic_ratio {args.critic_ratio} r{args.rank} {args.init} "
-               f"{len(args.steps_list)}-step{' AC' if args.activation_checkpointing else ''}")
+               f"{len(args.steps_list)}-step{' AC' if args.activation_checkpointing else ''}"
+               f"{'' if args.dtype == 'auto' else ' ' + args.dtype}")
     print(f"DMD distillation step: {setting}")
     print(f"{'base':<8}{'step s':>10}{'peak GiB':>11}{'setup GiB':>11}{'base GiB':>10}{'critic':>10}{'gen':>10}")
     for r in rows:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_longlive.distributed.launch import spawn
-
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
@@ -31,19 +29,27 @@ def test_mcore_ddp_equals_native_one_gpu(tmp_path, extra):
     _same(mcore, native, 1e-6)
 
 
-def _hook_worker(rank, world):
-    from megatron_longlive.config import build_config
+def _hook_run():
     from megatron_longlive.distributed.grid import destroy_grid, init_grid
+
+    groups = init_grid(1, 1)                                     # a 1-process NCCL world, in this process
+    try:
+        return _hook_steps(groups)
+    finally:
+        destroy_grid()
+
+
+def _hook_steps(groups):
+    import tempfile
+
+    from megatron_longlive.config import build_config
     from megatron_longlive.distributed.mcore_ddp import McoreGradSync
     from megatron_longlive.distributed.strategy import parallel_hooks
     from megatron_longlive.models.wan import WanDiT
 
-    groups = init_grid(1, 1)
     cfg = build_config({})                                       # ddp_impl=auto -> mcore on CUDA
     torch.manual_seed(0)
     model = WanDiT(cfg.model).to(groups.device)
-    import tempfile
-
     hooks = parallel_hooks(groups, tempfile.mkdtemp(), 1, model, cfg)
     assert isinstance(hooks.grad_sync, McoreGradSync)
     params = list(model.parameters())
@@ -66,12 +72,11 @@ def _hook_worker(rank, world):
     ref(x, torch.tensor([500.0], device="cuda"), text).pow(2).mean().backward()
     equal = all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-7) if p.grad is not None else not a.any()
                 for a, p in zip(grads[1], ref.parameters()))
-    destroy_grid()
     return ok, equal
 
 
 def test_mcore_grad_sync_uses_main_grad_and_zeroes_between_steps():
-    ok, equal = spawn(_hook_worker, 1)[0]
+    ok, equal = _hook_run()
     assert ok, "p.grad should be megatron's main_grad buffer view"
     assert equal, "step 2 gradients must equal a fresh backward (buffers zeroed between steps, DP=1 reduction exact)"
 
