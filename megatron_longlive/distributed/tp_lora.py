@@ -13,7 +13,8 @@ rank-r activation (r values per token instead of `out`), then B h is the same on
 Sharded LoRA weights carry megatron's `tensor_model_parallel` / `partition_dim` attributes, so the TP code
 that already handles the base (full_state_dict / load_full_state_dict, clip_grad_norm_tp, DCP checkpoints)
 handles them too; `peft_weights()` gathers the whole A and B (collective), so `save_adapter` writes exactly
-the files of a TP=1 run. The initial weights equal what `LoRALinear` draws at TP=1 from the same RNG state.
+the files of a TP=1 run, and `load_peft_weights` (used by `load_adapter`) keeps this rank's part of a file.
+The initial weights equal what `LoRALinear` draws at TP=1 from the same RNG state.
 """
 from __future__ import annotations
 
@@ -81,6 +82,17 @@ class TPLoRALinear(LoRALinear):
         else:
             h = reduce_from_tensor_model_parallel_region(h, group=self.group)
         return y + self.lora_B(h) * self.scaling
+
+    @torch.no_grad()
+    def load_peft_weights(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Whole (A [r, in], B [out, r]) -> this rank's shard (no communication)."""
+        tp, tp_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if self.column:
+            b = b.chunk(tp, dim=0)[tp_rank]
+        else:
+            a = a.chunk(tp, dim=1)[tp_rank]
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
 
     def peft_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole (A [r, in], B [out, r]), gathered over the TP group: collective, call on every TP rank."""

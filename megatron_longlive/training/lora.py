@@ -43,6 +43,12 @@ class LoRALinear(nn.Module):
         """(A [r, in], B [out, r]) of the whole layer as peft stores them (TP subclasses gather their shards)."""
         return self.lora_A.weight.detach(), self.lora_B.weight.detach()
 
+    @torch.no_grad()
+    def load_peft_weights(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy the whole-layer (A, B) in (TP subclasses keep their shard)."""
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
@@ -138,11 +144,9 @@ def load_adapter(model: nn.Module, directory: str) -> None:
     if missing or unexpected:
         raise ValueError(f"{w_path}: adapter keys do not match the model (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}). Fix: load the adapter into the model it was trained on.")
-    mods = lora_modules(model)
-    with torch.no_grad():
-        for name, m in mods.items():
-            m.lora_A.weight.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
-            m.lora_B.weight.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
+    for name, m in lora_modules(model).items():
+        m.load_peft_weights(tensors[f"base_model.model.{name}.lora_A.weight"],
+                            tensors[f"base_model.model.{name}.lora_B.weight"])
 
 
 @torch.no_grad()

@@ -74,7 +74,9 @@ def _tp_loss(model, groups, layout):
 def _worker(rank, world, tmp):
     from megatron_longlive.distributed.tensor_parallel import full_state_dict, load_full_state_dict
     from megatron_longlive.distributed.tp_lora import TPLoRALinear, apply_tp_lora
-    from megatron_longlive.training.lora import adapter_state_dict, apply_lora, save_adapter
+    import torch.distributed as dist
+
+    from megatron_longlive.training.lora import adapter_state_dict, apply_lora, load_adapter, save_adapter
 
     from .tf_harness import setup_rank
 
@@ -98,10 +100,17 @@ def _worker(rank, world, tmp):
     if rank == 0:
         save_adapter(tp_model, f"{tmp}/tp2", TARGETS, tp_files)
         save_adapter(ref, f"{tmp}/tp1", TARGETS, ref_files)
+    # 4. a TP=1 file loaded into a fresh TP=2 model (each rank keeps its shard) gives back the same tensors
+    dist.barrier()
+    fresh = setup_rank(2, 1)[1]
+    apply_tp_lora(fresh, TARGETS, RANK, ALPHA, groups.tp)
+    load_adapter(fresh, f"{tmp}/tp1")
+    reloaded = adapter_state_dict(fresh)
+    reload_equal = reloaded.keys() == ref_files.keys() and all(torch.equal(reloaded[k], ref_files[k]) for k in reloaded)
     full = full_state_dict(tp_model, groups.tp)                  # base weights stayed frozen and whole
     frozen_ok = all(torch.equal(full[k], v) for k, v in ref.state_dict().items() if ".lora_" not in k)
     return {"kinds": kinds, "init_equal": init_equal, "sharded": sharded, "ref": ref_steps, "tp": tp_steps,
-            "ref_files": ref_files, "tp_files": tp_files, "frozen_ok": frozen_ok,
+            "ref_files": ref_files, "tp_files": tp_files, "frozen_ok": frozen_ok, "reload_equal": reload_equal,
             "is_tp_lora": isinstance(tp_model.blocks[0].self_attn.q, TPLoRALinear)}
 
 
@@ -115,7 +124,7 @@ def test_tp2_lora_equals_tp1(tmp_path):
         # column bases shard B, row bases shard A
         assert "blocks.0.self_attn.q.lora_B.weight" in r["sharded"] and "blocks.0.ffn.2.lora_A.weight" in r["sharded"]
         assert not any(n.startswith("head.") or n.endswith("q.lora_A.weight") for n in r["sharded"])
-        assert r["frozen_ok"]
+        assert r["frozen_ok"] and r["reload_equal"]
         for step, ((loss, grads), (ref_loss, ref_grads)) in enumerate(zip(r["tp"], r["ref"])):
             assert loss == pytest.approx(ref_loss, rel=1e-5), f"rank {rank} step {step} loss"
             assert_same(grads, ref_grads, f"rank {rank} step {step} LoRA grad")
