@@ -68,7 +68,7 @@ class TrainConfig(ConfigBase):
     per_shot_text: bool = True
     """Multi-shot training: when the dataset gives per-shot captions ('texts' + shot ids), each chunk (clean and noisy twin) cross-attends its own shot's caption; False: the first caption for the whole video. No effect on one-caption data."""
     first_frame_prob: float = 0.0
-    """Image-to-video training: chance per video that chunk 0's first latent frame is a clean conditioning frame (t = 0, no loss), as Wan2.2-TI2V conditions on the image latent; 0 = off."""
+    """Image-to-video training: chance per video that chunk 0's first latent frame (first temporal patch) is a clean conditioning frame (t = 0, no loss), as Wan2.2-TI2V conditions on the image latent; 0 = off."""
     error_recycling: bool = False
     """Error recycling: add the model's own recent x0 errors (a buffer bucketed by noise level) to clean-history chunks, so the AR model learns to recover from its drift. Loss targets never change."""
     error_recycling_clean_prob: float = 0.2
