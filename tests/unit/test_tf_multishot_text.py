@@ -168,3 +168,18 @@ def test_synthetic_multishot_data_reaches_the_trainer(tmp_path):
                   progress=False).train()
     # Wan's zero-initialised head makes step 1 caption-independent; step 2 sees the captions
     assert on[0] == off[0] and on[1] != off[1] and all(math.isfinite(v) for v in on)
+
+
+def test_zarr_chunk_shot_items_become_frame_shots():
+    """The Zarr cache's 'chunk_shot' (data chunks) maps to latent frames; a partial (SP) item is refused."""
+    from dataloaders.latent_dataset import item_frame_shot, stack_shot_texts
+
+    item = {"latents": torch.zeros(16, 6, 4, 4), "chunk_shot": torch.tensor([0, 1, 1]), "texts": torch.ones(2, 3, 5),
+            "chunk_range": (0, 3), "num_chunks": 3}
+    assert item_frame_shot(item).tolist() == [0, 0, 1, 1, 1, 1]
+    one = {"latents": torch.zeros(16, 6, 4, 4), "frame_shot": torch.zeros(6, dtype=torch.long),
+           "texts": 2 * torch.ones(1, 3, 5)}
+    texts, frame_shot = stack_shot_texts([item, one], 4)
+    assert texts.shape == (2, 2, 3, 5) and texts[1, 1].abs().sum() == 0 and frame_shot.tolist() == [[0, 0, 1, 1]] * 1 + [[0] * 4]
+    with pytest.raises(ValueError, match="sp_size=1"):
+        item_frame_shot({**item, "latents": torch.zeros(16, 2, 4, 4), "chunk_range": (1, 2)})
