@@ -80,18 +80,16 @@ def _first_slurm_host(nodelist: str) -> str:
 
 
 def discover_launch(env: dict | None = None) -> LaunchInfo:
-    """Read rank/world from torchrun, Slurm or MPI (mpi4py, optional), in that order."""
+    """Read rank/world from torchrun, MPI (mpi4py, optional) or Slurm, in that order."""
     env = os.environ if env is None else env
     port = int(env.get("MASTER_PORT", 29500))
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                           env.get("MASTER_ADDR", "127.0.0.1"), port, "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_STEP_NODELIST")
-                                                           or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                          addr, port, "slurm")
-    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+    slurm = "SLURM_PROCID" in env and "SLURM_NTASKS" in env
+    # OpenMPI's mpirun inside a Slurm job: its ranks inherit the batch step's SLURM_PROCID=0, so it wins over Slurm;
+    # PMI_SIZE / PMIX_RANK are also set by srun's MPI plugins, so they count only outside Slurm
+    if "OMPI_COMM_WORLD_SIZE" in env or (not slurm and any(k in env for k in ("PMI_SIZE", "PMIX_RANK"))):
         try:
             from mpi4py import MPI
         except ImportError:
@@ -101,6 +99,11 @@ def discover_launch(env: dict | None = None) -> LaunchInfo:
         addr = comm.bcast(env.get("MASTER_ADDR") or (os.uname().nodename if comm.rank == 0 else None), root=0)
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
         return LaunchInfo(comm.rank, comm.size, local, addr, port, "mpi")
+    if slurm:
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_STEP_NODELIST")
+                                                           or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                          addr, port, "slurm")
     return LaunchInfo(0, 1, 0, "127.0.0.1", port, "single")
 
 

@@ -312,6 +312,8 @@ def sbatch(argv: list[str]) -> int:
     env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_JOBID=job_id, SLURM_JOB_NAME=name, SLURM_NNODES=str(nodes),
                SLURM_JOB_NUM_NODES=str(nodes), SLURM_JOB_NODELIST=hosts, SLURM_NODELIST=hosts,
                SLURM_NTASKS_PER_NODE=str(per_node), SLURM_NTASKS=str(nodes * per_node),
+               SLURM_TASKS_PER_NODE=f"{per_node}(x{nodes})", SLURM_JOB_CPUS_PER_NODE=f"{per_node}(x{nodes})",
+               SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",  # the batch step is task 0 of node 0
                SLURM_SUBMIT_DIR=os.getcwd(), SLURM_SUBMIT_HOST=os.uname().nodename, SLURMD_NODENAME=hosts.split(",")[0])
     for key in ("cpus-per-task", "partition", "account"):
         if key in opts:

@@ -110,6 +110,19 @@ def test_fake_sbatch_sets_job_env_signals_and_requeues(tmp_path):
     assert "requeued (restart 1)" in r.stderr
 
 
+def test_launch_discovery_inside_a_slurm_job():
+    """mpirun's ranks inherit the batch step's SLURM_PROCID=0: OpenMPI's variables win; srun's PMIx ones do not."""
+    from megatron_longlive.distributed.grid import discover_launch
+
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu[1-2]", "MASTER_PORT": "1234"}
+    srun_pmix = discover_launch(dict(batch, SLURM_PROCID="1", PMIX_RANK="1"))
+    assert (srun_pmix.launcher, srun_pmix.rank, srun_pmix.world_size, srun_pmix.master_addr) == ("slurm", 1, 2, "gpu1")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py)")
+    info = discover_launch(dict(batch, OMPI_COMM_WORLD_SIZE="1", OMPI_COMM_WORLD_RANK="0"))
+    assert info.launcher == "mpi"  # this process is an MPI singleton: rank 0 of 1, not Slurm's task 0 of 2
+    assert (info.rank, info.world_size) == (0, 1)
+
+
 # ----- the example renders in slurm/examples ----------------------------------------------------------------
 RENDERS = {  # file -> (example config, overrides); run dirs are /shared/runs/<name>
     "wan2.1-ar-balanced-sp.sbatch": ("examples/wan2.1-ar-balanced-sp/config.yaml", []),
@@ -212,10 +225,16 @@ def test_rendered_mpirun_sbatch_trains_two_steps(tmp_path):
     run = str(tmp_path / "run")
     job = _render(run, "launch.launcher=mpirun", "launch.nodes=1", "launch.gpus_per_node=2", "train.max_steps=2",
                   "train.save_interval=2")
-    r = _run(["sbatch", job], cwd=str(tmp_path), timeout=600, FAKE_SLURM_JOB_ID="33")
+    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"} if os.geteuid() == 0 else {}
+    r = _run(["sbatch", job], cwd=str(tmp_path), timeout=600, FAKE_SLURM_JOB_ID="33", **root)
     log = open(os.path.join(run, "slurm-33.out")).read()
     assert r.returncode == 0, log[-4000:]
     step = os.path.join(run, "checkpoints", "step_00000002")
-    for name in ("COMPLETE", "trainer_rank0.pt", "trainer_rank1.pt"):
+    for name in ("COMPLETE", "trainer_rank0.pt", "trainer_rank1.pt"):  # DP=2: both MPI ranks wrote their state
         assert os.path.exists(os.path.join(step, name)), name
-    assert [m["step"] for m in _metrics(run)] == [1, 2]
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2]
+    from .tf_harness import run_longlive_train
+
+    direct = run_longlive_train(str(tmp_path / "direct"), 2)  # the same 2 ranks under torchrun
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in direct], rel=1e-6)
