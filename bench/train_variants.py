@@ -31,7 +31,8 @@ def variant_tree(variant: str, lora_rank: int = 0) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"--quant {variant!r}: unknown variant. Fix: choose from {', '.join(VARIANTS)}")
     if variant == "nvfp4_lora":
-        return {"quant": {"linear": "bf16", "packed_base": True}, "train": {"lora_rank": lora_rank or DEFAULT_LORA_RANK}}
+        return {"quant": {"linear": "bf16", "packed_base": True},
+                "train": {"lora_rank": lora_rank or DEFAULT_LORA_RANK}}
     return {"quant": {"linear": variant, "packed_base": False}, "train": {"lora_rank": lora_rank}}
 
 

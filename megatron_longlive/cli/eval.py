@@ -111,7 +111,8 @@ def _generate(args) -> tuple[list[Run], list[int], list[str], list[str]]:
     variants = [parse_variant(v) for v in args.variant]
     runs = generate_variants(variants, segments, args.out, args.config, args.overrides, args.checkpoint, device, dtype)
     shots = [0 if s.start_chunk == 0 else pixel_frames_for(s.start_chunk * cfg.infer.chunk_frames) for s in segments]
-    return runs, shots, [s.prompt for s in segments], qat_notes(variants, args.out) + reproduced_reference(runs, variants)
+    notes = qat_notes(variants, args.out) + reproduced_reference(runs, variants)
+    return runs, shots, [s.prompt for s in segments], notes
 
 
 def run(args) -> int:

@@ -54,7 +54,8 @@ def parse_variant(items: list[str]) -> Variant:
     if qat:
         steps = qat.get("qat.steps", str(DEFAULT_QAT_STEPS))
         if not steps.isdigit():
-            raise ValueError(f"--variant {label}: qat.steps={steps!r} must be a whole number of steps, e.g. qat.steps=20")
+            raise ValueError(f"--variant {label}: qat.steps={steps!r} must be a whole number of steps, "
+                             "e.g. qat.steps=20")
         settings = QATSettings(int(steps), qat.get("qat.loss", "task"))
     return Variant(label, tuple(o for o in overrides if not o.startswith("qat.")), settings)
 

@@ -41,8 +41,8 @@ def setup(tmp_path_factory):
     text = torch.randn(1, cfg.model.text_len, cfg.model.text_dim, generator=g)
     data = root / "clip.pt"
     save_latent_file(data, latents, text)
-    return {"ckpt": str(ckpt), "overrides": [*BASE, "data.source=zarr", f"data.path={data}"], "latents": latents, "text": text,
-            "root": root}
+    return {"ckpt": str(ckpt), "overrides": [*BASE, "data.source=zarr", f"data.path={data}"], "latents": latents,
+            "text": text, "root": root}
 
 
 def _first_loss(run_dir) -> float:
