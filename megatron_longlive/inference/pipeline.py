@@ -184,7 +184,8 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
         save_latents(latents_path, latents, segments)
     if out_path and not inf.streaming_decode:
         with torch.no_grad():
-            video = vae.decode(latents.to(vae.dtype)).float().clamp(-1, 1)  # [1, 3, T_px, H, W]
+            vae_device = vae.model.decoder.conv_in.weight.device            # the CLI puts it on the GPU
+            video = vae.decode(latents.to(vae_device, vae.dtype)).float().clamp(-1, 1).cpu()  # [1, 3, T_px, H, W]
         write_mp4(out_path, video[0], inf.fps)
     return GenerationResult(latents, video, out_path, latents_path)
 
