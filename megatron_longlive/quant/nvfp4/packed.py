@@ -5,6 +5,9 @@ codes uint8 [out, in/2] (two E2M1 codes per byte, low nibble first), scales floa
 (1x16, 4.5 bits/value in all) or [out/16, in/16] (16x16 tiles), tensor_scale fp32 [], and the bias in
 its original dtype. forward(x) = F.linear(x, dequantize(...).to(x.dtype), bias): exactly the forward of
 the NVFP4-fake-quantized weight. LoRA adapters (BF16, trainable) go on top of these frozen layers.
+The linear is one autograd Function (`_PackedLinearFn`) that saves only the packed buffers (already resident)
+and dequantizes again in backward for the input gradient: no dequantized [out, in] weight copy is kept for
+backward (a plain F.linear would save it, one per linear of the block being recomputed).
 
 `pack_model` swaps nn.Linear modules (outside a keep-list) for packed ones; `save_packed` /
 `load_packed` write and read a safetensors file whose metadata lists the packed modules.
@@ -29,6 +32,25 @@ def _ops(device: torch.device):
         from .kernels import ops
         return ops
     return reference
+
+
+class _PackedLinearFn(torch.autograd.Function):
+    """y = x W^T + b with W = dequantize(codes, scales, tensor_scale).to(dtype), frozen W and b.
+
+    Saves the packed buffers only; backward recomputes W for grad_x = grad_y W (no gradient for W or b)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, tensor_scale, bias, dtype):
+        w = _ops(codes.device).dequantize(codes, scales, tensor_scale).to(dtype)   # [out, in]
+        ctx.save_for_backward(codes, scales, tensor_scale)
+        ctx.dtype = dtype
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        codes, scales, tensor_scale = ctx.saved_tensors
+        w = _ops(codes.device).dequantize(codes, scales, tensor_scale).to(ctx.dtype)
+        return grad_out.matmul(w), None, None, None, None, None
 
 
 class PackedNVFP4Linear(nn.Module):
@@ -74,8 +96,14 @@ class PackedNVFP4Linear(nn.Module):
         return self.dequantized_weight(self.bias.dtype if self.bias is not None else torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        # Under autocast F.linear would run in the autocast dtype: cast explicitly (same values), then run the
+        # Function with autocast off so forward and backward use one dtype.
+        dev = x.device.type
+        autocast = torch.is_autocast_enabled(dev) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            return _PackedLinearFn.apply(x.to(dtype), self.codes, self.scales, self.tensor_scale, bias, dtype)
 
     def packed_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (self.codes, self.scales, self.tensor_scale))
