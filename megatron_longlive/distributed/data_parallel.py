@@ -55,3 +55,12 @@ def reduce_loss(loss: torch.Tensor | float, groups: ProcessGroups) -> torch.Tens
         dist.all_reduce(value, group=groups.dp_sp)
         value /= groups.dp_size
     return value
+
+
+def any_rank(flag: bool, groups: ProcessGroups) -> bool:
+    """True on every rank if `flag` is True on any rank of the whole world (an all-reduce MAX of one value)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=groups.device)
+    if groups.world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+

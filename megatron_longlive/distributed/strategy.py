@@ -21,7 +21,7 @@ from ..models.wan import WanDiT
 from ..models.wan.sp_plan import WAN_SP_PLAN
 from ..training.schedule import sample_sigmas
 from .balanced_sp import TFLayout, sp_mask
-from .data_parallel import allreduce_gradients, reduce_loss
+from .data_parallel import allreduce_gradients, any_rank, reduce_loss
 from .grid import ProcessGroups, init_grid
 from .sp_plan import apply_sp_plan
 from .sp_teacher_forcing import frame_noise, local_tf_loss, needed_frames
@@ -85,6 +85,7 @@ def parallel_hooks(groups: ProcessGroups, output_dir: str, keep_last: int, model
         grad_sync = lambda params: allreduce_gradients(params, groups)  # noqa: E731
     return ParallelHooks(grad_sync=grad_sync, zero_grad=zero_grad,
                          reduce_loss=lambda value: float(reduce_loss(value, groups)),
+                         any_rank=lambda flag: any_rank(flag, groups),
                          clip_grad_norm=lambda params, max_norm: clip_grad_norm_tp(params, max_norm, groups.tp),
                          is_logger=groups.rank == 0,
                          checkpoint=DistCheckpointManager(output_dir, keep_last, groups))

@@ -96,6 +96,9 @@ class ParallelHooks:
     checkpoint: CheckpointManager | None = None
     zero_grad: Callable[[], None] | None = None
     """Called at the start of every optimizer step, before the first backward (e.g. megatron DDP's grad buffers)."""
+    any_rank: Callable[[bool], bool] | None = None
+    """flag -> True if any rank's flag is True (a collective, once per step): every rank stops on the same step
+    when SIGTERM reaches only some of them (Slurm signals each node's tasks at slightly different times)."""
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -292,7 +295,10 @@ class Trainer:
                 saved = self.step % tc.save_interval == 0 or self.step == tc.max_steps
                 if saved:
                     self.save_checkpoint()
-                if self._stop_signal is not None:
+                stop = self._stop_signal is not None
+                if self.hooks.any_rank is not None:
+                    stop = self.hooks.any_rank(stop)
+                if stop:
                     path = self.last_checkpoint if saved else self.save_checkpoint()
                     tqdm.write(f"SIGTERM: saved {path} at step {self.step}; stopping")
                     break
