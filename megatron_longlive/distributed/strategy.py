@@ -101,6 +101,10 @@ def build_parallel_training(cfg, device: str | torch.device | None = None) -> di
         raise ValueError(f"--device {device} does not match the process-group backend {groups.backend}. "
                          f"Fix: drop --device (nccl uses this rank's GPU, gloo the CPU).")
     model = build_model(cfg, device="cpu")  # the full model of a single-process run (seed or init_from)
+    if p.tp_size > 1 and (cfg.quant.linear != "bf16" or cfg.quant.packed_base):
+        raise ValueError(f"parallel.tp_size={p.tp_size} with quant.linear={cfg.quant.linear!r} / quant.packed_base="
+                         f"{cfg.quant.packed_base}: the tensor-parallel model is built from megatron-core BF16 linears. "
+                         "Fix: quant.linear=bf16 and quant.packed_base=false with TP, or tp_size=1 (SP/DP) for low precision")
     if p.tp_size > 1:  # the same weights, sliced into megatron-core column/row-parallel linears
         full = model.state_dict()
         with torch.random.fork_rng(devices=[]):  # RNG as after build_model: LoRA then draws what TP=1 draws

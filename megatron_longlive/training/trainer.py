@@ -128,9 +128,17 @@ def apply_activation_checkpointing(model: WanDiT) -> None:
 
 
 def build_model(cfg: RunConfig, provider: LinearProvider | None = None, device="cpu") -> WanDiT:
-    """WanDiT with Wan's init (seeded from train.seed), or weights from train.init_from."""
+    """WanDiT with Wan's init (seeded from train.seed), or weights from train.init_from.
+
+    Linears come from `provider`, else from `quant.linear` (bf16, fp8, nvfp4_emulated, te_nvfp4 through
+    `build_linear_provider`); with `quant.packed_base` the loaded base is frozen and packed to NVFP4 for LoRA."""
+    from ..quant.providers import build_linear_provider
+
+    if cfg.quant.packed_base and cfg.train.lora_rank <= 0:
+        raise ValueError("quant.packed_base=true freezes and packs the base weights, so only LoRA adapters can train. "
+                         "Fix: set train.lora_rank > 0 (or quant.packed_base=false for a full fine-tune)")
     torch.manual_seed(cfg.train.seed)
-    model = WanDiT(cfg.model, provider)
+    model = WanDiT(cfg.model, provider or build_linear_provider(cfg.quant))
     model.init_weights()
     if cfg.train.init_from:
         from ..models.wan.convert import load_wan_weights
@@ -140,6 +148,12 @@ def build_model(cfg: RunConfig, provider: LinearProvider | None = None, device="
                                     f"(official, diffusers or native; file or directory) or leave it empty.")
         # Strict: any missing / unexpected / mis-shaped key is an error listing the keys and the likely preset.
         load_wan_weights(model, cfg.train.init_from)
+    if cfg.quant.packed_base:
+        from ..quant.nvfp4.packed import pack_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        pack_model(model, keep=cfg.quant.keep_high_precision, block_2d=cfg.quant.weight_2d)
     return model.to(device)
 
 
