@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Without --config, a run dir's config.yaml is used.")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT[@CHUNK]",
                         help="Prompt starting at chunk CHUNK (repeatable), e.g. 'a red square@0' 'a blue circle@4'.")
+    parser.add_argument("--interactive", action="store_true",
+                        help="Also read prompt switches from stdin while the video streams: each line is the prompt "
+                             "from the next chunk on; '/shot TEXT' starts a new shot (scene cut); '/quit' stops reading.")
     parser.add_argument("--prompt-file", default=None,
                         help="Prompt schedule: .jsonl ({start_chunk, prompt} per line, or LongLive's {prompts: [...]}),"
                              " .yaml list, .txt 'CHUNK: prompt' lines or LongLive's one-prompt-per-line .txt, or a "
@@ -75,6 +78,16 @@ def run(args: argparse.Namespace) -> int:
                                     scene_cut_prefix=cfg.infer.scene_cut_prefix)
     else:
         segments = parse_cli_prompts(args.prompt)
+    live = None
+    if args.interactive and cfg.parallel.sp_size > 1:
+        raise ValueError("--interactive reads stdin on one process; with parallel.sp_size > 1 the ranks would see "
+                         "different prompts. Fix: run --interactive with parallel.sp_size=1")
+    if args.interactive:      # read stdin from now on, so lines typed during model loading are not lost
+        import sys
+
+        from ..inference.live_prompts import LivePrompts
+
+        live = LivePrompts(sys.stdin)
     vae, text_encoder = load_encoders(cfg)
     seed = None          # image-to-video / continuation: clean latents of the video's first frames
     if args.image or args.continue_from:
@@ -101,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = generate_video(cfg, model, segments, out if main else None, vae, text_encoder,
                             latents_path=args.latents_out if main else None, progress=main and not args.no_progress,
-                            seed_latents=seed, sp_group=sp.sp if sp else None)
+                            seed_latents=seed, sp_group=sp.sp if sp else None, live_prompts=live)
     if not main:
         return 0
     frames = result.video.shape[2]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from typing import Callable
 
 import torch
 
@@ -140,13 +141,16 @@ def save_latents(path: str, latents: torch.Tensor, prompts: list[PromptSegment])
 def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment], out_path: str | None,
                    vae: WanVAE | None = None, text_encoder: TextEncoder | None = None,
                    latents_path: str | None = None, progress: bool = True,
-                   seed_latents: torch.Tensor | None = None, sp_group=None) -> GenerationResult:
+                   seed_latents: torch.Tensor | None = None, sp_group=None,
+                   live_prompts: Callable[[int], PromptSegment | None] | None = None) -> GenerationResult:
     """Run the chunk loop for cfg.infer.num_chunks chunks under the prompt schedule, decode, write mp4/latents.
 
     seed_latents [1, C, T, h, w] (an image's or a clip's, `conditioning.load_seed`): the video's first T latent
     frames, kept clean (image-to-video, continuation); they count toward infer.num_chunks and are in the output.
     sp_group: run the chunk loop sequence-parallel over this group (distributed/sp_inference.py); every rank
-    gets the same latents, so only one rank should pass out_path / latents_path."""
+    gets the same latents, so only one rank should pass out_path / latents_path.
+    live_prompts(c): a prompt switch decided while streaming (e.g. typed: `live_prompts.LivePrompts`), applied
+    at chunk c like a scheduled one (new_shot = scene cut) and recorded with the latents."""
     inf = cfg.infer
     segments = check_schedule(segments, inf.num_chunks)
     if vae is None or text_encoder is None:
@@ -172,8 +176,19 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
     # 2. the chunk loop (segments marked new_shot, e.g. scene cuts of LongLive case folders, start shots)
     # 3. VAE decode and mp4: streamed (each chunk decoded and appended while later chunks generate) or at the end
     shots = {s.start_chunk for s in segments if s.new_shot}
-    chunk_iter = stream_latents(engine, inf.num_chunks, lambda c: embeds[changes[c]].to(device) if c in changes
-                                else None, seed=inf.seed, progress=progress, shot_starts=shots)
+    segments = list(segments)
+
+    def prompt_for_chunk(c: int) -> torch.Tensor | None:
+        live = live_prompts(c) if live_prompts is not None else None
+        if live is not None:
+            segments.append(live)
+            if live.new_shot:
+                shots.add(c)
+            return text_encoder.encode([live.prompt]).to(device)
+        return embeds[changes[c]].to(device) if c in changes else None
+
+    chunk_iter = stream_latents(engine, inf.num_chunks, prompt_for_chunk, seed=inf.seed, progress=progress,
+                                shot_starts=shots)
     video = None
     if out_path and inf.streaming_decode:
         chunks, video = _generate_streaming_mp4(chunk_iter, vae, out_path, inf)
@@ -181,7 +196,7 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
         chunks = list(chunk_iter)
     latents = torch.cat(chunks, dim=2).cpu()                              # [1, C, T, H, W]
     if latents_path:
-        save_latents(latents_path, latents, segments)
+        save_latents(latents_path, latents, sorted(segments, key=lambda s: s.start_chunk))
     if out_path and not inf.streaming_decode:
         with torch.no_grad():
             vae_device = vae.model.decoder.conv_in.weight.device            # the CLI puts it on the GPU
