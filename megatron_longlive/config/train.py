@@ -69,6 +69,10 @@ class TrainConfig(ConfigBase):
     """Multi-shot training: when the dataset gives per-shot captions ('texts' + shot ids), each chunk (clean and noisy twin) cross-attends its own shot's caption; False: the first caption for the whole video. No effect on one-caption data."""
     first_frame_prob: float = 0.0
     """Image-to-video training: chance per video that chunk 0's first latent frame (first temporal patch) is a clean conditioning frame (t = 0, no loss), as Wan2.2-TI2V conditions on the image latent; 0 = off."""
+    long_tuning: bool = False
+    """Train with the attention pattern of inference (global sink + shot sink + rolling window, sized by infer.sink_frames,
+    infer.shot_sink_frames, infer.window_frames) instead of the full causal history; shots from the batch's per-shot
+    captions. Needs train.chunk_frames == infer.chunk_frames and, with several shots, micro_batch 1 or equal shot starts."""
     error_recycling: bool = False
     """Error recycling: add the model's own recent x0 errors (a buffer bucketed by noise level) to clean-history chunks, so the AR model learns to recover from its drift. Loss targets never change."""
     error_recycling_clean_prob: float = 0.2

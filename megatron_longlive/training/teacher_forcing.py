@@ -198,14 +198,16 @@ def per_chunk_loss(pred: torch.Tensor, target: torch.Tensor, chunk_frames: int) 
 def teacher_forcing_loss(model, latents: torch.Tensor, text: torch.Tensor, chunk_frames: int,
                          generator: torch.Generator | None = None, shift: float = 5.0,
                          num_train_timesteps: int = 1000, chunk_text: torch.Tensor | None = None,
-                         first_frame_prob: float = 0.0, recycler=None) -> tuple[torch.Tensor, TFInputs]:
+                         first_frame_prob: float = 0.0, recycler=None, rule: SinkRule | None = None,
+                         shot_starts: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, TFInputs]:
     """Sample per-chunk sigmas and noise (on `generator`, CPU), run the TF forward, return (loss, inputs).
 
     latents: [B, C, F, H, W]; text: [B, L, text_dim] one caption per video, or [B, N, L, text_dim] with
     chunk_text [B, n] the caption of every chunk (multi-shot). first_frame_prob: chance per video that
     chunk 0's first token frame is a clean conditioning frame (drawn on `generator` after the noise).
     recycler: an `error_recycling.ErrorRecycler` (degrades the clean history, then records this step's
-    errors) or None. With the defaults this is the plain teacher-forcing loss.
+    errors) or None. rule/shot_starts: the engine's sink/window mask (long tuning, `tf_block_table`).
+    With the defaults this is the plain teacher-forcing loss.
     """
     b, f = latents.shape[0], latents.shape[2]
     sigma = sample_sigmas((b, f // chunk_frames), shift, num_train_timesteps, generator)
@@ -216,7 +218,7 @@ def teacher_forcing_loss(model, latents: torch.Tensor, text: torch.Tensor, chunk
         keep = model.cfg.patch_size[0] if cond is not None else 0          # the conditioning frame stays exact
         history, kept_clean = recycler.degrade(latents, chunk_frames, keep_first=keep, keep_mask=cond)
     inputs = build_tf_inputs(model, latents, noise, sigma.to(latents.device), chunk_frames, num_train_timesteps,
-                             history=history, cond_first=cond)
+                             rule, tuple(shot_starts), history=history, cond_first=cond)
     out = tf_forward(model, inputs, tf_text_context(model, text, chunk_text, chunk_frames))
     pred = noisy_prediction(model, out, inputs)
     if recycler is not None:

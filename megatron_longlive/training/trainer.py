@@ -34,6 +34,7 @@ from .ema import EMA
 from .error_recycling import ErrorRecycler, RecyclingOptions
 from .lora import adapter_state_dict, apply_lora, lora_modules, save_adapter
 from .metrics import MetricsLogger
+from ..inference.sinks import SinkRule
 from .teacher_forcing import teacher_forcing_loss
 
 
@@ -64,10 +65,24 @@ class TeacherForcingStep:
     per_shot_text: bool = True
     first_frame_prob: float = 0.0
     recycler: ErrorRecycler | None = None
+    rule: SinkRule | None = None
+    """Long tuning: the engine's sink/window rule for the mask (None: full causal history)."""
+
+    def shot_starts(self, batch) -> tuple[int, ...]:
+        """Shot start chunks of the batch (from frame_shot), which must be the same for every video."""
+        if "frame_shot" not in batch:
+            return (0,)
+        chunk_shot = batch["frame_shot"][:, ::self.chunk_frames]                        # [B, n]
+        starts = [tuple([0] + [c for c in range(1, row.numel()) if row[c] != row[c - 1]]) for row in chunk_shot]
+        if len(set(starts)) > 1:
+            raise ValueError(f"train.long_tuning: the videos of a micro-batch start shots at different chunks "
+                             f"{sorted(set(starts))}; one mask serves the batch. Fix: set train.micro_batch=1")
+        return starts[0]
 
     def __call__(self, model, batch, generator):
         latents = batch["latents"].to(self.device, non_blocking=True)
         text, chunk_text = batch["text"], None
+        shot_starts = self.shot_starts(batch) if self.rule is not None else (0,)
         if self.per_shot_text and "texts" in batch:
             text, chunk_text = batch["texts"], batch["frame_shot"][:, ::self.chunk_frames]
         text = text.to(self.device, non_blocking=True)
@@ -75,7 +90,8 @@ class TeacherForcingStep:
                             enabled=self.autocast_dtype is not None):
             loss, inputs = teacher_forcing_loss(model, latents, text, self.chunk_frames, generator, self.shift,
                                                 self.num_train_timesteps, chunk_text=chunk_text,
-                                                first_frame_prob=self.first_frame_prob, recycler=self.recycler)
+                                                first_frame_prob=self.first_frame_prob, recycler=self.recycler,
+                                                rule=self.rule, shot_starts=shot_starts)
         return loss, inputs.tokens.shape[0] * inputs.tokens.shape[1]
 
 
@@ -125,6 +141,22 @@ def apply_activation_checkpointing(model: WanDiT) -> None:
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = ckpt_forward
+
+
+def long_tuning_rule(cfg: RunConfig) -> SinkRule | None:
+    """train.long_tuning: the inference cache's sink/window rule (infer.* sizes, in chunks), else None."""
+    if not cfg.train.long_tuning:
+        return None
+    inf, cf = cfg.infer, cfg.train.chunk_frames
+    if inf.chunk_frames != cf:
+        raise ValueError(f"train.long_tuning trains the attention pattern of inference, but train.chunk_frames={cf} "
+                         f"!= infer.chunk_frames={inf.chunk_frames}. Fix: use the same chunk size for both")
+    for name in ("sink_frames", "shot_sink_frames", "window_frames"):
+        if getattr(inf, name) % cf:
+            raise ValueError(f"train.long_tuning: infer.{name}={getattr(inf, name)} is not a whole number of chunks "
+                             f"of {cf} frames. Fix: use a multiple of {cf}")
+    rolling = (inf.window_frames - inf.sink_frames - inf.shot_sink_frames - cf) // cf
+    return SinkRule(inf.sink_frames // cf, inf.shot_sink_frames // cf, rolling)
 
 
 def build_model(cfg: RunConfig, provider: LinearProvider | None = None, device="cpu") -> WanDiT:
@@ -203,7 +235,7 @@ class Trainer:
                          if tc.error_recycling else None)
         self.strategy = strategy or TeacherForcingStep(tc.chunk_frames, tc.timestep_shift, tc.num_train_timesteps,
                                                        self.device, autocast, tc.per_shot_text, tc.first_frame_prob,
-                                                       self.recycler)
+                                                       self.recycler, long_tuning_rule(cfg))
         self.generator = torch.Generator().manual_seed(tc.seed + 1)  # sigmas and noise
         # 3. checkpoints and resume
         self.ckpt = self.hooks.checkpoint or CheckpointManager(tc.output_dir, tc.keep_last, rank=dp_rank)
