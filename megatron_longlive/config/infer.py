@@ -53,6 +53,9 @@ class InferConfig(ConfigBase):
     synthetic data is encoded with."""
     text_encoder_path: str = ""
     """Local umT5 directory; empty = the tiny random text encoder (seed 0) that the synthetic data is encoded with."""
+    recache_on_switch: bool = False
+    """Recache the stored window's K/V under the new prompt at every prompt switch (LongLive's default), not only at
+    scene cuts (new shots, which always recache); false keeps the old prompt's K/V in the window, for comparison."""
     chunk_step: str = "auto"
     """How the DiT runs a chunk pass: auto (compile+cuda_graph on CUDA, eager elsewhere), eager, compile, cuda_graph,
     compile+cuda_graph (inference/chunk_step.py; the first chunks, while the cache fills, always run eagerly)."""

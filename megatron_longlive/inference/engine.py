@@ -287,13 +287,14 @@ class StreamingEngine:
 
 
 def stream_latents(engine: StreamingEngine, num_chunks: int, prompt_for_chunk: Callable[[int], "torch.Tensor | None"],
-                   seed: int = 0, progress: bool = True, shot_starts: Collection[int] = ()) -> Iterator[torch.Tensor]:
+                   seed: int = 0, progress: bool = True, shot_starts: Collection[int] = (),
+                   recache_on_switch: bool = False) -> Iterator[torch.Tensor]:
     """Yield `num_chunks` clean latent chunks [B, C, F, H, W].
 
     prompt_for_chunk(c) returns new text embeddings when the prompt changes at chunk c, else None; a change
     at a chunk in `shot_starts` is a scene cut: a new shot (shot sink) and a KV recache of the stored chunks
-    under the new prompt. Noise is drawn on a CPU generator seeded with `seed`, so results do not depend on
-    the device. Seeded chunks (start_from_latents) are yielded as given.
+    under the new prompt (recache_on_switch: every switch recaches). Noise is drawn on a CPU generator seeded
+    with `seed`, so results do not depend on the device. Seeded chunks (start_from_latents) are yielded as given.
     """
     gen = torch.Generator().manual_seed(seed)
     shape = (engine.batch, *engine.latent_shape)
@@ -301,5 +302,6 @@ def stream_latents(engine: StreamingEngine, num_chunks: int, prompt_for_chunk: C
         text = prompt_for_chunk(c)
         if text is not None:
             cut = c in shot_starts
-            engine.set_prompt(text, new_shot=cut, recache=cut and engine.cache.latents is not None)
+            engine.set_prompt(text, new_shot=cut,
+                              recache=(cut or recache_on_switch) and engine.cache.latents is not None)
         yield engine.generate_chunk(torch.randn(shape, generator=gen))

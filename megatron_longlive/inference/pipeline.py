@@ -188,7 +188,7 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
         return embeds[changes[c]].to(device) if c in changes else None
 
     chunk_iter = stream_latents(engine, inf.num_chunks, prompt_for_chunk, seed=inf.seed, progress=progress,
-                                shot_starts=shots)
+                                shot_starts=shots, recache_on_switch=inf.recache_on_switch)
     video = None
     if out_path and inf.streaming_decode:
         chunks, video = _generate_streaming_mp4(chunk_iter, vae, out_path, inf)
