@@ -14,6 +14,7 @@ backward (a plain F.linear would save it, one per linear of the block being reco
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 from typing import Iterable, Sequence
@@ -99,10 +100,12 @@ class PackedNVFP4Linear(nn.Module):
         # Under autocast F.linear would run in the autocast dtype: cast explicitly (same values), then run the
         # Function with autocast off so forward and backward use one dtype.
         dev = x.device.type
-        autocast = torch.is_autocast_enabled(dev) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        has_autocast = torch.amp.is_autocast_available(dev)              # (not on "meta")
+        autocast = has_autocast and torch.is_autocast_enabled(dev) and x.dtype in (torch.float32, torch.float16,
+                                                                                    torch.bfloat16)
         dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        with torch.autocast(dev, enabled=False):
+        with torch.autocast(dev, enabled=False) if has_autocast else contextlib.nullcontext():
             return _PackedLinearFn.apply(x.to(dtype), self.codes, self.scales, self.tensor_scale, bias, dtype)
 
     def packed_bytes(self) -> int:
