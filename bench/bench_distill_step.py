@@ -49,6 +49,8 @@ def build_distiller(args, base: str) -> dmd.Distiller:
     with torch.device(dev):
         model = WanDiT(cfg.model)
     model.init_weights()
+    # Wan's init zeroes the head: every score would be 0, the DMD gradient exactly 0 and the generator never move
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16 if dev.type == "cuda"
                                                                  else torch.float32)
     model.to(dtype)
