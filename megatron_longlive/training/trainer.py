@@ -34,6 +34,7 @@ from .ema import EMA
 from .error_recycling import ErrorRecycler, RecyclingOptions
 from .lora import adapter_state_dict, apply_lora, lora_modules, save_adapter
 from .metrics import MetricsLogger
+from ..inference.kv_cache import CacheLayout
 from ..inference.sinks import SinkRule
 from .teacher_forcing import teacher_forcing_loss
 
@@ -147,16 +148,12 @@ def long_tuning_rule(cfg: RunConfig) -> SinkRule | None:
     """train.long_tuning: the inference cache's sink/window rule (infer.* sizes, in chunks), else None."""
     if not cfg.train.long_tuning:
         return None
-    inf, cf = cfg.infer, cfg.train.chunk_frames
-    if inf.chunk_frames != cf:
-        raise ValueError(f"train.long_tuning trains the attention pattern of inference, but train.chunk_frames={cf} "
-                         f"!= infer.chunk_frames={inf.chunk_frames}. Fix: use the same chunk size for both")
-    for name in ("sink_frames", "shot_sink_frames", "window_frames"):
-        if getattr(inf, name) % cf:
-            raise ValueError(f"train.long_tuning: infer.{name}={getattr(inf, name)} is not a whole number of chunks "
-                             f"of {cf} frames. Fix: use a multiple of {cf}")
-    rolling = (inf.window_frames - inf.sink_frames - inf.shot_sink_frames - cf) // cf
-    return SinkRule(inf.sink_frames // cf, inf.shot_sink_frames // cf, rolling)
+    if cfg.infer.chunk_frames != cfg.train.chunk_frames:
+        raise ValueError(f"train.long_tuning trains the attention pattern of inference, but train.chunk_frames="
+                         f"{cfg.train.chunk_frames} != infer.chunk_frames={cfg.infer.chunk_frames}. Fix: use the same "
+                         f"chunk size for both")
+    # the engine's own conversion (whole chunks checked there); token counts play no part in the rule
+    return SinkRule.from_layout(CacheLayout.from_config(cfg.infer, tokens_per_frame=1))
 
 
 def build_model(cfg: RunConfig, provider: LinearProvider | None = None, device="cpu") -> WanDiT:
