@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from ..models.wan.model import call_block
+
 StepMode = Literal["eager", "compile", "cuda_graph", "compile+cuda_graph"]
 STEP_MODES = ("eager", "compile", "cuda_graph", "compile+cuda_graph")
 
@@ -42,10 +44,6 @@ def resolve_step_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
-def _call_block(block, x, e0, cos, sin, context_kv, mask, hook):
-    return block(x, e0, cos, sin, context_kv, mask, hook)
-
-
 class _Graph:
     """One captured pass: static inputs, the graph, its output."""
 
@@ -59,7 +57,7 @@ class ChunkStep:
     def __init__(self, model, cache, mode: StepMode = "eager"):
         self.model, self.cache = model, cache
         self.mode = resolve_step_mode(mode, next(model.parameters()).device)
-        self._block = torch.compile(_call_block, dynamic=False) if "compile" in self.mode else None
+        self._block = torch.compile(call_block, dynamic=False) if "compile" in self.mode else None
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = None
         self._ctx_static: list | None = None    # static copy of the prompt's cross-attention K/V

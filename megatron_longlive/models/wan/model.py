@@ -160,7 +160,8 @@ class WanHead(nn.Module):
         return self.head(modulate(self.norm(x), shift, scale))
 
 
-def _call_block(block: "WanBlock", *args) -> torch.Tensor:
+def call_block(block: "WanBlock", *args) -> torch.Tensor:
+    """The default `run_block` of `forward_tokens` (a compiled step compiles this function once for all blocks)."""
     return block(*args)
 
 
@@ -234,7 +235,7 @@ class WanDiT(nn.Module):
         x = tokens
         for i, block in enumerate(self.blocks):
             hook = kv_cache.hook(i) if kv_cache is not None else None
-            x = (run_block or _call_block)(block, x, e0, cos, sin, context_kv[i], mask, hook)
+            x = (run_block or call_block)(block, x, e0, cos, sin, context_kv[i], mask, hook)
         return self.head(x, e)
 
     # ----- whole video --------------------------------------------------------------------------
