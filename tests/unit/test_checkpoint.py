@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import yaml
 
 from dataloaders.latent_dataset import random_latent_dataset, save_latent_file
 from megatron_longlive.config import build_config
+from process_helpers import kill_after_first_checkpoint
 from megatron_longlive.training import checkpoint as ckpt_mod
 from megatron_longlive.training.checkpoint import COMPLETE, CheckpointManager
 from megatron_longlive.training.metrics import read_metrics
@@ -152,13 +152,7 @@ def test_kill9_then_resume_gives_identical_losses(tmp_path):
     assert len(ref) == 14
 
     proc = subprocess.Popen(_train_cmd(paths["run"]), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = tmp_path / "run" / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_first_checkpoint(proc, tmp_path / "run" / "checkpoints" / "latest", timeout=120)
     killed_at = len(read_metrics(str(tmp_path / "run" / "metrics.jsonl")))
     assert killed_at < 14
 

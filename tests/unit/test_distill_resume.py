@@ -3,10 +3,8 @@ atomically (training/checkpoint.py), and `--resume` continues with exactly the l
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_longlive.cli.main import main
 from megatron_longlive.config import build_config
+from process_helpers import kill_after_first_checkpoint
 from megatron_longlive.models.wan import WanDiT
 from megatron_longlive.models.wan.convert import save_wan_weights
 from megatron_longlive.training import dmd
@@ -98,13 +97,7 @@ def test_kill9_then_resume_gives_identical_losses(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-m", "megatron_longlive.cli.main", *_cli(run, teacher, 1000)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = run / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_first_checkpoint(proc, run / "checkpoints" / "latest", timeout=300)
     resumed_from = CheckpointManager(str(run)).latest()
     step = int(resumed_from.rsplit("_", 1)[1])
     assert step >= 1 and len(_losses(run)) >= step
