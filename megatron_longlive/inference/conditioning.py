@@ -78,7 +78,7 @@ def load_clip(path: str | os.PathLike, height: int, width: int, temporal_stride:
 @torch.no_grad()
 def encode_seed(vae: WanVAE, video: torch.Tensor) -> torch.Tensor:
     """Pixels [B, 3, T, H, W] in [-1, 1] -> normalized clean latents [B, C, 1 + (T-1)/4, H/s, W/s] (float32)."""
-    return vae.encode(video.to(next(vae.parameters()).device, vae.dtype)).float()
+    return vae.encode(video.to(vae.device, vae.dtype)).float()
 
 
 def load_seed(vae: WanVAE, height: int, width: int, image: str | None = None, clip: str | None = None) -> torch.Tensor:

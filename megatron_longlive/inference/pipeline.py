@@ -199,8 +199,7 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
         save_latents(latents_path, latents, sorted(segments, key=lambda s: s.start_chunk))
     if out_path and not inf.streaming_decode:
         with torch.no_grad():
-            vae_device = vae.model.decoder.conv_in.weight.device            # the CLI puts it on the GPU
-            video = vae.decode(latents.to(vae_device, vae.dtype)).float().clamp(-1, 1).cpu()  # [1, 3, T_px, H, W]
+            video = vae.decode(latents.to(vae.device, vae.dtype)).float().clamp(-1, 1).cpu()  # [1, 3, T_px, H, W]
         write_mp4(out_path, video[0], inf.fps)
     return GenerationResult(latents, video, out_path, latents_path)
 
@@ -213,7 +212,7 @@ def _generate_streaming_mp4(chunk_iter, vae: WanVAE, out_path: str, inf) -> tupl
     from .async_decode import AsyncDecodeConfig, AsyncDecoder
     from .video_writer import Mp4Writer
 
-    dec_device = torch.device(inf.decode_device) if inf.decode_mode == "device" else vae.model.decoder.conv_in.weight.device
+    dec_device = torch.device(inf.decode_device) if inf.decode_mode == "device" else vae.device
     fast = dec_device.type == "cuda"
     decoder = StreamingVAEDecoder(vae, dec_device, vae.dtype, compile=fast, cuda_graph=fast)
     writer = Mp4Writer(out_path, inf.fps)

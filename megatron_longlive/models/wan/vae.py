@@ -185,6 +185,10 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def latent_frames_for(self, pixel_frames: int) -> int:
         return latent_frames_for(pixel_frames, self.temporal_stride)
 
