@@ -73,6 +73,10 @@ class McoreGradSync:
         if self.ddp is None:
             self.ddp = self._build()
         self.ddp.zero_grad_buffer()
+        # grad_sync leaves .grad as a view of main_grad; left in place, the next backward would accumulate into
+        # that view and megatron's hook would then add it to main_grad a second time (2x gradients)
+        for p in self.model.parameters():
+            p.grad = None
 
     def __call__(self, params: list[torch.Tensor]) -> None:
         assert self.ddp is not None, "McoreGradSync: zero_grad() must run before the first backward of a step"

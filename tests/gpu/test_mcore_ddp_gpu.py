@@ -70,15 +70,17 @@ def _hook_steps(groups):
     x = torch.randn(1, cfg.model.in_channels, 2, 4, 4, generator=g).cuda()
     text = torch.randn(1, cfg.model.text_len, cfg.model.text_dim, generator=g).cuda()
     ref(x, torch.tensor([500.0], device="cuda"), text).pow(2).mean().backward()
-    equal = all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-7) if p.grad is not None else not a.any()
-                for a, p in zip(grads[1], ref.parameters()))
-    return ok, equal
+    worst = max(((a - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30)).item() if p.grad is not None
+                else a.abs().max().item() for a, p in zip(grads[1], ref.parameters()))
+    return ok, worst
 
 
 def test_mcore_grad_sync_uses_main_grad_and_zeroes_between_steps():
-    ok, equal = _hook_run()
+    torch.backends.cudnn.allow_tf32 = False     # the patch-embedding conv: same math on both sides
+    ok, worst = _hook_run()
     assert ok, "p.grad should be megatron's main_grad buffer view"
-    assert equal, "step 2 gradients must equal a fresh backward (buffers zeroed between steps, DP=1 reduction exact)"
+    # step 2 == a fresh backward: buffers zeroed between steps, DP=1 reduction exact (a stale .grad alias gave 2x)
+    assert worst < 1e-5, f"step-2 gradients differ from a fresh backward: max relative difference {worst:.3e}"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
