@@ -45,12 +45,13 @@ def build_distiller(args, base: str) -> dmd.Distiller:
                                     "rank": args.rank, "critic_rank": args.rank, "real_guidance": args.guidance,
                                     "denoising_steps": args.steps_list, "output_dir": "/tmp/bench_distill",
                                     "init": args.init}})
+    # initialised on the CPU generator, then moved: the same weights on every device (CUDA's RNG draws differ)
     torch.manual_seed(0)
-    with torch.device(dev):
-        model = WanDiT(cfg.model)
+    model = WanDiT(cfg.model)
     model.init_weights()
     # Wan's init zeroes the head: every score would be 0, the DMD gradient exactly 0 and the generator never move
     torch.nn.init.normal_(model.head.head.weight, std=0.02)
+    model.to(dev)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16 if dev.type == "cuda"
                                                                  else torch.float32)
     model.to(dtype)
