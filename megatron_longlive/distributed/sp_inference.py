@@ -280,7 +280,7 @@ class SPStreamingEngine(StreamingEngine):
         args = (self.layout, cfg.num_layers, self.rows, heads, cfg.head_dim, latent_shape,
                 self.dtype, self.device)
         if kind == "bf16":
-            return KVCache(*args)
+            return KVCache(*args, attention=self.infer.attention)
         if kind == "nvfp4":
             return ShardedNVFP4KVCache(self.group, *args, attention=self.kv_attention)
         raise ValueError(f"quant.kv_cache={kind!r}: choose 'bf16' or 'nvfp4'")

@@ -83,15 +83,16 @@ class StreamingEngine:
         self.chunk_index = 0
 
     def _build_cache(self, kind: str, keep_latents: bool) -> KVCache:
-        """kind: "bf16" (the model's dtype) or "nvfp4" (packed 4-bit pages, quant.kv_cache); the NVFP4 cache
-        hands the model dequantized K/V ("dequant" attention) so the model stays unchanged. The SP engine
+        """kind: "bf16" (the model's dtype) or "nvfp4" (packed 4-bit pages, quant.kv_cache); infer.attention picks
+        what the cache hands self-attention: K/V tensors (sdpa; the NVFP4 cache dequantizes) or a window object
+        that attends itself with a Triton kernel (fp8, triton), so the model stays unchanged. The SP engine
         (distributed/sp_inference.py) overrides this with a head-sharded cache."""
         from ..quant.nvfp4.kv_cache import build_kv_cache  # imported here: that module imports this package
 
         cfg = self.model.cfg
         return build_kv_cache(kind, self.layout, cfg.num_layers, self.rows, cfg.num_heads, cfg.head_dim,
                               self.latent_shape if keep_latents else None, self.dtype, self.device,
-                              attention="dequant")
+                              attention=self.infer.attention)
 
     def _forward_tokens(self, tokens: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, mask=None,
                         need_output: bool = True) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ import torch
 
 from ..config import InferConfig
 from ..models.wan.attention import ChunkMask
+from .window_attention import WINDOW_MODES, WindowKV
 
 SinkKind = Literal["global", "shot"]
 
@@ -87,9 +88,12 @@ class KVCache:
 
     def __init__(self, layout: CacheLayout, num_layers: int, batch: int, num_heads: int, head_dim: int,
                  latent_shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, attention: str = "sdpa"):
+        if attention not in ("sdpa", *WINDOW_MODES):
+            raise ValueError(f"infer.attention={attention!r}: choose sdpa, {', '.join(WINDOW_MODES)}")
         self.layout = layout
         self.num_layers = num_layers
+        self.attention = attention        # sdpa: hand the model (K, V, mask); else a WindowKV (window_attention.py)
         shape = (num_layers, batch, layout.num_tokens, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)   # [L, B, R*T, H, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -211,7 +215,17 @@ class KVCache:
         self.k[layer, :, :tpc].copy_(k)
         self.v[layer, :, :tpc].copy_(v)
         end, _ = self.context_signature()
+        if self.attention != "sdpa":
+            return self._window(layer, end), None, None
         return self.k[layer, :, :end], self.v[layer, :, :end], self._context_mask(tpc, end, k.device)
+
+    def _window(self, layer: int, end: int) -> WindowKV:
+        """Layer `layer`'s first `end` tokens as a WindowKV (attention via the Triton window kernel)."""
+        flags = (True, *(c is not None for c in self.slot_chunk))[: end // self.layout.tokens_per_chunk]
+        if getattr(self, "_valid", (None,))[0] != flags:       # one host->device copy per cache state, not per layer
+            self._valid = (flags, torch.tensor(flags, device=self.k.device))
+        return WindowKV(self.k[layer, :, :end], self.v[layer, :, :end], self._valid[1],
+                        self.layout.tokens_per_chunk, self.attention, all(flags))
 
     def _recache_hook(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask):
         """k, v: [B, n * tokens_per_chunk, H, D] of the stored chunks in temporal order: write them back."""

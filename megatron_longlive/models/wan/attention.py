@@ -96,10 +96,13 @@ def _flex_attention(q, k, v, block_mask):
 
 
 class AttentionCore(nn.Module):
-    """softmax(q k^T / sqrt(d)) v with an optional ChunkMask or bool mask. q, k, v: [B, S, H, D]."""
+    """softmax(q k^T / sqrt(d)) v with an optional ChunkMask or bool mask. q, k, v: [B, S, H, D]. k may instead be
+    a KV cache's window object with `attend(q)` (inference/window_attention.py): it then attends itself."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: ChunkMask | torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(k, "attend"):      # a cache's window object (WindowKV, PackedKV): its own fused kernel, v is None
+            return k.attend(q)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if isinstance(mask, ChunkMask):
             if q.is_cuda and q.shape[2] * k.shape[2] > _DENSE_LIMIT:

@@ -16,7 +16,8 @@ current chunk is quantized too: its own denoising passes attend its quantized K/
 
 Attention over the cache: the hook returns either dequantized K/V (`attention="dequant"`, the reference
 path that works with today's `AttentionCore`) or a `PackedKV` (`attention="fused"`) whose `attend(q)`
-runs the fused Triton kernel (kernels/kv_attention_triton.py) and never builds a BF16 copy of the window.
+runs the fused Triton kernel (inference/kernels/window_attention_triton.py, mode nvfp4; the slower split-P kernel
+kernels/kv_attention_triton.py with `attend(q, exact=True)`) and never builds a BF16 copy of the window.
 The recache forward attends its own full-precision K/V (as with the BF16 cache) and writes them quantized.
 """
 from __future__ import annotations
@@ -60,6 +61,11 @@ class PackedKV:
     v_ts: torch.Tensor
     valid: torch.Tensor        # [R] bool, False = empty region (never attended)
     tokens_per_chunk: int
+    all_valid: bool | None = None   # host copy of valid.all() (None: read it from valid, a device sync)
+
+    def __post_init__(self):
+        if self.all_valid is None:
+            self.all_valid = bool(self.valid.all())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [B, S, H, D] by the reference dequantizer, region by region (materialises the window)."""
@@ -89,16 +95,26 @@ class PackedKV:
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m.dense() if m is not None else None)
         return out.transpose(1, 2)
 
-    def attend(self, q: torch.Tensor, split_p: bool = True) -> torch.Tensor:
-        """Fused Triton attention (CUDA, or CPU under TRITON_INTERPRET=1) -> [B, Sq, H, D] in q's dtype."""
+    @torch.compiler.disable
+    def attend(self, q: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Fused Triton attention (CUDA, or CPU under TRITON_INTERPRET=1) -> [B, Sq, H, D] in q's dtype.
+
+        Default: the fast window kernel (inference/kernels/window_attention_triton.py, mode nvfp4: one bf16
+        P @ V dot, ~2**-9). exact: the split-P kernel (kernels/kv_attention_triton.py, ~2**-16, slow)."""
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("PackedKV.attend runs the Triton kernel: it needs CUDA or TRITON_INTERPRET=1 set "
                                "before triton is imported. On CPU use reference_attention (or attention='dequant')")
-        from .kernels.kv_attention_triton import nvfp4_kv_attention
+        if exact:
+            from .kernels.kv_attention_triton import nvfp4_kv_attention
 
-        out = nvfp4_kv_attention(q, self.k_codes, self.k_scales, self.k_ts, self.v_codes, self.v_scales,
-                                 self.v_ts, self.tokens_per_chunk, self.valid, split_p=split_p)
-        return out.to(q.dtype)
+            out = nvfp4_kv_attention(q, self.k_codes, self.k_scales, self.k_ts, self.v_codes, self.v_scales,
+                                     self.v_ts, self.tokens_per_chunk, self.valid, split_p=True)
+            return out.to(q.dtype)
+        from ...inference.kernels.window_attention_triton import window_attention
+
+        return window_attention(q, self.k_codes, self.v_codes, self.tokens_per_chunk,
+                                None if self.all_valid else self.valid, mode="nvfp4", k_scale=self.k_scales,
+                                v_scale=self.v_scales, k_ts=self.k_ts, v_ts=self.v_ts, out_dtype=q.dtype)
 
 
 class NVFP4KVCache(KVCache):
@@ -171,7 +187,7 @@ class NVFP4KVCache(KVCache):
         valid = self._valid[1]
         return PackedKV(self.k_codes[layer, :, :end], self.k_scales[layer, :, :end], self.k_ts[layer, :regions],
                         self.v_codes[layer, :, :end], self.v_scales[layer, :, :end], self.v_ts[layer, :regions],
-                        valid[:regions], tpc)
+                        valid[:regions], tpc, all(flags[:regions]))
 
     # ----- the model-facing hook ----------------------------------------------------------------------
     def _chunk_hook(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask):
@@ -209,10 +225,20 @@ class NVFP4KVCache(KVCache):
 
 def build_kv_cache(kind: str, layout: CacheLayout, num_layers: int, batch: int, num_heads: int, head_dim: int,
                    latent_shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str | None = None, attention: AttentionMode = "dequant") -> KVCache:
-    """`quant.kv_cache` -> the cache: 'bf16' (K/V in the model dtype) or 'nvfp4'."""
+                   device: torch.device | str | None = None, attention: str = "sdpa") -> KVCache:
+    """`quant.kv_cache` -> the cache: 'bf16' (K/V in the model dtype) or 'nvfp4'. attention (`infer.attention`):
+    sdpa (the model's core; the NVFP4 cache dequantizes), triton (Triton window kernel over the cache's own
+    storage: BF16, or packed NVFP4 = 'fused') or fp8 (BF16 cache only: E4M3 per call). 'dequant'/'fused' name the
+    NVFP4 modes directly."""
     if kind == "bf16":
-        return KVCache(layout, num_layers, batch, num_heads, head_dim, latent_shape, dtype, device)
+        if attention in ("dequant", "fused"):
+            raise ValueError(f"attention={attention!r} is an NVFP4-cache mode; the BF16 cache takes sdpa, triton or fp8")
+        return KVCache(layout, num_layers, batch, num_heads, head_dim, latent_shape, dtype, device, attention)
     if kind == "nvfp4":
-        return NVFP4KVCache(layout, num_layers, batch, num_heads, head_dim, latent_shape, dtype, device, attention)
+        modes = {"sdpa": "dequant", "triton": "fused", "dequant": "dequant", "fused": "fused"}
+        if attention not in modes:
+            raise ValueError(f"infer.attention={attention!r} with quant.kv_cache=nvfp4: use sdpa or triton "
+                             "(fp8 quantizes a BF16 window; the NVFP4 cache has its own fused kernel)")
+        return NVFP4KVCache(layout, num_layers, batch, num_heads, head_dim, latent_shape, dtype, device,
+                            modes[attention])
     raise ValueError(f"quant.kv_cache={kind!r}: choose 'bf16' or 'nvfp4'")

@@ -1,0 +1,1 @@
+"""Triton kernels of the streaming inference path (attention over the KV window)."""

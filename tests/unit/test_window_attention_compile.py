@@ -1,0 +1,50 @@
+"""The window attention kernel compiles for Hopper (sm90) without a GPU in every mode and autotune config, on the
+intended tensor cores: bf16 and nvfp4 -> bf16 wgmma, fp8 -> E4M3 x E4M3 wgmma for both QK^T and PV.
+
+Runs in a subprocess without TRITON_INTERPRET (CPU test sessions set it in-process)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import collections, json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from megatron_longlive.inference.kernels.window_attention_triton import CONFIGS, MODES, window_attention_kernel as fn
+out = {}
+for mode in MODES:
+    kv = {"bf16": "*bf16", "fp8": "*fp8e4nv", "nvfp4": "*u8"}[mode]
+    scales = "*fp8e4nv" if mode == "nvfp4" else "*fp32"
+    ptrs = {"q_ptr": "*fp8e4nv" if mode == "fp8" else "*bf16", "k_ptr": kv, "v_ptr": kv, "valid_ptr": "*i32",
+            "out_ptr": "*bf16", "ks_ptr": scales, "vs_ptr": scales}
+    sig = {n: (ptrs.get(n, "*fp32") if n.endswith("_ptr") else "fp32" if n == "qk_scale"
+               else "constexpr" if n.isupper() and n != "H" else "i32") for n in fn.arg_names}
+    for i, (bm, bn, warps, stages) in enumerate(CONFIGS):
+        for skip in ((False, True) if i == 0 else (False,)):
+            const = dict(D=128, MODE=MODES[mode], SKIP_INVALID=skip, P_SCALE=256.0, INTERPRET=False,
+                         BLOCK_M=bm, BLOCK_N=bn)
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=warps, num_stages=stages))
+            mma = sorted(set(re.findall(r"wgmma\.mma_async[a-z0-9._]*", k.asm["ptx"])))
+            out[f"{mode} {bm}x{bn} w{warps} s{stages}{' skip' if skip else ''}"] = {
+                "cubin": "cubin" in k.asm, "mma": mma, "shared": k.metadata.shared}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_window_attention_compiles_for_sm90_on_the_right_tensor_cores():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(out) == 3 * 7
+    for name, info in out.items():
+        assert info["cubin"] and info["mma"], name
+        want = ".e4m3.e4m3" if name.startswith("fp8") else ".bf16.bf16"
+        assert all(m.endswith(want) for m in info["mma"]), (name, info["mma"])
