@@ -141,3 +141,18 @@ def test_engine_generation_with_triton_attention_stays_close_to_sdpa(tiny_model)
     psnr = {m: _psnr(out[m], out["sdpa"]) for m in ("fp8", "triton")}
     print("latents PSNR vs sdpa:", psnr)
     assert psnr["fp8"] >= 60 and psnr["triton"] >= 80, psnr
+
+
+@pytest.mark.parametrize("d", [32, 64])
+def test_fused_fp8_quantizer_bitwise_equals_torch(d):
+    from megatron_longlive.inference.kernels.window_attention_triton import quantize_fp8_torch
+
+    q, k, v = (x.bfloat16() for x in _qkv(d, garbage=False))
+    k[0, 3, 1] = 0.0                                  # an all-zero row: scale 1
+    v[0, 5, 0, 7] = 300.0                             # an outlier channel
+    got, want = quantize_fp8(q, k, v), quantize_fp8_torch(q, k, v)
+    for name, a, b in zip(("q8", "q_scale", "k8", "k_scale", "v8", "v_scale"), got, want):
+        assert a.shape == b.shape and a.stride() == b.stride(), name
+        diff = (a.contiguous().view(torch.uint8) != b.contiguous().view(torch.uint8)).sum().item() \
+            if a.dtype == torch.float8_e4m3fn else int((a != b).sum())
+        assert diff == 0, f"{name}: {diff} of {a.numel()} differ"

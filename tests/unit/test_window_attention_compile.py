@@ -1,5 +1,6 @@
 """The window attention kernel compiles for Hopper (sm90) without a GPU in every mode and autotune config, on the
-intended tensor cores: bf16 and nvfp4 -> bf16 wgmma, fp8 -> E4M3 x E4M3 wgmma for both QK^T and PV.
+intended tensor cores: bf16 and nvfp4 -> bf16 wgmma, fp8 -> E4M3 x E4M3 wgmma for both QK^T and PV; the fused FP8
+quantizer compiles with IEEE divisions (div.rn, what makes it bitwise the torch quantizer) and the hardware E4M3 cast.
 
 Runs in a subprocess without TRITON_INTERPRET (CPU test sessions set it in-process)."""
 from __future__ import annotations
@@ -33,6 +34,20 @@ for mode in MODES:
             mma = sorted(set(re.findall(r"wgmma\.mma_async[a-z0-9._]*", k.asm["ptx"])))
             out[f"{mode} {bm}x{bn} w{warps} s{stages}{' skip' if skip else ''}"] = {
                 "cubin": "cubin" in k.asm, "mma": mma, "shared": k.metadata.shared}
+from megatron_longlive.inference.kernels import fp8_window_quant_triton as Q
+quant = {"rows": (Q._quantize_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+                   "rows_per_b": "i32", "sxb": "i32", "sob": "i32", "D": "constexpr", "BLOCK_R": "constexpr",
+                   "INTERPRET": "constexpr"}, {"D": 128, "BLOCK_R": 64, "INTERPRET": False}),
+         "v": (Q._quantize_v_kernel, {"v_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*fp8e4nv", "S": "i32",
+                "H": "i32", "svb": "i32", "svs": "i32", "svh": "i32", "D": "constexpr", "BLOCK_S": "constexpr",
+                "INTERPRET": "constexpr"}, {"D": 128, "BLOCK_S": 64, "INTERPRET": False})}
+for name, (qfn, qsig, qconst) in quant.items():
+    k = triton.compile(ASTSource(fn=qfn, signature=qsig, constexprs=qconst), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4))
+    ptx = k.asm["ptx"]
+    out["quant " + name] = {"cubin": "cubin" in k.asm, "div_rn": len(re.findall(r"div\.rn\.f32", ptx)),
+                            "div_approx": len(re.findall(r"div\.(?:approx|full)", ptx)),
+                            "e4m3_cvt": len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx))}
 print(json.dumps(out))
 """
 
@@ -43,7 +58,10 @@ def test_window_attention_compiles_for_sm90_on_the_right_tensor_cores():
     res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(out) == 3 * 7
+    assert len(out) == 3 * 7 + 2
+    for name in ("quant rows", "quant v"):        # the fused quantizer: IEEE divisions, hardware nearest-even cast
+        info = out.pop(name)
+        assert info["cubin"] and info["div_rn"] > 0 and info["div_approx"] == 0 and info["e4m3_cvt"] > 0, (name, info)
     for name, info in out.items():
         assert info["cubin"] and info["mma"], name
         want = ".e4m3.e4m3" if name.startswith("fp8") else ".bf16.bf16"

@@ -302,13 +302,29 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_p
 
 
 def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q [B, Sq, H, D], k, v [B, Skv, H, D] -> (q8, q_scale, k8, k_scale, v8, v_scale) for mode "fp8": the fused
+    Triton quantizer (fp8_window_quant_triton.py) on CUDA / under TRITON_INTERPRET, else `quantize_fp8_torch`
+    (bitwise the same)."""
+    if not (q.is_cuda or _interpret()):
+        return quantize_fp8_torch(q, k, v)
+    from .fp8_window_quant_triton import quantize_rows, quantize_v
+
+    q8, qs = quantize_rows(q, _interpret())
+    k8, ks = quantize_rows(k, _interpret())
+    v8, vs = quantize_v(v, _interpret())
+    return q8, qs, k8, ks, v8, vs
+
+
+def quantize_fp8_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """BF16/fp32 q [B, Sq, H, D], k, v [B, Skv, H, D] -> (q8, q_scale, k8, k_scale, v8, v_scale) for mode "fp8".
 
     q, k: one scale per (token, head) = its max |x| / 448 (a row / column factor of the scores, so the QK^T dot
-    runs on the E4M3 values). v: one scale per (head, channel) over the whole window (a column factor of P @ V):
-    V's magnitude varies far more across channels than across tokens of one channel, and the window's amax
-    costs one extra read of V. v8 is returned as a [B, Skv, H, D] view of [B, H, D, Skv] memory (module docstring).
-    Plain torch (one amax + one scale-and-cast per tensor); an all-zero row gets scale 1."""
+    runs on the E4M3 values). v: one scale per (head, channel) over the whole window, the finest scale that factors
+    out of P @ V without touching P (a per-token V scale would have to multiply P before its E4M3 cast); it follows
+    outlier channels, and E4M3 is relative precision, so smaller tokens of a channel lose nothing until 2**-6 of
+    its amax (then subnormals). Costs one extra read of V (the amax). v8 is returned as a [B, Skv, H, D] view of [B, H, D, Skv] memory (module docstring).
+    Plain torch, the reference of the fused Triton quantizer (several passes per tensor: CPU and tests);
+    an all-zero row gets scale 1."""
     tiny = torch.finfo(torch.float32).tiny
 
     def rows(x):
