@@ -37,7 +37,9 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "httpx", "playwright"],
+        # DALI (424 MB wheel, ~13 s to install) runs its CPU video decoder without a GPU: tests/unit/test_data_dali_cpu.py
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "httpx", "playwright",
+                "nvidia-dali-cuda120; sys_platform == 'linux'"],
         "gpu": ["triton>=3.2", "transformer-engine[pytorch]", "nvidia-dali-cuda120"],
         "triton": ["triton==3.6.0"],
         "mpi": ["mpi4py"],

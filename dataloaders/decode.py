@@ -5,8 +5,8 @@ resized + center-cropped to a resolution bucket. Sampling uses presentation time
 rate sources come out at the right times: output frame k shows the source frame on screen at
 `start + k / fps` (the last frame whose pts <= that time). Files that cannot become training clips raise
 `VideoRejected` with a named `reason` (see `REASONS`); harmless peculiarities (10-bit, VFR) are kept as
-`notes` on the result. The DALI GPU backend (`decode_dali.py`) returns the same type through the same
-`resize_center_crop`, so the two backends differ only in their YUV->RGB conversion.
+`notes` on the result. The DALI backend (`decode_dali.py`, GPU NVDEC or DALI's CPU decoder) returns the
+same type through the same `resize_center_crop`, so the backends differ only in their YUV->RGB conversion.
 """
 from __future__ import annotations
 
@@ -362,18 +362,19 @@ def _notes(info: VideoInfo, source_times: np.ndarray) -> list[tuple[str, str]]:
 
 
 def get_decoder(name: str = "pyav", **kwargs) -> VideoDecoder:
-    """Backend by name: `pyav` (CPU), `dali` (GPU; needs nvidia-dali), `auto` (DALI when importable)."""
+    """Backend by name: `pyav` (CPU), `dali` (GPU NVDEC; needs nvidia-dali), `dali-cpu` (DALI's CPU decoder:
+    VP8/VP9/MJPEG only), `auto` (DALI on the GPU when importable and CUDA is present, else PyAV)."""
     if name == "auto":
         from . import decode_dali
 
         name = "dali" if decode_dali.dali_available() else "pyav"
     if name == "pyav":
         return PyAVDecoder(**kwargs)
-    if name == "dali":
+    if name in ("dali", "dali-cpu"):
         from .decode_dali import DALIDecoder
 
-        return DALIDecoder(**kwargs)
-    raise ValueError(f"data.decoder: unknown backend {name!r}. Fix: use 'pyav', 'dali' or 'auto'")
+        return DALIDecoder(device="gpu" if name == "dali" else "cpu", **kwargs)
+    raise ValueError(f"data.decoder: unknown backend {name!r}. Fix: use 'pyav', 'dali', 'dali-cpu' or 'auto'")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,34 +1,48 @@
-"""NVIDIA DALI decoding backend (GPU NVDEC: H.264, HEVC, AV1, VP9, ...), same contract as `PyAVDecoder`.
+"""NVIDIA DALI decoding backend, same contract as `PyAVDecoder`: GPU (NVDEC) or DALI's CPU decoder.
 
-DALI decodes the whole stream on the GPU (`fn.decoders.video`, or `fn.experimental.decoders.video` on
-older DALI, device "mixed"); the container checks, the presentation timestamps and therefore the frame
-choice at the target fps come from a packet-only PyAV pass (no decoding), so both backends pick the same
-source frames, and `resize_center_crop` runs on the GPU tensors. The two backends then differ only in
-the YUV->RGB conversion of the decoder (measured tolerance in tests/gpu/test_data_dali.py).
-`nvidia-dali` is optional: importing this module works without it; building a decoder raises a clear
-ImportError naming the package to install.
+DALI decodes the whole stream (`fn.decoders.video`, or `fn.experimental.decoders.video` on older DALI):
+device="gpu" runs NVDEC (operator device "mixed": H.264, HEVC, AV1, VP9, ...); device="cpu" runs DALI's
+CPU decoder, which reads only VP8, VP9 and MJPEG (other codecs raise `UnsupportedCodec` naming the fix).
+The container checks, the presentation timestamps and therefore the frame choice at the target fps come
+from a packet-only PyAV pass (no decoding), so both backends pick the same source frames, and
+`resize_center_crop` runs on the decoded tensors (on the GPU for device="gpu"). The backends then differ
+only in the decoder's YUV->RGB conversion (measured tolerances: tests/gpu/test_data_dali.py for the GPU,
+tests/unit/test_data_dali_cpu.py for the CPU). `nvidia-dali` is optional: importing this module works
+without it; building a decoder raises a clear ImportError naming the package to install.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from .decode import (DecodedVideo, PyAVDecoder, VideoRejected, _notes, choose_bucket, glitch_frames,
-                     resize_center_crop, sample_indices)
+                     resize_center_crop, sample_indices, thumbnail)
 
-INSTALL_HINT = ("the DALI backend needs NVIDIA DALI and a CUDA GPU. Fix: pip install nvidia-dali-cuda120 "
-                "(match your CUDA major version), or use data.decoder=pyav")
+INSTALL_HINT = ("the DALI backend needs NVIDIA DALI (and a CUDA GPU for device='gpu'). Fix: pip install "
+                "nvidia-dali-cuda120 (match your CUDA major version), or use data.decoder=pyav")
+CPU_CODECS = ("vp8", "vp9", "mjpeg")
+"""Codecs DALI's CPU video decoder reads (FFmpeg codec names); everything else needs NVDEC or PyAV."""
 
 
-def dali_available() -> bool:
-    """True when nvidia.dali imports and CUDA is present."""
+class UnsupportedCodec(ValueError):
+    """A codec the chosen DALI device cannot decode: a configuration error, not a bad file."""
+
+    def __init__(self, path: str, codec: str):
+        self.path, self.codec = str(path), codec
+        super().__init__(f"{path}: codec {codec!r} is not supported by DALI's CPU video decoder (it reads "
+                         f"{', '.join(CPU_CODECS)}). Fix: data.decoder=dali (GPU, NVDEC) or data.decoder=pyav")
+
+
+def dali_available(device: str = "gpu") -> bool:
+    """True when nvidia.dali imports (and, for device="gpu", CUDA is present)."""
     try:
-        import nvidia.dali  # noqa: F401
+        importlib.import_module("nvidia.dali")
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return device == "cpu" or torch.cuda.is_available()
 
 
 def _video_op():
@@ -38,8 +52,26 @@ def _video_op():
     return op or fn.experimental.decoders.video
 
 
+def _dali_error(e: Exception) -> str:
+    """The operator's own message from DALI's "Critical error in pipeline: ... encountered: <msg>" text."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else []
+    return (after or lines or [type(e).__name__])[0]
+
+
 def _thumbnails(frames: torch.Tensor, side: int = 16) -> np.ndarray:
-    """GPU version of `decode.thumbnail` for `[N, H, W, 3]` uint8: luma block means `[N, h, w]`."""
+    """`decode.thumbnail` of each `[N, H, W, 3]` uint8 frame: luma block means `[N, h, w]`.
+
+    On the CPU the NumPy reference itself (the fastest there, ~2x the batched torch form at 480x832);
+    on the GPU the batched form below.
+    """
+    if frames.device.type == "cpu":
+        return np.stack([thumbnail(f, side) for f in frames.numpy()])
+    return _thumbnails_torch(frames, side)
+
+
+def _thumbnails_torch(frames: torch.Tensor, side: int = 16) -> np.ndarray:
+    """Batched torch version of `decode.thumbnail` for `[N, H, W, 3]` uint8 (GPU)."""
     f = frames.float()
     y = f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114  # [N, H, W]
     fh, fw = max(1, y.shape[1] // side), max(1, y.shape[2] // side)
@@ -48,29 +80,41 @@ def _thumbnails(frames: torch.Tensor, side: int = 16) -> np.ndarray:
 
 
 class DALIDecoder:
-    """GPU decoding through DALI; one small pipeline per decoder object, fed file bytes one video at a time."""
+    """Decoding through DALI; one small pipeline per decoder object, fed file bytes one video at a time.
 
-    name = "dali"
+    device: "gpu" (NVDEC, DALI operator device "mixed"; needs CUDA) or "cpu" (DALI's CPU decoder:
+    VP8, VP9 and MJPEG only; needs no GPU). device_id picks the GPU (default: the current one).
+    """
 
-    def __init__(self, min_side: int = 16, device_id: int | None = None, truncation_tolerance: float = 0.9):
+    def __init__(self, min_side: int = 16, device_id: int | None = None, truncation_tolerance: float = 0.9,
+                 device: str = "gpu"):
+        if device not in ("gpu", "cpu"):
+            raise ValueError(f"DALIDecoder device={device!r}. Fix: use 'gpu' (NVDEC) or 'cpu' (VP8/VP9/MJPEG only)")
         try:
             from nvidia.dali import fn, pipeline_def, types
         except ImportError:
             raise ImportError(INSTALL_HINT) from None
-        if not torch.cuda.is_available():
-            raise ImportError(INSTALL_HINT + " (no CUDA device visible)")
-        self.device_id = torch.cuda.current_device() if device_id is None else device_id
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ImportError(INSTALL_HINT + " (no CUDA device visible; DALI's CPU decoder: data.decoder=dali-cpu)")
+        self.device, self.name = device, "dali" if device == "gpu" else "dali-cpu"
+        self.device_id = None if device == "cpu" else torch.cuda.current_device() if device_id is None else device_id
         self.probe = PyAVDecoder(min_side=min_side, truncation_tolerance=truncation_tolerance)
         self.truncation_tolerance = truncation_tolerance
         video_op = _video_op()
+        op_device = "mixed" if device == "gpu" else "cpu"
 
         @pipeline_def(batch_size=1, num_threads=2, device_id=self.device_id, prefetch_queue_depth=1)
         def pipe():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            return video_op(encoded, device="mixed")
+            return video_op(encoded, device=op_device)
 
-        self.pipe = pipe()
-        self.pipe.build()
+        self._new_pipe = pipe
+        self.pipe = self._build()
+
+    def _build(self):
+        p = self._new_pipe()
+        p.build()
+        return p
 
     def _source_times(self, path: str) -> tuple[np.ndarray, object]:
         """Presentation times of every frame (sorted packet pts) and the VideoInfo, from a packet-only pass."""
@@ -85,19 +129,13 @@ class DALIDecoder:
     def decode(self, path: str, fps: float, buckets: Sequence[tuple[int, int]], start_s: float = 0.0,
                max_frames: int | None = None) -> DecodedVideo:
         source_times, info = self._source_times(path)
+        if self.device == "cpu" and info.codec not in CPU_CODECS:
+            raise UnsupportedCodec(path, info.codec)
         bucket = choose_bucket(info.height, info.width, buckets)
-        with open(path, "rb") as fh:
-            data = np.frombuffer(fh.read(), dtype=np.uint8)
-        try:
-            self.pipe.feed_input("encoded", [data])
-            (out,) = self.pipe.run()
-        except RuntimeError as e:
-            raise VideoRejected(path, "decode_error", f"DALI: {str(e).splitlines()[0]}") from None
-        try:  # zero-copy view of DALI's GPU buffer, cloned because DALI reuses it on the next run
-            frames = torch.from_dlpack(out.as_tensor()).clone()
-        except (TypeError, AttributeError, RuntimeError):
-            frames = torch.from_numpy(out.as_cpu().as_array()).to(f"cuda:{self.device_id}")
-        frames = frames.reshape(-1, *frames.shape[-3:])  # [N, H, W, 3] uint8 (GPU)
+        frames = self._decode_all(path)  # [N, H, W, 3] uint8 (on the GPU for device="gpu")
+        if frames.shape[0] > source_times.size:  # e.g. AVI's empty "repeat" packets decoded as frames
+            raise VideoRejected(path, "decode_error", f"DALI decoded {frames.shape[0]} frames from "
+                                f"{source_times.size} non-empty packets: the frame times are unknown")
         n = min(frames.shape[0], source_times.size)
         if n < source_times.size and max_frames is None:
             raise VideoRejected(path, "corrupt_frame", f"DALI decoded {frames.shape[0]} of {source_times.size} frames")
@@ -116,3 +154,22 @@ class DALIDecoder:
         out_frames = resize_center_crop(picked, bucket).cpu().numpy()
         return DecodedVideo(frames=out_frames, times=target_times, source_index=idx, source_times=source_times,
                             fps=fps, info=info, notes=_notes(info, source_times))
+
+    def _decode_all(self, path: str) -> torch.Tensor:
+        """Every frame of the file's first video stream, `[N, H, W, 3]` uint8 RGB, through the DALI pipeline."""
+        with open(path, "rb") as fh:
+            data = np.frombuffer(fh.read(), dtype=np.uint8)
+        try:
+            self.pipe.feed_input("encoded", [data])
+            (out,) = self.pipe.run()
+        except RuntimeError as e:
+            self.pipe = self._build()  # DALI declares the pipeline invalid after a failed run
+            raise VideoRejected(path, "decode_error", f"DALI: {_dali_error(e)}") from None
+        if self.device == "cpu":  # as_array() copies out of DALI's buffers, which the next run reuses
+            frames = torch.from_numpy(out.as_array())
+        else:
+            try:  # zero-copy view of DALI's GPU buffer, cloned because DALI reuses it on the next run
+                frames = torch.from_dlpack(out.as_tensor()).clone()
+            except (TypeError, AttributeError, RuntimeError):
+                frames = torch.from_numpy(out.as_cpu().as_array()).to(f"cuda:{self.device_id}")
+        return frames.reshape(-1, *frames.shape[-3:])

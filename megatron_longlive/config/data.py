@@ -37,8 +37,8 @@ class DataConfig(ConfigBase):
     """Preprocess: resolution buckets [[height, width], ...]; each video goes to the closest aspect ratio (empty: [[height, width]])."""
     duration_groups: list[float] = dataclasses.field(default_factory=lambda: [16.0, 32.0, 64.0])
     """Preprocess: edges (seconds) of the cache's duration groups: 16-32 s, 32-64 s, > 64 s; shorter clips are rejected."""
-    decoder: Literal["pyav", "dali", "auto"] = "pyav"
-    """Preprocess: decoding backend (`dali` needs nvidia-dali and a GPU; `auto` picks DALI when importable)."""
+    decoder: Literal["pyav", "dali", "dali-cpu", "auto"] = "pyav"
+    """Preprocess: decoding backend (`dali` needs nvidia-dali and a GPU; `dali-cpu`: DALI's CPU decoder, VP8/VP9/MJPEG only; `auto` picks GPU DALI when importable)."""
     min_source_side: int = 64
     """Preprocess: reject videos whose width or height is below this many pixels."""
     shot_threshold: float = 27.0
