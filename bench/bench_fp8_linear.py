@@ -1,10 +1,18 @@
-"""Time a BF16 linear against the FP8 linear (E4M3 rowwise scaled-mm), forward + both backward GEMMs.
+"""Time a BF16 linear against the FP8 training linear (E4M3 rowwise scaled-mm), forward + both backward GEMMs.
 
 Shapes: tokens x (in -> out) of the Wan2.1-1.3B (dim 1536, ffn 8960) and Wan2.2-5B (dim 3072, ffn 14336)
-layers. Each row times one training pass of the layer (y = xW^T + b, then dx and dW), quantization of all
-six operands included for FP8 (x, W, dy each quantized once into both layouts by fp8_triton);
-`fp8 gemm-only` times the three E4M3 GEMMs on pre-quantized operands (the ceiling), `fp8 quantize x+dy`
-the fused quantization of the two big operands. Prints a table, appends JSON lines (bench/record.py) to --out.
+layers. Per shape, one training pass of the layer (y = xW^T + b, then dx, dW, db):
+  bf16 ms      nn.Linear in bf16 (cuBLAS, bias in the epilogue, db a separate reduction)
+  fp8 ms       FP8Linear as the trainer runs it: x, W, dy each quantized once into both layouts by
+               fp8_triton (db fused into dy's first pass), bias in the scaled-mm epilogue
+  gemm ms      the three E4M3 GEMMs alone on pre-quantized operands (the ceiling), `fast` with use_fast_accum
+  quant ms     the fused quantization alone (x, W, dy + db)
+  floor ms     quant's byte floor: 6 bytes per value of x, W, dy (2 reads of bf16, 2 one-byte writes) at the
+               measured device-copy bandwidth; `best` = bf16 / (gemm + floor), the speedup this recipe can reach
+  blk ms       exploration: the three GEMMs with 1x128 block scales on both operands (cuBLAS >= 12.9 on sm90;
+               nan where this torch/CUDA lacks it). Such scales come from one read of a 128x128 tile, so that
+               recipe's floor is 4 bytes per value: `blk best` = bf16 / (blk + 4/6 floor)
+Prints a table, appends JSON lines (bench/record.py) to --out.
 
   python bench/bench_fp8_linear.py --out bench/results.jsonl           # needs CUDA sm89+ (H100/H200)
 """
@@ -19,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.record import record  # noqa: E402
-from megatron_longlive.quant.fp8 import FP8Linear, quantize_both, quantize_rowwise  # noqa: E402
+from megatron_longlive.quant.fp8 import FP8Linear, quantize_both  # noqa: E402
 
 SHAPES = {"1.3b": [(1536, 1536), (1536, 8960), (8960, 1536)],
           "5b": [(3072, 3072), (3072, 14336), (14336, 3072)]}
@@ -45,12 +53,21 @@ def cuda_time_ms(fn, warmup: int, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def bench_shape(tokens: int, k: int, n: int, a) -> dict[str, float]:
+def copy_bandwidth(a) -> float:
+    """Bytes per second of a plain device copy (read + write) of 1 GiB: the bandwidth a quantizer can reach."""
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=a.device)
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), a.warmup, a.iters)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, float]:
     dev = torch.device(a.device)
     lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
     fp8 = FP8Linear.from_linear(lin, emulate=False)
     x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
+    w = lin.weight.detach()
 
     def step(mod):
         def run():
@@ -61,25 +78,45 @@ def bench_shape(tokens: int, k: int, n: int, a) -> dict[str, float]:
         return run
 
     # the three GEMMs alone on operands quantized once (no quantization in the timed loop)
-    mpad = (tokens + 15) // 16 * 16
-    qx, sx = quantize_rowwise(x.detach())
-    qw, sw = quantize_rowwise(lin.weight.detach())
-    qdy, sdy = quantize_rowwise(dy)
-    qwt, swt = quantize_rowwise(lin.weight.detach().t().contiguous())
-    qdyt, sdyt = quantize_rowwise(torch.nn.functional.pad(dy.t(), (0, mpad - tokens)).contiguous())
-    qxt, sxt = quantize_rowwise(torch.nn.functional.pad(x.detach().t(), (0, mpad - tokens)).contiguous())
+    qx, sx, qxt, sxt = quantize_both(x.detach())
+    qw, sw, qwt, swt = quantize_both(w)
+    qdy, sdy, qdyt, sdyt = quantize_both(dy)
 
-    def gemms():
-        torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16)
-        torch._scaled_mm(qdy, qwt.t(), scale_a=sdy, scale_b=swt.t(), out_dtype=torch.bfloat16)
-        torch._scaled_mm(qdyt, qxt.t(), scale_a=sdyt, scale_b=sxt.t(), out_dtype=torch.bfloat16)
+    def gemms(fast: bool):
+        def run():
+            torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), bias=lin.bias, out_dtype=torch.bfloat16,
+                             use_fast_accum=fast)
+            torch._scaled_mm(qdy, qwt.t(), scale_a=sdy, scale_b=swt.t(), out_dtype=torch.bfloat16,
+                             use_fast_accum=fast)
+            torch._scaled_mm(qdyt, qxt.t(), scale_a=sdyt, scale_b=sxt.t(), out_dtype=torch.bfloat16,
+                             use_fast_accum=fast)
+        return run
+
+    def blockwise_gemms():
+        def ones(rows, k):                              # [rows, k/128] scales, outer-dim-major as cuBLAS wants
+            return torch.ones(k // 128, rows, device=dev).t()
+        for qa, qb in ((qx, qw), (qdy, qwt), (qdyt, qxt)):
+            torch._scaled_mm(qa, qb.t(), scale_a=ones(*qa.shape), scale_b=ones(*qb.shape).t(),
+                             out_dtype=torch.bfloat16)
+
+    try:
+        blockwise_gemms()
+        blk = cuda_time_ms(blockwise_gemms, a.warmup, a.iters)
+    except (RuntimeError, NotImplementedError, ValueError):
+        blk = float("nan")
+
+    def quantize():
+        quantize_both(x.detach())
+        quantize_both(w)
+        quantize_both(dy, col_sum=True)
 
     times = {"bf16": cuda_time_ms(step(lin), a.warmup, a.iters),
              "fp8": cuda_time_ms(step(fp8), a.warmup, a.iters),
-             "fp8 gemm-only": cuda_time_ms(gemms, a.warmup, a.iters),
-             "fp8 quantize x+dy": cuda_time_ms(lambda: (quantize_both(x.detach()), quantize_both(dy)),
-                                               a.warmup, a.iters)}
-    del x, dy, lin, fp8
+             "fp8 gemm-only": cuda_time_ms(gemms(False), a.warmup, a.iters),
+             "fp8 gemm-only fast-accum": cuda_time_ms(gemms(True), a.warmup, a.iters),
+             "fp8 quantize x+w+dy": cuda_time_ms(quantize, a.warmup, a.iters),
+             "fp8 quantize floor": 6 * (tokens * k + tokens * n + n * k) / bandwidth * 1e3,
+             "fp8 gemm-only blockwise 1x128": blk}
     return times
 
 
@@ -99,23 +136,34 @@ def main(argv=None) -> int:
     if a.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
         print("bench_fp8_linear: needs a CUDA GPU with FP8 tensor cores (sm89+, e.g. H100)", file=sys.stderr)
         return 2
-    print(f"{'model':6} {'in->out':>13} {'bf16 ms':>9} {'fp8 ms':>9} {'gemm ms':>9} {'quant ms':>9} {'speedup':>8} "
-          f"{'bf16 TF/s':>10} {'fp8 TF/s':>9} {'gemm TF/s':>10}")
+    bandwidth = copy_bandwidth(a) if a.device == "cuda" else 1e11
+    print(f"device copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); tokens {a.tokens}")
+    print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'fp8 ms':>8} {'speedup':>8} {'gemm ms':>8} {'fast ms':>8} "
+          f"{'quant ms':>9} {'floor ms':>9} {'other ms':>9} {'best':>6} {'fp8 TF/s':>9} {'gemm TF/s':>10} "
+          f"{'blk ms':>7} {'blk best':>8}")
     for model, pairs in shapes.items():
         for k, n in pairs:
-            t = bench_shape(a.tokens, k, n, a)
+            t = bench_shape(a.tokens, k, n, a, bandwidth)
             flops = 3 * 2 * a.tokens * k * n
-            tf = {key: flops / (v * 1e-3) / 1e12 for key, v in t.items() if "quantize" not in key}
+            tf = {key: flops / (t[key] * 1e-3) / 1e12 for key in ("bf16", "fp8", "fp8 gemm-only",
+                                                                   "fp8 gemm-only fast-accum")}
             speedup = t["bf16"] / t["fp8"]
-            print(f"{model:6} {f'{k}->{n}':>13} {t['bf16']:9.3f} {t['fp8']:9.3f} {t['fp8 gemm-only']:9.3f} "
-                  f"{t['fp8 quantize x+dy']:9.3f} "
-                  f"{speedup:8.2f} {tf['bf16']:10.0f} {tf['fp8']:9.0f} {tf['fp8 gemm-only']:10.0f}")
+            other = t["fp8"] - t["fp8 gemm-only"] - t["fp8 quantize x+w+dy"]
+            best = t["bf16"] / (t["fp8 gemm-only"] + t["fp8 quantize floor"])
+            blk_best = t["bf16"] / (t["fp8 gemm-only blockwise 1x128"] + t["fp8 quantize floor"] * 4 / 6)
+            print(f"{model:6} {f'{k}->{n}':>13} {t['bf16']:8.3f} {t['fp8']:8.3f} {speedup:7.2f}x "
+                  f"{t['fp8 gemm-only']:8.3f} {t['fp8 gemm-only fast-accum']:8.3f} {t['fp8 quantize x+w+dy']:9.3f} "
+                  f"{t['fp8 quantize floor']:9.3f} {other:9.3f} {best:5.2f}x {tf['fp8']:9.0f} "
+                  f"{tf['fp8 gemm-only']:10.0f} {t['fp8 gemm-only blockwise 1x128']:7.3f} {blk_best:7.2f}x")
             name = f"linear {model} {a.tokens}x{k}->{n} fwd+dgrad+wgrad"
-            for key in t:
+            for key in (key for key in t if t[key] == t[key]):           # NaN: not measured here
                 record(a.out, f"{name} {key}", "time", round(t[key], 4), "ms")
                 if key in tf:
                     record(a.out, f"{name} {key}", "throughput", round(tf[key], 1), "TFLOP/s")
             record(a.out, name, "fp8 speedup over bf16", round(speedup, 3), "x")
+            record(a.out, name, "fp8 best speedup at the quantization byte floor", round(best, 3), "x")
+            if blk_best == blk_best:
+                record(a.out, name, "fp8 blockwise best speedup at its byte floor", round(blk_best, 3), "x")
     return 0
 
 

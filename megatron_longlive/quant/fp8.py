@@ -1,14 +1,17 @@
 """FP8 linear for Hopper: all three GEMMs in E4M3 with rowwise scales through torch._scaled_mm.
 
 Every GEMM is C[M, N] = A[M, K] @ B[N, K]^T with A and B quantized row by row along the reduction dim K:
-scale_r = amax(row) / 448 (1 for an all-zero row), q = e4m3_rne(row / scale_r) (torch.float8_e4m3fn cast).
+scale_r = amax(row) / 448, q = e4m3_rne(clamp(row * (448 / amax(row)))) (torch.float8_e4m3fn cast; scale
+and multiplier 1 for an all-zero row). The per-value step is a multiply, not a division (cheap in kernels).
 
   fprop  y  = x[M,K]     . W[N,K]        dgrad  dx = dy[M,N] . W^T[K,N]      wgrad  dW = dy^T[N,M] . x^T[K,M]
 
 (tokens M are zero-padded to a multiple of 16 for the wgrad, as _scaled_mm needs). `emulate=True`
-computes the same math as (q_a * s_a) @ (q_b * s_b)^T in fp32: exact on any device, the oracle of the
-scaled-mm path (which accumulates in fp32 on the tensor cores and rounds the output to bf16).
-On CUDA each operand is quantized once into both layouts by the fused Triton kernels of fp8_triton.py.
+computes the same math as (q_a * s_a) @ (q_b * s_b)^T (+ bias) in fp32: exact on any device, the oracle of
+the scaled-mm path (which accumulates in fp32 on the tensor cores, adds the bias in its epilogue and rounds
+the output to bf16 once). On CUDA each operand is quantized once into both layouts by the fused Triton
+kernels of fp8_triton.py (2 reads + 2 one-byte writes per value), whose first pass over dy also yields
+the bias gradient; forward saves only the 1-byte transposed copies of x and W for the backward.
 """
 from __future__ import annotations
 
@@ -23,23 +26,27 @@ def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tf = t.float()
     amax = tf.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, 1.0)
-    return (tf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+    inverse = torch.where(amax > 0, torch.full_like(amax, FP8_E4M3_MAX) / amax, 1.0)   # IEEE division, not rcp*448
+    return (tf * inverse).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
 
-def quantize_both(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_both(t: torch.Tensor, col_sum: bool = False) -> tuple[torch.Tensor, ...]:
     """t [M, K] -> (q [M, K], s [M, 1], qT [K, MP], sT [K, 1]): rowwise along K, and the transpose
-    (zero-padded to MP = ceil(M/16)*16) rowwise along M. One fused Triton pass pair on CUDA
-    (fp8_triton.py, bitwise equal), plain torch elsewhere."""
+    (zero-padded to MP = ceil(M/16)*16) rowwise along M; with col_sum also the column sums [K] of t in
+    t's dtype, accumulated in fp32 (the bias gradient when t is dy). One fused Triton pass pair on CUDA
+    (fp8_triton.py, bitwise equal codes and scales), plain torch elsewhere."""
     if t.is_cuda:
         from .fp8_triton import quantize_both as fused
-        return fused(t)
+        out = fused(t, col_sum=col_sum)
+        return out[:4] + (out[4].to(t.dtype),) if col_sum else out
     q, s = quantize_rowwise(t)
     q_t, s_t = quantize_rowwise(pad_tokens(t.t()))
-    return q, s, q_t.contiguous(), s_t
+    out = (q, s, q_t.contiguous(), s_t)
+    return out + (bias_grad(t),) if col_sum else out
 
 
 def use_scaled_mm(device: torch.device) -> bool:
@@ -47,42 +54,44 @@ def use_scaled_mm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_gemm(qa, sa, qb, sb, emulate: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """(qa * sa) [M, K] @ ((qb * sb) [N, K])^T for row-major E4M3 operands with rowwise scales."""
+def fp8_gemm(qa, sa, qb, sb, emulate: bool, out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(qa * sa) [M, K] @ ((qb * sb) [N, K])^T (+ bias [N]) for row-major E4M3 operands with rowwise scales.
+    scaled-mm: bias added in the GEMM epilogue (as bf16), output written once in bf16."""
     if emulate:
-        return (dequantize_rowwise(qa, sa) @ dequantize_rowwise(qb, sb).t()).to(out_dtype)
-    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16).to(out_dtype)
+        y = dequantize_rowwise(qa, sa) @ dequantize_rowwise(qb, sb).t()
+        return (y if bias is None else y + bias.float()).to(out_dtype)
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), bias=bias, out_dtype=torch.bfloat16).to(out_dtype)
 
 
 class FP8LinearFunction(torch.autograd.Function):
-    """Saves the E4M3 transposed copies of x and W for the backward (1 byte/value, not x itself)."""
+    """Saves the E4M3 transposed copies of x and W for the backward (1 byte/value, not x itself).
+    y is returned in out_dtype; dx in x's dtype, dW in W's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, emulate: bool):
+    def forward(ctx, x, weight, bias, emulate: bool, out_dtype: torch.dtype):
         lead, k = x.shape[:-1], x.shape[-1]
         qx, sx, qx_t, sx_t = quantize_both(x.reshape(-1, k))                 # [M, K], [K, M16]
         qw, sw, qw_t, sw_t = quantize_both(weight)                           # [N, K], [K, N]
-        y = fp8_gemm(qx, sx, qw, sw, emulate, torch.float32)                 # [M, N]
-        if bias is not None:
-            y = y + bias.float()
+        y = fp8_gemm(qx, sx, qw, sw, emulate, out_dtype, bias)               # [M, N]
         ctx.save_for_backward(qx_t, sx_t, qw_t, sw_t)
         ctx.emulate, ctx.has_bias, ctx.x_meta = emulate, bias is not None, (x.shape, x.dtype, weight.dtype)
-        return y.to(x.dtype).view(*lead, -1)
+        return y.view(*lead, -1)
 
     @staticmethod
     def backward(ctx, dy):
         qx_t, sx_t, qw_t, sw_t = ctx.saved_tensors
         x_shape, x_dtype, w_dtype = ctx.x_meta
         dy2 = dy.reshape(-1, dy.shape[-1])                                   # [M, N]
-        qdy, sdy, qdy_t, sdy_t = quantize_both(dy2)                          # [M, N], [N, M16]
-        dx = dw = db = None
+        want_db = ctx.has_bias and ctx.needs_input_grad[2]
+        qdy, sdy, qdy_t, sdy_t, *db = quantize_both(dy2, col_sum=want_db)   # [M, N], [N, M16], ([N])
+        db = db[0] if want_db else None
+        dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = fp8_gemm(qdy, sdy, qw_t, sw_t, ctx.emulate, x_dtype).view(x_shape)          # [M, K]
         if ctx.needs_input_grad[1]:
             dw = fp8_gemm(qdy_t, sdy_t, qx_t, sx_t, ctx.emulate, w_dtype)                  # [N, K]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = bias_grad(dy2)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 def fp8_inference_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
@@ -133,4 +142,9 @@ class FP8Linear(QuantLinearBase):
         if self.qweight is not None and not torch.is_grad_enabled():
             bias = None if self.bias is None else self.bias.to(torch.float32 if emulate else torch.bfloat16)
             return fp8_inference_linear(x, self.qweight, self.wscale, bias, emulate)
-        return FP8LinearFunction.apply(x, self.weight, self.bias, emulate)
+        # like nn.Linear under autocast: the output in the autocast dtype (bf16 activations between layers,
+        # not the fp32 of a norm's output); the function's own math runs with autocast off (exact emulation)
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            return FP8LinearFunction.apply(x, self.weight, self.bias, emulate, out_dtype)

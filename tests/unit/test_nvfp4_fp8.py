@@ -33,9 +33,10 @@ def test_rowwise_quantization_matches_independent_rounding():
     assert q.dtype == torch.float8_e4m3fn and s.shape == (4, 1)
     assert s[3].item() == 1.0 and torch.all(q[3].float() == 0)            # all-zero row: scale 1, no NaN
     for r in range(3):
-        scale = np.float32(np.float32(t[r].abs().max()) / np.float32(448.0))
+        amax = np.float32(t[r].abs().max())
+        scale, inverse = amax / np.float32(448.0), np.float32(448.0) / amax      # fp32 divisions
         assert s[r].item() == scale
-        want = [_e4m3_f64(float(np.float32(v) / scale)) for v in t[r].tolist()]
+        want = [_e4m3_f64(float(np.float32(v) * inverse)) for v in t[r].tolist()]
         assert q[r].float().tolist() == want
         assert q[r].float().abs().max() == 448.0                            # the row amax maps to 448
     err = (dequantize_rowwise(q, s) - t).abs()
@@ -57,6 +58,42 @@ def test_emulated_fp8_linear_equals_quantize_dequantize_definition():
     assert torch.equal(f.weight.grad, fq(dy2.t().contiguous()) @ fq(x2.t().contiguous()).t())
     assert torch.allclose(f.bias.grad, dy2.sum(0), atol=1e-5)
     assert F.cosine_similarity(y.detach().flatten(), lin(x.detach()).detach().flatten(), dim=0) > 0.999
+
+
+def test_fp8_linear_close_to_float64_math():
+    """Forward and both gradients vs unquantized float64 math: E4M3 keeps 3 mantissa bits (relative rounding
+    error <= 2**-4, rms ~2**-4/sqrt(3) = 3.6% per value); a dot product of two such operands averages the
+    independent errors, so the relative norm error of y, dx, dW stays near 4% (bound 8%), and db is exact math."""
+    torch.manual_seed(3)
+    lin = nn.Linear(256, 192).double()
+    f = FP8Linear.from_linear(copy.deepcopy(lin).float(), emulate=True)
+    x = torch.randn(300, 256, dtype=torch.float64)
+    dy = torch.randn(300, 192, dtype=torch.float64)
+    xd, xf = x.clone().requires_grad_(), x.float().requires_grad_()
+    yd, yf = lin(xd), f(xf)
+    yd.backward(dy)
+    yf.backward(dy.float())
+    for name, got, want in (("y", yf, yd), ("dx", xf.grad, xd.grad), ("dW", f.weight.grad, lin.weight.grad)):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert 0.005 < err < 0.08, (name, err)            # quantized (not exact), within the FP8 budget
+    assert torch.allclose(f.bias.grad.double(), lin.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_linear_under_autocast_returns_the_autocast_dtype_of_exact_fp32_math():
+    """As nn.Linear under bf16 autocast: y comes out in bf16 even for fp32 x (a norm's output), and it is the
+    fp32 emulation rounded once (autocast must not turn the emulated GEMM into a bf16 matmul); dx stays fp32."""
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 32)
+    f = FP8Linear.from_linear(lin, emulate=True)
+    x = torch.randn(40, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = f(x)
+        assert lin(x).dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    fq = lambda t: dequantize_rowwise(*quantize_rowwise(t))        # noqa: E731
+    w = lin.weight.detach()
+    assert torch.equal(y, (fq(x.detach()) @ fq(w).t() + lin.bias.detach()).to(torch.bfloat16))
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and f.weight.grad.dtype == torch.float32
 
 
 def test_scaled_mm_path_matches_emulation_where_available():

@@ -28,17 +28,23 @@ sigs = {
   "dq": (D.dequantize_kernel, {"packed_ptr": "*u8", "scales_ptr": "*u8", "ts_ptr": "*fp32", "out_ptr": "*i16",
          "M": "i32", "K": "i32", "ROWS_PER_SCALE": "constexpr", "OUT_BF16": "constexpr", "BR": "constexpr",
          "BK": "constexpr"}, {"ROWS_PER_SCALE": 1, "OUT_BF16": True, "BR": 32, "BK": 128}),
-  "fp8amax": (F8._amax_kernel, {"x_ptr": "*bf16", "row_amax_ptr": "*fp32", "col_amax_ptr": "*fp32", "M": "i32",
-              "K": "i32", "BM": "constexpr", "BK": "constexpr"}, {"BM": 64, "BK": 64}),
-  "fp8q": (F8._quantize_kernel, {"x_ptr": "*bf16", "row_amax_ptr": "*fp32", "col_amax_ptr": "*fp32",
-           "qrow_ptr": "*u8", "qcol_ptr": "*u8", "srow_ptr": "*fp32", "scol_ptr": "*fp32", "M": "i32", "K": "i32",
-           "MP": "i32", "BM": "constexpr", "BK": "constexpr"}, {"BM": 64, "BK": 64}),
+  "fp8stats": (F8._stats_kernel, {"x_ptr": "*bf16", "row_amax_ptr": "*i32", "col_amax_ptr": "*i32",
+               "col_sum_ptr": "*fp32", "M": "i32", "K": "i32", "M_KEY": "i32", "BM": "constexpr", "BK": "constexpr",
+               "ROW_TILES": "constexpr", "COL_SUM": "constexpr"},
+               {"BM": F8.SBM, "BK": F8.SBK, "ROW_TILES": F8.ROW_TILES, "COL_SUM": True}),
 }
+for hw in (False, True):
+    sigs["fp8q_hw" if hw else "fp8q"] = (
+        F8._quantize_kernel, {"x_ptr": "*bf16", "row_amax_ptr": "*i32", "col_amax_ptr": "*i32",
+        "qrow_ptr": "*u8", "qcol_ptr": "*u8", "srow_ptr": "*fp32", "scol_ptr": "*fp32", "M": "i32", "K": "i32",
+        "MP": "i32", "M_KEY": "i32", "BM": "constexpr", "BK": "constexpr", "HW_CAST": "constexpr"},
+        {"BM": F8.BM, "BK": F8.BK, "HW_CAST": hw})
 out = {}
 for name, (fn, sig, const) in sigs.items():
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=tgt)
     ops = collections.Counter(re.findall(r"^\s*((?:div|rcp|mul|add|sub|fma|ex2|lg2)\.[a-z0-9.]+)", k.asm["ptx"], re.M))
-    out[name] = {"ops": dict(ops), "cubin": "cubin" in k.asm}
+    out[name] = {"ops": dict(ops), "cubin": "cubin" in k.asm,
+                 "e4m3_cvt": len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", k.asm["ptx"]))}
 print(json.dumps(out))
 """
 
@@ -54,3 +60,5 @@ def test_kernels_compile_for_sm90_with_ieee_division():
         assert not [o for o in ops if o.startswith(("div.approx", "div.full", "rcp.approx", "ex2", "lg2"))], (name, ops)
         assert not [o for o in ops if ".ftz" in o and o.startswith(("div", "mul", "add", "sub", "fma"))], (name, ops)
     assert out["q"]["ops"].get("div.rn.f32", 0) > 0
+    # the FP8 quantizer: hardware nearest-even E4M3 cast (saturating after the explicit clamp) only when asked
+    assert out["fp8q_hw"]["e4m3_cvt"] > 0 and out["fp8q"]["e4m3_cvt"] == 0
