@@ -7,12 +7,16 @@ Settings (the cache is filled to its full window before timing, so every timed c
   wan2.2-ti2v-5b     1280x704, chunk 8, window 32 (sink 8), 2 steps          - GPU, bf16
 FPS = pixel frames per chunk (4 x latent frames, the VAE's temporal stride) / seconds per chunk.
 Variants (all combinations run): --steps (eager, compile, cuda_graph, compile+cuda_graph: inference/chunk_step.py),
---linear (bf16, fp8: frozen E4M3 weights, activation quantization fused by compile), --kv (bf16, nvfp4).
+--linear (bf16, fp8: frozen E4M3 weights, activation quantization fused by compile), --kv (bf16, nvfp4),
+--attention (infer.attention: sdpa; fp8 = E4M3 Triton window attention over the BF16 cache; triton = the Triton
+window kernel over the cache's own storage - BF16, or NVFP4 fused).
 Every variant's last chunk is compared with the eager bf16 one from the same noise (max abs diff, PSNR).
 
     python bench/bench_generate_chunk.py --settings tiny --out bench/results.jsonl
     python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.2-ti2v-5b --steps eager compile+cuda_graph \
         --linear bf16 fp8 --profile --out bench/results.jsonl   # GPU
+    python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b \
+        --steps compile+cuda_graph --attention sdpa fp8 --out bench/results.jsonl   # GPU: FP8 window attention
 """
 from __future__ import annotations
 
@@ -81,9 +85,10 @@ def top_kernels(engine: StreamingEngine, shape, device, n: int = 15) -> list[tup
     return sorted(rows, key=lambda r: -r[1])[:n]
 
 
-def bench_variant(model: WanDiT, name: str, step: str, kv: str, device, timed: int, profile: bool) -> dict:
+def bench_variant(model: WanDiT, name: str, step: str, kv: str, device, timed: int, profile: bool,
+                  attention: str = "sdpa") -> dict:
     _, height, width, stride, infer_kw, _ = SETTINGS[name]
-    infer = InferConfig(height=height, width=width, **infer_kw)
+    infer = InferConfig(height=height, width=width, attention=attention, **infer_kw)
     engine = StreamingEngine(model, infer, (height // stride, width // stride), batch=1, kv_cache=kv, step=step)
     engine.set_prompt(torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=torch.Generator().manual_seed(1)))
     shape = (1, *engine.latent_shape)
@@ -127,6 +132,8 @@ def main() -> int:
     p.add_argument("--steps", nargs="+", default=["eager"], choices=STEP_MODES, help="chunk-step modes to time")
     p.add_argument("--linear", nargs="+", default=["bf16"], choices=("bf16", "fp8"), help="linear precisions")
     p.add_argument("--kv", nargs="+", default=["bf16"], choices=("bf16", "nvfp4"), help="KV-cache kinds")
+    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "fp8", "triton"),
+                   help="infer.attention values (self-attention over the KV window)")
     p.add_argument("--profile", action="store_true", help="print the top kernels of one chunk per variant")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -142,22 +149,26 @@ def main() -> int:
         reference = None
         for linear in args.linear:
             model = build_model(name, device, dtype, linear)
-            for kv in args.kv:
+            for kv, attention in ((kv, att) for kv in args.kv for att in args.attention):
+                if kv == "nvfp4" and attention == "fp8":
+                    continue                     # fp8 quantizes a BF16 window; the NVFP4 cache has its own kernel
                 for step in args.steps:
                     try:
-                        r = bench_variant(model, name, step, kv, device, args.chunks, args.profile)
+                        r = bench_variant(model, name, step, kv, device, args.chunks, args.profile, attention)
                     except Exception as e:  # noqa: BLE001 - report and go on with the other variants
-                        print(f"[{name} {step} linear={linear} kv={kv}] FAILED: {type(e).__name__}: {e}", flush=True)
+                        print(f"[{name} {step} linear={linear} kv={kv} attention={attention}] FAILED: "
+                              f"{type(e).__name__}: {e}", flush=True)
                         continue
                     if reference is None:
                         reference = r["last"]
-                    r.update(setting=name, step=step, linear=linear, kv=kv, dtype=str(dtype).replace("torch.", ""),
+                    r.update(setting=name, step=step, linear=linear, kv=kv, attention=attention,
+                             dtype=str(dtype).replace("torch.", ""),
                              max_diff=(r["last"] - reference).abs().max().item(), psnr=psnr(r["last"], reference))
                     rows.append(r)
-                    variant = f"{step}, linear {linear}, kv {kv}"
+                    variant = f"{step}, linear {linear}, kv {kv}" + (f", attention {attention}" if attention != "sdpa" else "")
                     extra = dict(setting=name, dtype=r["dtype"], passes=r["passes"], kv_tokens=r["kv_tokens"],
                                  cache_gib=round(r["cache_gib"], 3), step=step, linear=linear, kv=kv,
-                                 max_abs_diff_vs_first_variant=r["max_diff"])
+                                 attention=attention, max_abs_diff_vs_first_variant=r["max_diff"])
                     record(args.out, f"{label} dit fps ({variant})", "fps", round(r["fps"], 3), "frames/s", **extra)
                     record(args.out, f"{label} chunk ms ({variant})", "chunk_time", round(r["ms"], 3), "ms", **extra)
                     print(f"[{name} {variant}] {r['ms']:.1f} ms/chunk, {r['fps']:.1f} FPS, warm-up {r['warm_s']:.1f} s, "
@@ -167,10 +178,10 @@ def main() -> int:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\n{'setting':<19}{'step':<20}{'linear':<8}{'kv':<7}{'passes':>7}{'q tok':>7}{'kv tok':>8}{'cache GiB':>10}"
+    print(f"\n{'setting':<19}{'step':<20}{'linear':<8}{'kv':<7}{'attn':<7}{'passes':>7}{'q tok':>7}{'kv tok':>8}{'cache GiB':>10}"
           f"{'ms/chunk':>10}{'DiT FPS':>9}{'PSNR vs 1st':>12}")
     for r in rows:
-        print(f"{r['setting']:<19}{r['step']:<20}{r['linear']:<8}{r['kv']:<7}{r['passes']:>7}{r['tokens_per_chunk']:>7}"
+        print(f"{r['setting']:<19}{r['step']:<20}{r['linear']:<8}{r['kv']:<7}{r['attention']:<7}{r['passes']:>7}{r['tokens_per_chunk']:>7}"
               f"{r['kv_tokens']:>8}{r['cache_gib']:>10.3f}{r['ms']:>10.2f}{r['fps']:>9.1f}{r['psnr']:>12.1f}")
     return 0
 

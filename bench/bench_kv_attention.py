@@ -1,16 +1,27 @@
-"""Streaming self-attention over the KV window: BF16 SDPA (cuDNN, flash backends) vs the fused NVFP4-KV
-Triton kernel (dequantize inside the attention loop), plus the KV cache memory of both.
+"""Streaming self-attention over the KV window: BF16 SDPA (cuDNN, flash backends) vs the Triton kernels - the
+window attention kernel (inference/kernels/window_attention_triton.py) in its bf16, fp8 and nvfp4 modes and the
+older split-P NVFP4-KV kernel - plus the KV cache memory of BF16 vs NVFP4.
+
+Variants (--variants): cudnn, flash (SDPA backends, BF16 K/V); bf16-triton (window kernel, BF16 K/V); fp8-triton
+(window kernel on pre-quantized E4M3 q/K/V: the kernel alone), fp8-triton+quant (the fused quantizer of q, K, V
+plus the kernel: what infer.attention=fp8 costs per call), fp8-quant (the quantizer alone); nvfp4-triton (window
+kernel over the packed NVFP4 window: the NVFP4 cache's fused mode); nvfp4-old, nvfp4-old-split (the older kernel,
+tiles from --tiles). Every window-kernel variant prints its error vs the cuDNN output on the same BF16 K/V
+(relative Frobenius and max |diff| / max |ref|); the window kernel is autotuned (first call, not timed).
 
 Settings (one chunk of queries against sinks + window + itself, one layer's attention, batch 1):
   wan2.1-1.3b 480p: Q 3 latent frames x 1560 = 4680 tokens, KV 12 frames = 18720, 12 heads, d 128, 30 layers
   wan2.2-5b   704p: Q 7040, KV 28160, 24 heads, d 128, 30 layers
 and growing windows (1, 2, 4, 8 and 16 chunks of KV). FLOP model: 4 * Sq * Skv * H * D per attention call
-(QK^T and PV, 2 FLOPs per multiply-add; the NVFP4 kernel's second P@V pass (split_p) is not counted).
+(QK^T and PV, 2 FLOPs per multiply-add; the old NVFP4 kernel's second P@V pass (split_p) is not counted; the
+fp8-triton+quant row counts the same FLOPs over the kernel + quantizer time).
 Share of peak: against the dense BF16 tensor-core peak given by --peak-tflops (H100 SXM: 989).
 Cache memory: K + V of all layers over the whole window, BF16 vs NVFP4 (codes + E4M3 scales + FP32 per chunk).
 Prints a table; appends JSON lines (bench/record.py) to --out.
 
   python bench/bench_kv_attention.py --out bench/results.jsonl        # needs CUDA
+  python bench/bench_kv_attention.py --no-growing --variants cudnn bf16-triton fp8-triton fp8-triton+quant \
+      fp8-quant nvfp4-triton --out bench/results.jsonl                 # the window kernel, ~1-2 min on an H100
   python bench/bench_kv_attention.py --smoke                          # CPU, TRITON_INTERPRET, tiny shapes
 """
 from __future__ import annotations
@@ -65,8 +76,47 @@ def sdpa_ms(q, k, v, backend, warmup, iters) -> float | None:
         return None
 
 
+NEW = ("bf16-triton", "fp8-triton", "fp8-triton+quant", "fp8-quant", "nvfp4-triton")
+VARIANTS = ("cudnn", "flash", *NEW, "nvfp4-old", "nvfp4-old-split")
+
+
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(relative Frobenius error, max |diff| / max |ref|) of out vs ref."""
+    diff = (out.float() - ref.float())
+    return (diff.norm() / ref.float().norm()).item(), (diff.abs().max() / ref.float().abs().max()).item()
+
+
+def window_variants(q, k, v, kv, tpc: int, variants) -> dict:
+    """label -> zero-argument callable of each requested window-kernel variant (K/V: the BF16 window k, v and
+    its packed NVFP4 form kv)."""
+    from megatron_longlive.inference.kernels.window_attention_triton import quantize_fp8, window_attention
+
+    fns = {}
+    if "bf16-triton" in variants:
+        fns["bf16-triton"] = lambda: window_attention(q, k, v, tpc, mode="bf16")
+    if {"fp8-triton", "fp8-triton+quant", "fp8-quant"} & set(variants):
+        q8, qs, k8, ks, v8, vs = quantize_fp8(q, k, v)
+        if "fp8-triton" in variants:
+            fns["fp8-triton"] = lambda: window_attention(q8, k8, v8, tpc, mode="fp8", q_scale=qs, k_scale=ks,
+                                                         v_scale=vs, out_dtype=q.dtype)
+        if "fp8-triton+quant" in variants:
+            def fp8_with_quant():
+                a = quantize_fp8(q, k, v)
+                return window_attention(a[0], a[2], a[4], tpc, mode="fp8", q_scale=a[1], k_scale=a[3], v_scale=a[5],
+                                        out_dtype=q.dtype)
+            fns["fp8-triton+quant"] = fp8_with_quant
+        if "fp8-quant" in variants:
+            fns["fp8-quant"] = lambda: quantize_fp8(q, k, v)
+    if "nvfp4-triton" in variants:
+        fns["nvfp4-triton"] = lambda: window_attention(q, kv.k_codes, kv.v_codes, tpc, mode="nvfp4",
+                                                       k_scale=kv.k_scales, v_scale=kv.v_scales, k_ts=kv.k_ts,
+                                                       v_ts=kv.v_ts)
+    return fns
+
+
 def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> dict:
-    """Time and check one setting; returns the best (BLOCK_M, BLOCK_N) per split_p (reused at other windows)."""
+    """Time and check one setting; returns the best (BLOCK_M, BLOCK_N) of the old kernel per split_p (reused at
+    other windows)."""
     from torch.nn.attention import SDPBackend
 
     from megatron_longlive.quant.nvfp4.kernels.kv_attention_triton import nvfp4_kv_attention
@@ -79,12 +129,35 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> d
     k, v = kv.dequantize(torch.bfloat16)                # the BF16 window the SDPA baselines read
     q = torch.randn(1, tpc, heads, d, device=dev, dtype=torch.bfloat16)
     rows = {}
-    for label, backend in (("bf16 sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("bf16 sdpa flash", SDPBackend.FLASH_ATTENTION)):
-        rows[label] = sdpa_ms(q, k, v, backend, a.warmup, a.iters)
+    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        if label in a.variants and dev == "cuda":
+            rows[f"bf16 sdpa {label}"] = sdpa_ms(q, k, v, backend, a.warmup, a.iters)
+    sdpa_out = None
+    if a.check:                                          # the cuDNN output (math SDPA on CPU) the variants are held to
+        from torch.nn.attention import sdpa_kernel
+
+        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if dev == "cuda" else [SDPBackend.MATH]
+        with sdpa_kernel(backends):
+            sdpa_out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    for label, fn in window_variants(q, k, v, kv, tpc, a.variants).items():
+        try:
+            out = fn()                                   # autotunes on CUDA (not timed)
+            ms = cuda_time_ms(fn, a.warmup, a.iters)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"  {label}: failed ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        rows[label] = ms
+        if sdpa_out is not None and label != "fp8-quant":
+            rel, mx = _errors(out, sdpa_out)
+            print(f"  {label}: vs sdpa cudnn: relative error {rel:.2e}, max |diff| / max |ref| {mx:.2e}")
+            record(a.out, f"{name}{tag} window attention {label}", "rel err vs sdpa cudnn", rel, "ratio", skv=skv,
+                   max_rel=mx)
     ref = kv.reference_attention(q) if a.check and not tag else None     # fp32 oracle, main settings only
     del k, v
     best_tiles = {}
     for split in (True, False):
+        if ("nvfp4-old-split" if split else "nvfp4-old") not in a.variants:
+            continue
         best = None
         for bm, bn in (tiles or {}).get(split, a.tiles):
             fn = lambda: nvfp4_kv_attention(q, kv.k_codes, kv.k_scales, kv.k_ts, kv.v_codes, kv.v_scales, kv.v_ts,  # noqa: E731
@@ -113,7 +186,7 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> d
             continue
         tflops = flops / ms / 1e9
         print(f"| {name}{tag} | {tpc} | {skv} | {heads} | {label} | {ms:.3f} | {tflops:.0f} | "
-              f"{100 * tflops / a.peak_tflops:.0f}% |")
+              f"{100 * tflops / a.peak_tflops:.0f}% |", flush=True)
         record(a.out, f"{name}{tag} self-attention {label}", "time", ms, "ms", sq=tpc, skv=skv, heads=heads,
                head_dim=d, tflops=tflops, flop_model="4*Sq*Skv*H*D")
     print(f"|   cache (K+V, {layers} layers, {chunks} chunks) | bf16 {bf16_b / 2**20:.1f} MiB | nvfp4 "
@@ -133,6 +206,8 @@ def main() -> int:
     p.add_argument("--no-growing", action="store_true", help="only the two streaming settings")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the error check vs reference")
     p.add_argument("--tiles", default="128x64,64x64,128x32", help="BLOCK_MxBLOCK_N candidates for the kernel")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                   help="what to time (module docstring); default: all")
     p.add_argument("--smoke", action="store_true", help="CPU check of this script: TRITON_INTERPRET, tiny shapes")
     a = p.parse_args()
     a.tiles = [tuple(int(x) for x in t.split("x")) for t in a.tiles.split(",")]

@@ -156,3 +156,30 @@ def test_fused_fp8_quantizer_bitwise_equals_torch(d):
         diff = (a.contiguous().view(torch.uint8) != b.contiguous().view(torch.uint8)).sum().item() \
             if a.dtype == torch.float8_e4m3fn else int((a != b).sum())
         assert diff == 0, f"{name}: {diff} of {a.numel()} differ"
+
+
+@pytest.mark.slow
+def test_compiled_chunk_step_with_window_attention_equals_eager(tiny_model):
+    """The cache hook (compiler-disabled) hands the compiled block a WindowKV whose attend (compiler-disabled too)
+    runs the kernel: compile == eager, and the block still compiles to few graphs (no per-layer recompiles)."""
+    from torch._dynamo.utils import counters
+
+    from megatron_longlive.config import InferConfig
+    from megatron_longlive.inference.engine import StreamingEngine
+
+    def stream(step):
+        g = torch.Generator().manual_seed(0)
+        infer = InferConfig(height=64, width=64, chunk_frames=1, window_frames=3, sink_frames=1,
+                            denoising_steps=[1000, 500], attention="triton")
+        engine = StreamingEngine(tiny_model, infer, (8, 8), step=step)
+        engine.set_prompt(torch.randn(1, tiny_model.cfg.text_len, tiny_model.cfg.text_dim, generator=g))
+        with torch.no_grad():
+            return torch.cat([engine.generate_chunk(torch.randn(1, *engine.latent_shape, generator=g))
+                              for _ in range(5)], dim=2)
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = stream("eager")
+    compiled = stream("compile")
+    assert (compiled - eager).abs().max().item() <= 1e-5 * eager.abs().max().item()
+    assert 1 <= counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
