@@ -92,12 +92,14 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
                              use_fast_accum=fast)
         return run
 
+    def ones(q):                                        # [rows, k/128] scales, outer-dim-major as cuBLAS wants
+        return torch.ones(q.shape[1] // 128, q.shape[0], device=dev).t()
+
+    block_operands = [(qa, ones(qa), qb, ones(qb)) for qa, qb in ((qx, qw), (qdy, qwt), (qdyt, qxt))]
+
     def blockwise_gemms():
-        def ones(rows, k):                              # [rows, k/128] scales, outer-dim-major as cuBLAS wants
-            return torch.ones(k // 128, rows, device=dev).t()
-        for qa, qb in ((qx, qw), (qdy, qwt), (qdyt, qxt)):
-            torch._scaled_mm(qa, qb.t(), scale_a=ones(*qa.shape), scale_b=ones(*qb.shape).t(),
-                             out_dtype=torch.bfloat16)
+        for qa, sa, qb, sb in block_operands:
+            torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16)
 
     try:
         blockwise_gemms()
