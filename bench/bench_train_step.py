@@ -2,15 +2,18 @@
 
 CPU default: the tiny preset. GPU default: Wan2.1-1.3B at 480x832, 21 latent frames, chunk 3, BF16
 autocast, activation checkpointing. `--quant` picks one or more precision variants (bench/train_variants.py:
-bf16, fp8, nvfp4_emulated, nvfp4_lora), each built as training builds it (providers / packed base + LoRA), run
-one after another in this process. Per variant: step time, tokens/s, peak memory (CUDA max_memory_allocated
-after the warm-up steps) and the training-state bytes (weights + grads + AdamW, from the real tensors), each with
-its ratio to bf16 when bf16 is in the run. Prints a table and appends JSON lines (bench/record.py) to --out.
-A variant that fails (OOM, CUDA error, NaN) is reported with its error and the script exits with status 1.
+bf16, fp8, nvfp4_emulated, nvfp4_lora, nvfp4_lora_offload), each built as training builds it (providers /
+packed base + LoRA / activation offload), run one after another in this process. Per variant: step time,
+tokens/s, peak memory (CUDA max_memory_allocated after the warm-up steps) and the training-state bytes
+(weights + grads + AdamW, from the real tensors), each with its ratio to bf16 when bf16 is in the run.
+Prints a table and appends JSON lines (bench/record.py) to --out; where the activation memory goes is
+accounted by bench/activation_account.py. A variant that fails (OOM, CUDA error, NaN) is reported with its
+error and the script exits with status 1.
 
   python bench/bench_train_step.py --out bench/results.jsonl                       # tiny on CPU
   python bench/bench_train_step.py --preset wan2.1-1.3b --out bench/results.jsonl  # on a GPU
   python bench/bench_train_step.py --quant bf16 fp8 nvfp4_emulated nvfp4_lora --out bench/results.jsonl
+  python bench/bench_train_step.py --quant bf16 nvfp4_lora nvfp4_lora_offload --steps 2 --warmup 1  # issue 6
 """
 from __future__ import annotations
 
@@ -82,7 +85,8 @@ def run_variant(a, variant: str, run_dir: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model = build_variant_model(cfg, device)
     counts = count_quantized(model)
-    expected = {"fp8": "FP8Linear", "nvfp4_emulated": "NVFP4Linear", "nvfp4_lora": "PackedNVFP4Linear"}.get(variant)
+    expected = {"fp8": "FP8Linear", "nvfp4_emulated": "NVFP4Linear", "nvfp4_lora": "PackedNVFP4Linear",
+                "nvfp4_lora_offload": "PackedNVFP4Linear"}.get(variant)
     if expected and counts[expected] == 0:
         raise RuntimeError(f"variant {variant}: the model holds no {expected} (all linears kept high precision?)")
     trainer = Trainer(cfg, dataset=random_latent_dataset(cfg, a.micro_batch), device=device, model=model,
@@ -107,6 +111,9 @@ def run_variant(a, variant: str, run_dir: str) -> dict:
         out["peak_memory"] = (round(torch.cuda.max_memory_allocated() / 2**30, 2), "GiB")
     info = {"tokens_per_step": int(tokens), "quantized_modules": {k: v for k, v in counts.items() if v},
             "trainable_params": sum(p.numel() for p in trainer.params), "lora_rank": cfg.train.lora_rank}
+    if trainer.offload is not None:  # bytes of block inputs held in host memory per micro-batch (measured)
+        info["offloaded_gib_per_micro_batch"] = round(
+            trainer.offload.offloaded_bytes / (a.warmup + a.steps) / cfg.train.grad_accum / 2**30, 3)
     del trainer, model
     gc.collect()
     return {"figures": out, "info": info, "ac": ac}

@@ -11,6 +11,9 @@ way training builds them (one place, so the benchmark and the memory model descr
                   as `longlive distill` does), every linear outside the keep-list packed to NVFP4
                   (`pack_model`, `quant.weight_2d` blocks) and frozen, then LoRA adapters of rank
                   `train.lora_rank` (in the base dtype) added by the Trainer; AdamW holds only the adapters.
+  nvfp4_lora_offload  nvfp4_lora with `train.offload_activations` (and activation checkpointing, which it
+                  needs): each block's saved hidden-state input waits for its recompute in pinned host memory
+                  (training/offload.py). Same numbers, less activation memory.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from megatron_longlive.models.wan import WanDiT
 from megatron_longlive.quant.nvfp4.packed import pack_model
 from megatron_longlive.quant.providers import build_linear_provider
 
-VARIANTS = ("bf16", "fp8", "nvfp4_emulated", "nvfp4_lora")
+VARIANTS = ("bf16", "fp8", "nvfp4_emulated", "nvfp4_lora", "nvfp4_lora_offload")
 DEFAULT_LORA_RANK = 16  # DistillConfig.rank: the generator LoRA that runs on the packed base
 
 
@@ -30,9 +33,10 @@ def variant_tree(variant: str, lora_rank: int = 0) -> dict:
     nvfp4_lora adapters (0: DEFAULT_LORA_RANK), or an optional LoRA on the other variants (0: full fine-tune)."""
     if variant not in VARIANTS:
         raise ValueError(f"--quant {variant!r}: unknown variant. Fix: choose from {', '.join(VARIANTS)}")
-    if variant == "nvfp4_lora":
+    if variant in ("nvfp4_lora", "nvfp4_lora_offload"):
+        offload = {"offload_activations": True, "activation_checkpointing": True} if variant.endswith("_offload") else {}
         return {"quant": {"linear": "bf16", "packed_base": True},
-                "train": {"lora_rank": lora_rank or DEFAULT_LORA_RANK}}
+                "train": {"lora_rank": lora_rank or DEFAULT_LORA_RANK, **offload}}
     return {"quant": {"linear": variant, "packed_base": False}, "train": {"lora_rank": lora_rank}}
 
 

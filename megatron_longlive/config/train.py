@@ -45,6 +45,8 @@ class TrainConfig(ConfigBase):
     """Autocast dtype for the forward (bf16 on GPU)."""
     activation_checkpointing: bool = False
     """Recompute block activations in backward."""
+    offload_activations: bool = False
+    """With activation_checkpointing: keep each block's saved hidden-state input in pinned host memory from the forward until its recompute (copied on a side stream, the next block's prefetched during backward); exact, saves ~num_layers x tokens x dim x 2 bytes of GPU memory (bf16)."""
     lora_rank: int = 0
     """0: full fine-tune; > 0: frozen base + LoRA of this rank."""
     lora_alpha: float = 0.0
@@ -103,5 +105,8 @@ class TrainConfig(ConfigBase):
         for name in ("error_recycling_num_buckets", "error_recycling_bucket_size"):
             if getattr(self, name) < 1:
                 raise self.error(name, f"must be >= 1, got {getattr(self, name)}", f"set train.{name} >= 1")
+        if self.offload_activations and not self.activation_checkpointing:
+            raise self.error("offload_activations", "offloads the inputs that activation checkpointing saves",
+                             "set train.activation_checkpointing=true as well (or offload_activations=false)")
         if self.lora_rank < 0:
             raise self.error("lora_rank", f"must be >= 0, got {self.lora_rank}", "use 0 (full) or e.g. 16")

@@ -12,6 +12,7 @@ bf16 autocast on CUDA (fp32 on CPU), optional activation checkpointing and LoRA,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -34,6 +35,7 @@ from .ema import EMA
 from .error_recycling import ErrorRecycler, RecyclingOptions
 from .lora import adapter_state_dict, apply_lora, lora_modules, save_adapter
 from .metrics import MetricsLogger
+from .offload import BlockInputOffload
 from ..inference.kv_cache import CacheLayout
 from ..inference.sinks import SinkRule
 from .teacher_forcing import teacher_forcing_loss
@@ -126,10 +128,12 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def apply_activation_checkpointing(model: WanDiT) -> None:
+def apply_activation_checkpointing(model: WanDiT, offload: BlockInputOffload | None = None) -> None:
     """Recompute each block's activations in backward (non-reentrant checkpoint), from outside the model.
 
     The block's forward is replaced on the instance, so parameter names and state dicts are unchanged.
+    offload: keep each block's saved hidden-state input (its first argument) in host memory between the
+    forward and the block's recompute (`train.offload_activations`, training/offload.py).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -139,7 +143,8 @@ def apply_activation_checkpointing(model: WanDiT) -> None:
         def ckpt_forward(*args, _inner=inner, **kwargs):
             if not torch.is_grad_enabled():
                 return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            with offload.saving(args[0]) if offload is not None else contextlib.nullcontext():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = ckpt_forward
 
@@ -216,8 +221,12 @@ class Trainer:
         self.model.train()
         if tc.lora_rank > 0 and not lora_modules(self.model):  # (TP runs get TP-aware adapters from the strategy)
             apply_lora(self.model, tc.lora_targets, tc.lora_rank, tc.lora_alpha)
+        self.offload = BlockInputOffload() if tc.offload_activations else None
+        if tc.offload_activations and self.device.type != "cuda":
+            warnings.warn(f"train.offload_activations saves no memory on {self.device.type}: the block inputs are "
+                          f"already in host memory (they are still copied, bit for bit).", stacklevel=2)
         if tc.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
+            apply_activation_checkpointing(self.model, self.offload)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
