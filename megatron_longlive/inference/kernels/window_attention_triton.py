@@ -112,8 +112,10 @@ def _tile(q, m_i, l_i, acc, start, row_scale, k_base, ks_base, kts_ptr, v_base, 
     else:
         k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
         s = _mm(q, tl.trans(_bf16(k, INTERPRET)), tl.zeros((q.shape[0], BLOCK_N), tl.float32), INTERPRET)
-        col = tl.full((BLOCK_N,), 1.0, tl.float32)
-    s = s * row_scale[:, None] * col[None, :]
+    if MODE == 0:
+        s = s * row_scale[:, None]
+    else:
+        s = s * row_scale[:, None] * col[None, :]
     s = tl.where(ok[None, :], s, float("-inf"))
     # 2. online softmax (a row with no valid key so far keeps m = -inf: subtract 0 instead, p = 0)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
