@@ -59,6 +59,44 @@ def test_quantize_kernels_bitwise_vs_reference(shape):
         assert msg.startswith("0 of"), f"dequantize {dtype}: {msg}"
 
 
+@pytest.mark.parametrize("block_2d", [False, True])
+def test_quantize_near_rounding_boundaries_bitwise(block_2d):
+    """~4M fp32 values within 3 ulp of every E2M1 boundary of their block, block scales over the whole
+    E4M3 range: the per-block reciprocal + fused Markstein correction round exactly like x / scale; also
+    the tiny-amax (plain division) path, the caller-given amax and the amax kernel."""
+    from megatron_longlive.quant.nvfp4 import reference as R
+    from megatron_longlive.quant.nvfp4.kernels import ops
+    from tests.nvfp4_cases import near_boundary_data
+
+    x = near_boundary_data(2048, 2048, seed=21, block_2d=block_2d)
+    xc = x.cuda()
+    ref = R.quantize(x, block_2d=block_2d)
+    _assert_same(ops.quantize(xc, block_2d=block_2d), ref, "near boundaries")
+    _assert_same(ops.quantize(xc, block_2d=block_2d, amax=ops.tensor_amax(xc)), ref, "near boundaries, amax given")
+    assert ops.tensor_amax(xc).item() == x.abs().amax().item()
+    tiny = x[:256] * 2.0 ** -100
+    _assert_same(ops.quantize(tiny.cuda(), block_2d=block_2d), R.quantize(tiny, block_2d=block_2d), "tiny amax")
+
+
+@pytest.mark.parametrize("shape", [(1000, 1552), (33, 48), (1027, 3072)])
+def test_ragged_shapes_bitwise_and_dequantize(shape):
+    """Odd numbers of 16-blocks per row, rows not a multiple of any tile; bf16 and fp32 input; dequantize."""
+    from megatron_longlive.quant.nvfp4 import hadamard as H
+    from megatron_longlive.quant.nvfp4 import reference as R
+    from megatron_longlive.quant.nvfp4.kernels import ops
+
+    x = _data(shape, seed=5)
+    for src in (x.to(torch.bfloat16), x):
+        ref = R.quantize(src)
+        q = ops.quantize(src.cuda())
+        _assert_same(q, ref, f"1x16 {src.dtype}")
+        s = H.rht_signs(9)
+        _assert_same(ops.quantize(src.cuda(), rht_signs=s), R.quantize(src, rht_signs=s), f"1x16 rht {src.dtype}")
+        for dtype in (torch.float32, torch.bfloat16):
+            msg = _bytes_differ(ops.dequantize(*q, dtype=dtype), R.dequantize(*ref, dtype=dtype))
+            assert msg.startswith("0 of"), f"dequantize 1x16 {dtype}: {msg}"
+
+
 def test_quantize_compiles_with_inductor():
     from megatron_longlive.quant.nvfp4 import reference as R
     from megatron_longlive.quant.nvfp4.kernels import ops

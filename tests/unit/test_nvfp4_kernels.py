@@ -23,7 +23,8 @@ from megatron_longlive.quant.fp8 import pad_tokens, quantize_rowwise  # noqa: E4
 from megatron_longlive.quant.nvfp4 import hadamard as H  # noqa: E402
 from megatron_longlive.quant.nvfp4 import reference as R  # noqa: E402
 from megatron_longlive.quant.nvfp4.kernels import ops  # noqa: E402
-from megatron_longlive.quant.nvfp4.kernels.quantize_triton import quantize_1x16_kernel  # noqa: E402
+from megatron_longlive.quant.nvfp4.kernels.quantize_triton import FAST_DIV_MIN_TS, quantize_1x16_kernel  # noqa: E402
+from tests.nvfp4_cases import near_boundary_data  # noqa: E402
 
 
 def test_kernels_are_interpreted():
@@ -101,6 +102,50 @@ def test_quantize_16x16_bitwise(shape):
 def test_dequantize_bitwise(block_2d, dtype):
     q = R.quantize(_data((48, 96), seed=5), block_2d=block_2d)
     assert_bytes_equal(ops.dequantize(*q, dtype=dtype), R.dequantize(*q, dtype=dtype), f"dequantize {dtype}")
+
+
+@pytest.mark.parametrize("shape", [(37, 48), (5, 16), (3, 7, 80), (9, 272)])
+def test_quantize_1x16_ragged_shapes_bitwise(shape):
+    """Rows not a multiple of any tile, odd numbers of 16-blocks per row, partial last program; fp32,
+    bf16 and fp16 input; a caller-given amax; dequantize of the result."""
+    x = _data(shape, seed=11)
+    for src in (x, x.to(torch.bfloat16), x.to(torch.float16)):
+        ref = R.quantize(src)
+        assert_same(ops.quantize(src), ref, f"1x16 {src.dtype}")
+        assert_same(ops.quantize(src, amax=src.float().abs().amax()), ref, f"1x16 {src.dtype} amax given")
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_bytes_equal(ops.dequantize(*ref, dtype=dtype), R.dequantize(*ref, dtype=dtype),
+                               f"dequantize {shape} {dtype}")
+
+
+@pytest.mark.parametrize("block_2d", [False, True])
+def test_quantize_near_rounding_boundaries_bitwise(block_2d):
+    """Values within 3 ulp of every E2M1 boundary of their block (block scales over the E4M3 range):
+    the per-block reciprocal + Markstein correction must round every quotient exactly like x / scale."""
+    x = near_boundary_data(128, 272, seed=3, block_2d=block_2d)
+    assert_same(ops.quantize(x, block_2d=block_2d), R.quantize(x, block_2d=block_2d), "near boundaries")
+    tiny = x * 2.0 ** -100                                 # s_t < FAST_DIV_MIN_TS: the plain-division path
+    assert float(tiny.abs().amax()) / 2688 < FAST_DIV_MIN_TS
+    assert_same(ops.quantize(tiny, block_2d=block_2d), R.quantize(tiny, block_2d=block_2d), "tiny amax")
+
+
+@pytest.mark.parametrize("shape", [(48, 272), (80, 32)])
+def test_quantize_16x16_partial_tiles_bitwise(shape):
+    x = _data(shape, seed=12)
+    for src in (x, x.to(torch.bfloat16)):
+        ref = R.quantize(src, block_2d=True)
+        assert_same(ops.quantize(src, block_2d=True), ref, f"16x16 {src.dtype}")
+        assert_bytes_equal(ops.dequantize(*ref, dtype=torch.bfloat16), R.dequantize(*ref, dtype=torch.bfloat16),
+                           "dequantize 16x16 bf16")
+
+
+def test_tensor_amax_kernel():
+    """One atomic_max per program of fp32 bits: the exact max |x| (and of RHT(x)), any dtype, partial tiles."""
+    x = _data((37, 48), seed=13)
+    s = H.rht_signs(2)
+    for src in (x, x.to(torch.bfloat16)):
+        assert ops.tensor_amax(src).item() == src.float().abs().amax().item()
+        assert ops.tensor_amax(src, s).item() == H.rht(src.float(), s).abs().amax().item()
 
 
 def test_all_zero_tensor_and_non_finite_input():

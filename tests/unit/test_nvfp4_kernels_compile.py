@@ -19,15 +19,18 @@ from megatron_longlive.quant.nvfp4.kernels import quantize_triton as Q, dequanti
 from megatron_longlive.quant import fp8_triton as F8
 tgt = GPUTarget("cuda", 90, 32)
 sigs = {
-  "q": (Q.quantize_1x16_kernel, {"x_ptr": "*bf16", "signs_ptr": "*fp32", "rand_ptr": "*i32", "amax_ptr": "*fp32",
-        "packed_ptr": "*u8", "scales_ptr": "*u8", "ts_ptr": "*fp32", "seed": "i32", "M": "i32", "K": "i32",
-        "USE_RHT": "constexpr", "SR": "constexpr", "BR": "constexpr", "BK": "constexpr"},
-        {"USE_RHT": True, "SR": 2, "BR": 32, "BK": 128}),
-  "q2d": (Q.quantize_16x16_kernel, {"x_ptr": "*bf16", "amax_ptr": "*fp32", "packed_ptr": "*u8", "scales_ptr": "*u8",
-          "ts_ptr": "*fp32", "M": "i32", "K": "i32", "BR": "constexpr", "BK": "constexpr"}, {"BR": 32, "BK": 64}),
-  "dq": (D.dequantize_kernel, {"packed_ptr": "*u8", "scales_ptr": "*u8", "ts_ptr": "*fp32", "out_ptr": "*i16",
-         "M": "i32", "K": "i32", "ROWS_PER_SCALE": "constexpr", "OUT_BF16": "constexpr", "BR": "constexpr",
-         "BK": "constexpr"}, {"ROWS_PER_SCALE": 1, "OUT_BF16": True, "BR": 32, "BK": 128}),
+  "q": (Q.quantize_1x16_kernel, {"xw_ptr": "*i32", "signs_ptr": "*fp32", "randw_ptr": "*i64", "amax_ptr": "*fp32",
+        "packed_ptr": "*u8", "scales_ptr": "*u8", "ts_ptr": "*fp32", "seed": "i32", "NW": "i32",
+        "X_FP32": "constexpr", "USE_RHT": "constexpr", "SR": "constexpr", "EMULATE_FMA": "constexpr", "NB": "constexpr"},
+        {"X_FP32": False, "USE_RHT": True, "SR": 2, "EMULATE_FMA": False, "NB": 256}),
+  "amax": (Q.amax_kernel, {"xw_ptr": "*i32", "signs_ptr": "*fp32", "amax_ptr": "*i32", "NW": "i32",
+           "X_FP32": "constexpr", "USE_RHT": "constexpr", "NB": "constexpr"}, {"X_FP32": False, "USE_RHT": True, "NB": 64}),
+  "q2d": (Q.quantize_16x16_kernel, {"xw_ptr": "*i32", "amax_ptr": "*fp32", "packed_ptr": "*u8", "scales_ptr": "*u8",
+          "ts_ptr": "*fp32", "M": "i32", "KW": "i32", "X_FP32": "constexpr", "EMULATE_FMA": "constexpr",
+          "BR": "constexpr", "BW": "constexpr"}, {"X_FP32": False, "EMULATE_FMA": False, "BR": 32, "BW": 128}),
+  "dq": (D.dequantize_kernel, {"packed_ptr": "*u8", "scales_ptr": "*u8", "ts_ptr": "*fp32", "outw_ptr": "*i32",
+         "M": "i32", "KW": "i32", "ROWS_PER_SCALE": "constexpr", "OUT_BF16": "constexpr", "BR": "constexpr",
+         "BW": "constexpr"}, {"ROWS_PER_SCALE": 1, "OUT_BF16": True, "BR": 1, "BW": 4096}),
   "fp8stats": (F8._stats_kernel, {"x_ptr": "*bf16", "row_amax_ptr": "*i32", "col_amax_ptr": "*i32",
                "col_sum_ptr": "*fp32", "M": "i32", "K": "i32", "M_KEY": "i32", "BM": "constexpr", "BK": "constexpr",
                "ROW_TILES": "constexpr", "COL_SUM": "constexpr"},
@@ -60,5 +63,7 @@ def test_kernels_compile_for_sm90_with_ieee_division():
         assert not [o for o in ops if o.startswith(("div.approx", "div.full", "rcp.approx", "ex2", "lg2"))], (name, ops)
         assert not [o for o in ops if ".ftz" in o and o.startswith(("div", "mul", "add", "sub", "fma"))], (name, ops)
     assert out["q"]["ops"].get("div.rn.f32", 0) > 0
+    # x / scale: one div.rn per block and a fused Markstein correction per value (fma.rn, never mul + add)
+    assert out["q"]["ops"].get("fma.rn.f32", 0) >= 4
     # the FP8 quantizer: hardware nearest-even E4M3 cast (saturating after the explicit clamp) only when asked
     assert out["fp8q_hw"]["e4m3_cvt"] > 0 and out["fp8q"]["e4m3_cvt"] == 0

@@ -3,12 +3,14 @@
   megatron_longlive::nvfp4_quantize(x [M, K], signs?, rand?, seed, sr_mode, block_2d) -> (packed, scales, ts)
   megatron_longlive::nvfp4_dequantize(packed, scales, ts, block_2d, dtype) -> x_hat [M, K]
 
+`tensor_amax(x, signs?)`: the first pass (exact max |RHT?(x)|, fp32 0-dim, on device). Launch shapes: `CONFIG`.
 `quantize` / `dequantize` below are the user-facing wrappers: any leading dims, input validation, the
 same `NVFP4Quantized` result as reference.quantize, and bit-identical codes and scales. On a machine
 without CUDA the kernels only run under TRITON_INTERPRET=1 (set before this module is imported).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -20,12 +22,39 @@ from .dequantize_triton import dequantize_kernel
 from .quantize_triton import (SR_BITS, SR_NONE, SR_PHILOX, amax_kernel, philox_bits_kernel,
                               quantize_16x16_kernel, quantize_1x16_kernel)
 
-BR, BK = 32, 128          # tile of the 1x16 kernels (rows x columns)
-BR2, BK2 = 32, 64         # tile of the 16x16 kernel
+CONFIG = {
+    "amax": dict(NB=1024, num_warps=8),        # 16-blocks per program (8 words each): 32 KiB of bf16
+    "1x16": dict(NB=256, num_warps=4),         # 8 KiB of bf16 per program
+    "16x16": dict(BR=32, BW=128, num_warps=4),  # rows x words (BW words = 2 * BW values)
+    "dequant": dict(BW=4096, num_warps=4),     # code bytes per program (1x16, flat)
+    "dequant2d": dict(BR=16, BW=256, num_warps=4),
+}
+"""Launch shapes (bench/bench_nvfp4.py --sweep compares alternatives); any value is correct, only speed varies."""
 
 
-def _grid(m: int, k: int, br: int, bk: int) -> tuple[int, int]:
-    return triton.cdiv(m, br), triton.cdiv(k, bk)
+def _emulate_fma() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _words(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x [M, K] (contiguous) -> (words [M, K/2] holding value pairs, fp32?): bf16 as int32, fp32 as int64."""
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        x = x.float()
+    x = x.contiguous()
+    if x.storage_offset() % 2:
+        x = x.clone()
+    return x.view(torch.int32 if x.dtype == torch.bfloat16 else torch.int64), x.dtype == torch.float32
+
+
+def tensor_amax(x: torch.Tensor, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """max |RHT?(x)| of x [M, K] (K % 16 == 0) as an fp32 0-dim tensor, on device, without a host sync."""
+    xw, x_fp32 = _words(x)
+    bits = torch.zeros((), dtype=torch.int32, device=x.device)
+    cfg = CONFIG["amax"]
+    amax_kernel[(triton.cdiv(xw.numel(), 8 * cfg["NB"]),)](
+        xw, signs if signs is not None else xw, bits, xw.numel(), X_FP32=x_fp32, USE_RHT=signs is not None,
+        NB=cfg["NB"], num_warps=cfg["num_warps"])
+    return bits.view(torch.float32)
 
 
 @torch.library.custom_op("megatron_longlive::nvfp4_quantize", mutates_args=())
@@ -36,20 +65,26 @@ def nvfp4_quantize(x: torch.Tensor, signs: Optional[torch.Tensor], rand: Optiona
     packed = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(m // BLOCK if block_2d else m, k // BLOCK, dtype=torch.float8_e4m3fn, device=x.device)
     ts = torch.empty((), dtype=torch.float32, device=x.device)
-    use_rht = signs is not None
-    grid = _grid(m, k, BR, BK)
     if amax is None:            # first pass: amax of the (transformed) tensor, reduced without a host sync
-        partial = torch.empty(grid, dtype=torch.float32, device=x.device)
-        amax_kernel[grid](x, signs if use_rht else x, partial, m, k, USE_RHT=use_rht, BR=BR, BK=BK)
-        amax = partial.amax()
+        amax = tensor_amax(x, signs)
     amax = amax.to(torch.float32).reshape(()).contiguous()
+    xw, x_fp32 = _words(x)
+    emulate = _emulate_fma()
     if block_2d:
-        quantize_16x16_kernel[_grid(m, k, BR2, BK2)](x, amax, packed, scales.view(torch.uint8), ts, m, k,
-                                                     BR=BR2, BK=BK2)
+        cfg = CONFIG["16x16"]
+        grid = (triton.cdiv(m, cfg["BR"]), triton.cdiv(k // 2, cfg["BW"]))
+        quantize_16x16_kernel[grid](xw, amax, packed, scales.view(torch.uint8), ts, m, k // 2, X_FP32=x_fp32,
+                                    EMULATE_FMA=emulate, BR=cfg["BR"], BW=cfg["BW"], num_warps=cfg["num_warps"])
     else:
-        quantize_1x16_kernel[grid](x, signs if use_rht else x, rand if sr_mode == SR_BITS else x, amax, packed,
-                                   scales.view(torch.uint8), ts, seed, m, k, USE_RHT=use_rht, SR=sr_mode,
-                                   BR=BR, BK=BK)
+        cfg = CONFIG["1x16"]
+        nw = xw.numel()
+        randw = xw
+        if sr_mode == SR_BITS:   # int32 bits of a value pair in one int64 word, like the values
+            randw = (rand if rand.storage_offset() % 2 == 0 else rand.clone()).view(torch.int64)
+        quantize_1x16_kernel[(triton.cdiv(nw, 8 * cfg["NB"]),)](
+            xw, signs if signs is not None else xw, randw, amax, packed, scales.view(torch.uint8), ts, seed, nw,
+            X_FP32=x_fp32, USE_RHT=signs is not None, SR=sr_mode, EMULATE_FMA=emulate, NB=cfg["NB"],
+            num_warps=cfg["num_warps"])
     return packed, scales, ts
 
 
@@ -64,12 +99,19 @@ def _(x, signs, rand, seed, sr_mode, block_2d, amax=None):
 @torch.library.custom_op("megatron_longlive::nvfp4_dequantize", mutates_args=())
 def nvfp4_dequantize(packed: torch.Tensor, scales: torch.Tensor, ts: torch.Tensor, block_2d: bool,
                      dtype: torch.dtype) -> torch.Tensor:
-    m, k = packed.shape[0], packed.shape[1] * 2
+    m, kw = packed.shape
     bf16 = dtype == torch.bfloat16
-    out = torch.empty(m, k, dtype=torch.bfloat16 if bf16 else torch.float32, device=packed.device)
-    dequantize_kernel[_grid(m, k, BR, BK)](packed, scales.view(torch.uint8), ts,
-                                           out.view(torch.int16) if bf16 else out, m, k,
-                                           ROWS_PER_SCALE=BLOCK if block_2d else 1, OUT_BF16=bf16, BR=BR, BK=BK)
+    out = torch.empty(m, 2 * kw, dtype=torch.bfloat16 if bf16 else torch.float32, device=packed.device)
+    outw = out.view(torch.int32 if bf16 else torch.int64)
+    if block_2d:
+        cfg = CONFIG["dequant2d"]
+        grid, rows, words, br = (triton.cdiv(kw, cfg["BW"]), triton.cdiv(m, cfg["BR"])), m, kw, cfg["BR"]
+    else:                       # flat: one "row" of m * kw code bytes, one scale per 8 bytes
+        cfg = CONFIG["dequant"]
+        grid, rows, words, br = (triton.cdiv(m * kw, cfg["BW"]), 1), 1, m * kw, 1
+    dequantize_kernel[grid](packed, scales.view(torch.uint8), ts.to(torch.float32), outw, rows, words,
+                            ROWS_PER_SCALE=BLOCK if block_2d else 1, OUT_BF16=bf16, BR=br, BW=cfg["BW"],
+                            num_warps=cfg["num_warps"])
     return out if out.dtype == dtype else out.to(dtype)
 
 
@@ -122,11 +164,10 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.T
 
 
 def philox_bits(seed: int, shape, device) -> torch.Tensor:
-    """int32 [.., K] bits in [0, 2**24): exactly those quantize(stochastic=True, seed=seed) draws."""
-    k = shape[-1]
-    m = 1
-    for d in shape[:-1]:
-        m *= d
-    out = torch.empty(m, k, dtype=torch.int32, device=device)
-    philox_bits_kernel[_grid(m, k, BR, BK)](out, seed, m, k, BR=BR, BK=BK)
+    """int32 [.., K] bits in [0, 2**24): exactly those quantize(stochastic=True, seed=seed) draws (K % 16 == 0)."""
+    n = 1
+    for d in shape:
+        n *= d
+    out = torch.empty(n, dtype=torch.int32, device=device)
+    philox_bits_kernel[(triton.cdiv(n // 4, 1024),)](out, seed, n // 4, BG=1024)
     return out.view(*shape)

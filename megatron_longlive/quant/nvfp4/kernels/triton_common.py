@@ -1,8 +1,10 @@
 """Triton device functions shared by the NVFP4 kernels: the exact fp32 operations of reference.py.
 
 Division is `tl.math.div_rn` (IEEE round-to-nearest; plain `/` may compile to an approximate divide on
-GPU). Rounding to an integer, ties to even, is (z + 2**23) - 2**23 for 0 <= z < 2**22, and powers of two
-are built from exponent bits, so every step is exact or a single correctly rounded fp32 operation.
+GPU), or, per value, `div_markstein`: a product with the correctly rounded reciprocal and two fused
+corrections, which gives the same bits at a fraction of the cost. Rounding to an integer, ties to even,
+is (z + 2**23) - 2**23 for 0 <= z < 2**22, and powers of two are built from exponent bits, so every step
+is exact or a single correctly rounded fp32 operation.
 """
 from __future__ import annotations
 
@@ -44,23 +46,6 @@ def e4m3_decode(bits):
 
 
 @triton.jit
-def e2m1_encode(y, r, STOCHASTIC: tl.constexpr):
-    """fp32 y (already scaled) -> int32 codes 0..15; r: int32 random in [0, 2**24) when STOCHASTIC."""
-    a = tl.minimum(tl.abs(y), 6.0)
-    inv_step = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
-    base = tl.where(a < 2.0, 0, tl.where(a < 4.0, 2, 4))
-    z = a * inv_step                                    # exact
-    if STOCHASTIC:
-        fl = tl.floor(z)
-        u = r.to(tl.float32) * 5.9604644775390625e-08  # 2**-24
-        k = fl + tl.where(u < z - fl, 1.0, 0.0)
-    else:
-        k = rne_int(z)
-    sign = (y.to(tl.int32, bitcast=True) >> 31) & 1
-    return (k.to(tl.int32) + base) | (sign << 3)
-
-
-@triton.jit
 def e2m1_decode(c):
     """int32 codes 0..15 -> fp32 values (code 8 is -0.0)."""
     e = (c >> 1) & 3
@@ -70,31 +55,73 @@ def e2m1_decode(c):
     return (mag.to(tl.int32, bitcast=True) | ((c & 8) << 28)).to(tl.float32, bitcast=True)
 
 
+# ----- fast paths of the bandwidth-bound kernels (same bits, fewer instructions) ---------------------------
 @triton.jit
-def _butterfly(x, N: tl.constexpr, G: tl.constexpr, W: tl.constexpr):
-    """One stage on [N, 16] viewed as [N, G, 2, W]: (a, b) -> (a + b, a - b) for pairs at distance W."""
-    a, b = tl.split(tl.permute(tl.reshape(x, (N, G, 2, W)), (0, 1, 3, 2)))      # [N, G, W] each
-    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (N, 16))
-
-
-@triton.jit
-def fwht16_rows(x, N: tl.constexpr):
-    """x [N, 16] -> x @ H16 per row, butterflies at distance 8, 4, 2, 1 (the order of hadamard.fwht16)."""
-    x = _butterfly(x, N, 1, 8)
-    x = _butterfly(x, N, 2, 4)
-    x = _butterfly(x, N, 4, 2)
-    return _butterfly(x, N, 8, 1)
+def fma_rn(a, b, c, EMULATE: tl.constexpr):
+    """RN(a * b + c) with one rounding. The interpreter has no fused multiply-add (it rounds twice), so
+    EMULATE computes it in fp64: a * b is exact there, and the sum is exact wherever `div_markstein` needs it."""
+    if EMULATE:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
 
 
 @triton.jit
-def pack_pairs(codes, R: tl.constexpr, C: tl.constexpr):
-    """int32 codes [R, C] -> uint8 [R, C // 2], element 2i in the low nibble."""
-    lo, hi = tl.split(tl.reshape(codes, (R, C // 2, 2)))
-    return (lo | (hi << 4)).to(tl.uint8)
+def div_markstein(x, neg_s, r, EMULATE: tl.constexpr):
+    """RN(x / s) for s = -neg_s > 0 given r = RN(1 / s) (one correctly rounded divide per block, not per value).
+
+    q0 = RN(x * r) is within 1.5 ulp of x / s; each step q <- RN(q + RN(x - q*s) * r) is Markstein's
+    correction: once q is within 1 ulp the remainder is exact and the result is RN(x / s). Two steps make
+    it hold from 1.5 ulp. Needs no underflow of the remainder: the caller keeps s >= 2**-69 (see
+    quantize_triton) and values whose quotient is that tiny only contribute their sign."""
+    q = x * r
+    q = fma_rn(fma_rn(q, neg_s, x, EMULATE), r, q, EMULATE)
+    return fma_rn(fma_rn(q, neg_s, x, EMULATE), r, q, EMULATE)
 
 
 @triton.jit
-def unpack_pairs(packed, R: tl.constexpr, C2: tl.constexpr):
-    """uint8 [R, C2] -> int32 codes [R, 2 * C2]."""
-    p = packed.to(tl.int32)
-    return tl.reshape(tl.join(p & 0xF, (p >> 4) & 0xF), (R, 2 * C2))
+def e2m1_magnitude_rne(y):
+    """fp32 y -> E2M1 magnitude code 0..7 of |y| (saturated at 6, nearest even), by exponent arithmetic.
+
+    On [P, 2P) with P = 1, 2, 4 (and on [0, 1) with P = 1) the E2M1 grid spacing is P / 2, the ulp of
+    M = 2**22 * P: a + M rounds a to that grid with ties to even, and its bits minus those of M count the
+    steps k. The code is k plus the first code of the segment, 2 * log2(P) (P = 2 -> 2.0 = code 4 = 2 + 2)."""
+    a = tl.minimum(tl.abs(y), 6.0)
+    p = tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000        # exponent bits of P
+    m = p + (22 << 23)                                                   # bits of M = 2**22 * P
+    k = (a + m.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - m
+    return k + ((p >> 22) - 254)
+
+
+@triton.jit
+def e2m1_magnitude_sr(y, r):
+    """Stochastic rounding of |y| (saturated at 6) to the E2M1 grid with r int32 in [0, 2**24): code 0..7
+    (step 7' of reference.py: round up iff r * 2**-24 < frac(|y| / step))."""
+    a = tl.minimum(tl.abs(y), 6.0)
+    inv_step = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
+    base = tl.where(a < 2.0, 0, tl.where(a < 4.0, 2, 4))
+    z = a * inv_step                                    # exact, < 4
+    fl = tl.floor(z)
+    up = r.to(tl.float32) * 5.9604644775390625e-08 < z - fl
+    return ((fl + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000) + base + up.to(tl.int32)
+
+
+@triton.jit
+def e2m1_value_x2(m):
+    """E2M1 magnitude code 0..7 (int32) -> 2 * value as fp32 (0, 1, 2, 3, 4, 6, 8, 12), exact: a nibble
+    table (0xC8643210 as int32) and the 2**23 trick for int -> float."""
+    n = (-932957680 >> (m * 4)) & 15
+    return (n | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def words_to_f32(w, X_FP32: tl.constexpr):
+    """Two consecutive input values packed in one word -> (even, odd) as fp32: bf16 pairs in int32 words
+    (even value in the low half), or fp32 pairs in int64 words."""
+    if X_FP32:
+        lo = (w & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        hi = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+    return lo, hi
