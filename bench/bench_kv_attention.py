@@ -139,6 +139,8 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> d
         backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if dev == "cuda" else [SDPBackend.MATH]
         with sdpa_kernel(backends):
             sdpa_out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    from megatron_longlive.inference.kernels import window_attention_triton as wat
+
     for label, fn in window_variants(q, k, v, kv, tpc, a.variants).items():
         try:
             out = fn()                                   # autotunes on CUDA (not timed)
@@ -147,6 +149,10 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> d
             print(f"  {label}: failed ({type(e).__name__}: {str(e)[:120]})")
             continue
         rows[label] = ms
+        tuned = getattr(wat._autotuned, "best_config", None) if label != "fp8-quant" else None
+        if tuned is not None:
+            fn()                                         # the autotuner's best_config is the last call's
+            print(f"  {label}: autotuned {wat._autotuned.best_config}")
         if sdpa_out is not None and label != "fp8-quant":
             rel, mx = _errors(out, sdpa_out)
             print(f"  {label}: vs sdpa cudnn: relative error {rel:.2e}, max |diff| / max |ref| {mx:.2e}")
@@ -206,6 +212,7 @@ def main() -> int:
     p.add_argument("--no-growing", action="store_true", help="only the two streaming settings")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the error check vs reference")
     p.add_argument("--tiles", default="128x64,64x64,128x32", help="BLOCK_MxBLOCK_N candidates for the kernel")
+    p.add_argument("--settings", nargs="+", default=None, choices=sorted(SETTINGS), help="default: both")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                    help="what to time (module docstring); default: all")
     p.add_argument("--smoke", action="store_true", help="CPU check of this script: TRITON_INTERPRET, tiny shapes")
@@ -218,7 +225,10 @@ def main() -> int:
         SETTINGS["smoke"] = (48, 3, 2, 32, 2)
         GROWING[:] = [1, 2]
         a.device, a.warmup, a.iters, a.tiles = "cpu", 0, 1, [(32, 32)]
-    elif not torch.cuda.is_available():
+    else:
+        for name in set(SETTINGS) - set(a.settings or SETTINGS):
+            del SETTINGS[name]
+    if not a.smoke and not torch.cuda.is_available():
         print("bench_kv_attention needs CUDA (or --smoke; the CPU path is tested in tests/unit/test_nvfp4_kv.py)")
         return 1
     print("| setting | Sq | Skv | heads | attention | ms | TFLOP/s | of peak |")

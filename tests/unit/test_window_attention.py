@@ -183,3 +183,23 @@ def test_compiled_chunk_step_with_window_attention_equals_eager(tiny_model):
     compiled = stream("compile")
     assert (compiled - eager).abs().max().item() <= 1e-5 * eager.abs().max().item()
     assert 1 <= counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+
+
+def test_batch_two_window_sliced_from_the_cache_buffer():
+    """B=2 (guidance rows) and K/V that are a prefix view of a longer [B, N, H, D] buffer (the cache's layout: the
+    batch stride is N*H*D, not Skv*H*D), a non-contiguous q, Sq < BLOCK_M: all three modes."""
+    d, n = 32, 160
+    g = torch.Generator().manual_seed(7)
+    kbuf, vbuf = (torch.randn(2, n, H, d, generator=g) for _ in range(2))
+    k, v = kbuf[:, :SKV], vbuf[:, :SKV]
+    q = torch.randn(2, H, 20, d, generator=g).transpose(1, 2)                 # [2, 20, H, d], non-contiguous
+    ref = reference_attention(q, k, v, T)
+    q8, qs, k8, ks, v8, vs = quantize_fp8(q, k, v)
+    out = window_attention(q8, k8, v8, T, None, mode="fp8", q_scale=qs, k_scale=ks, v_scale=vs, out_dtype=torch.float32)
+    assert _rel(out, ref) <= 8e-2
+    assert _rel(out, fp8_emulation(q8, qs, k8, ks, v8, vs, T, None, block_n=32)) <= 1e-5
+    out = window_attention(q, k, v, T, None, mode="bf16", out_dtype=torch.float32)
+    assert _rel(out, reference_attention(*(x.bfloat16() for x in (q, k, v)), T)) <= 1e-2
+    for b in range(2):                            # batch rows are independent
+        one = window_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], T, None, mode="bf16", out_dtype=torch.float32)
+        assert torch.equal(one, out[b:b + 1])
