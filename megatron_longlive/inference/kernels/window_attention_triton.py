@@ -229,6 +229,19 @@ def _tuned_kernel():
     return _autotuned
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholders(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 [1], int32 [1] ones) for pointer arguments a mode does not read: made once per device, so a call
+    allocates nothing but its output (cheap eager calls; nothing new inside a CUDA-graph capture)."""
+    key = str(device)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = (torch.zeros(1, dtype=torch.float32, device=device),
+                              torch.ones(1, dtype=torch.int32, device=device))
+    return _PLACEHOLDERS[key]
+
+
 def _check_runs_here(x: torch.Tensor) -> None:
     if not x.is_cuda and not _interpret():
         raise RuntimeError("window attention runs a Triton kernel: it needs CUDA, or TRITON_INTERPRET=1 set before "
@@ -246,7 +259,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_p
     mode "bf16": k, v [B, Skv, H, D]; "fp8": q, k, v, q_scale, k_scale, v_scale from `quantize_fp8`;
     "nvfp4": k, v = codes [B, Skv, H, D/2], k_scale, v_scale = E4M3 block scales [B, Skv, H, D/16], k_ts, v_ts =
     region scales [R]. valid [R] (None = all valid); skip_invalid (default: valid is given) compiles the
-    variant that skips tiles of empty regions. block_m/block_n pin a tile (default: autotuned on CUDA)."""
+    variant that masks empty regions and skips their tiles; skip_invalid=False promises every region is valid
+    (valid is then not read: the steady-state variant without the check). block_m/block_n pin a tile (default: autotuned on CUDA)."""
     _check_runs_here(q)
     bsz, sq, h, d = q.shape
     skv = k.shape[1]
@@ -260,11 +274,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_p
     regions = triton.cdiv(skv, tokens_per_chunk)
     if skip_invalid is None:
         skip_invalid = valid is not None
-    if valid is None:
+    dummy, ones = _placeholders(q.device)
+    if not skip_invalid:
+        valid = ones                              # not read: only the skip_invalid variant reads valid
+    elif valid is None:
         valid = torch.ones(regions, dtype=torch.int32, device=q.device)
-    elif valid.dtype != torch.int32:
+    else:
+        if valid.numel() < regions:
+            raise ValueError(f"valid has {valid.numel()} flags for {regions} regions of {tokens_per_chunk} keys")
         valid = valid.to(torch.int32)
-    dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
     if mode == "fp8":
         assert q.dtype == k.dtype == v.dtype == torch.float8_e4m3fn, "fp8 mode: q, k, v from quantize_fp8"
         qs, ks, vs, kts, vts = q_scale, k_scale, v_scale, dummy, dummy
