@@ -129,6 +129,14 @@ def test_quantize_near_rounding_boundaries_bitwise(block_2d):
     assert_same(ops.quantize(tiny, block_2d=block_2d), R.quantize(tiny, block_2d=block_2d), "tiny amax")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("block_2d", [False, True])
+def test_quantize_near_rounding_boundaries_1m_values(block_2d):
+    """The boundary test at ~1M values (~6 s each in the interpreter)."""
+    x = near_boundary_data(4096, 256, seed=17, block_2d=block_2d)
+    assert_same(ops.quantize(x, block_2d=block_2d), R.quantize(x, block_2d=block_2d), "near boundaries, 1M")
+
+
 @pytest.mark.parametrize("shape", [(48, 272), (80, 32)])
 def test_quantize_16x16_partial_tiles_bitwise(shape):
     x = _data(shape, seed=12)
