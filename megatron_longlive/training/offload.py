@@ -36,7 +36,7 @@ class _Offloaded:
         if t.is_cuda:
             stream = owner.stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))   # x is complete on the compute stream
-            self.host = torch.empty_like(t, device="cpu", pin_memory=True)
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)   # (torch's save_on_cpu does the same)
             with torch.cuda.stream(stream):
                 self.host.copy_(t, non_blocking=True)
             t.record_stream(stream)                                    # x's memory is reused only after the copy
@@ -52,7 +52,7 @@ class _Offloaded:
             return
         stream = self.owner.stream(self.device)
         with torch.cuda.stream(stream):
-            self.restored = torch.empty_like(self.host, device=self.device)
+            self.restored = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
             self.restored.copy_(self.host, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record(stream)

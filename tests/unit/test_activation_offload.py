@@ -42,7 +42,8 @@ def _run(tmp_path, offload: bool, **train):
     return losses, grads, state, trainer
 
 
-@pytest.mark.parametrize("train", [dict(), dict(lora_rank=4, grad_accum=2)], ids=["full", "lora_accum2"])
+@pytest.mark.parametrize("train", [dict(), dict(grad_accum=2), dict(lora_rank=4, grad_accum=2)],
+                         ids=["full", "full_accum2", "lora_accum2"])
 def test_offload_gives_bitwise_equal_losses_grads_and_updates(tmp_path, train):
     ref_losses, ref_grads, ref_state, _ = _run(tmp_path, False, **train)
     losses, grads, state, trainer = _run(tmp_path, True, **train)
