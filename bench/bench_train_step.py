@@ -112,8 +112,8 @@ def run_variant(a, variant: str, run_dir: str) -> dict:
     info = {"tokens_per_step": int(tokens), "quantized_modules": {k: v for k, v in counts.items() if v},
             "trainable_params": sum(p.numel() for p in trainer.params), "lora_rank": cfg.train.lora_rank}
     if trainer.offload is not None:  # bytes of block inputs held in host memory per micro-batch (measured)
-        info["offloaded_gib_per_micro_batch"] = round(
-            trainer.offload.offloaded_bytes / (a.warmup + a.steps) / cfg.train.grad_accum / 2**30, 3)
+        info["offloaded_mib_per_micro_batch"] = round(
+            trainer.offload.offloaded_bytes / (a.warmup + a.steps) / cfg.train.grad_accum / 2**20, 1)
     del trainer, model
     gc.collect()
     return {"figures": out, "info": info, "ac": ac}
@@ -151,6 +151,10 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = f"{r['ratio_to_bf16']:.3f}" if "ratio_to_bf16" in r else "-"
         print(f"{r['name']:<72} {r['metric']:<13} {r['value']:>11} {r['unit']:<9} {ratio:>7}")
+    for variant, r in results.items():
+        if "offloaded_mib_per_micro_batch" in r["info"]:
+            print(f"{variant}: {r['info']['offloaded_mib_per_micro_batch']} MiB of block inputs per micro-batch waited "
+                  f"in pinned host memory (train.offload_activations)")
     for variant, err in errors.items():
         print(f"FAILED {variant}: {err}", file=sys.stderr)
     return 1 if errors else 0
