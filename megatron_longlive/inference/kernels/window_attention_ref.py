@@ -42,7 +42,7 @@ def fp8_emulation(q8, q_scale, k8, k_scale, v8, v_scale, tokens_per_chunk: int, 
     skv = k8.shape[1]
     ok_all = key_mask(skv, tokens_per_chunk, valid, q8.device)
     qf = q8.float().transpose(1, 2)                                            # [B, H, Sq, D]
-    kf, vf = k8.float().transpose(1, 2), v8.float().transpose(1, 2)           # [B, H, Skv, D]
+    kf, vf = (x.float().transpose(1, 2).masked_fill(~ok_all[:, None], 0.0) for x in (k8, v8))  # [B, H, Skv, D]
     row = (q_scale.transpose(1, 2) * (d ** -0.5 * LOG2E))                     # [B, H, Sq]
     col_all = k_scale.transpose(1, 2)                                          # [B, H, Skv]
     m = torch.full((b, h, sq), float("-inf"))

@@ -47,9 +47,14 @@ E4M3_MAX = 448.0
 P_SCALE = 256.0
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): the autotune space on CUDA, kept small (5 configs, keyed on the shapes)
-# so a first call tunes in seconds. BLOCK_M 256 is left out: its fp32 accumulator (256 x 128) spills at 8 warps.
-CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 4)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA): the autotune space on CUDA, kept small (keyed on the shapes) so a
+# first call tunes in seconds. TMA configs load K/V tiles through tensor descriptors (bf16 / fp8 modes, where the
+# strides allow it; nvfp4 tunes the 3 pointer configs). Chosen from ptxas -v of the sm90 builds (D 128): with
+# pointer loads, BLOCK_M 128 at 4 warps spills ~1 KB per thread and BLOCK_M 64 at 4 warps spills 24-64 B (the
+# [BLOCK_N, D] pointer tiles take the registers), so pointer configs use 8 warps; the TMA builds hold 190-240
+# registers without spills. BLOCK_M 256 would need a 256 x 128 fp32 accumulator: left out.
+CONFIGS = [(128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 128, 8, 2, False),
+           (128, 64, 8, 3, True), (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 64, 4, 3, True)]
 
 
 def _interpret() -> bool:
@@ -92,10 +97,35 @@ def _mm(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _load_k(k_base, k_desc, start, offs_n, offs_d, sks, ok, USE_TMA: tl.constexpr):
+    """K tile [BLOCK_N, D]: a TMA descriptor load (rows past Skv read as 0) or masked pointer loads."""
+    if USE_TMA:
+        return k_desc.load([start, 0])
+    return tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _load_v(v_base, v_desc, start, offs_n, offs_d, svs, svd, ok, USE_TMA: tl.constexpr, V_T: tl.constexpr,
+            SKIP_INVALID: tl.constexpr):
+    """V tile [BLOCK_N, D]; V_T: V^T memory ([D, Skv] per head: the descriptor reads [D, BLOCK_N], transposed
+    here). A TMA tile of an empty region may hold stale values: zeroed, so that 0 * garbage stays out of P @ V."""
+    if USE_TMA:
+        if V_T:
+            v = tl.trans(v_desc.load([0, start]))
+        else:
+            v = v_desc.load([start, 0])
+        if SKIP_INVALID:
+            v = tl.where(ok[:, None], v, tl.zeros_like(v))
+        return v
+    return tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _tile(q, m_i, l_i, acc, start, row_scale, k_base, ks_base, kts_ptr, v_base, vs_base, vts_ptr, valid_ptr,
           tokens_per_chunk, sks, skss, svs, svd, svss,
           D: tl.constexpr, MODE: tl.constexpr, P_SCALE: tl.constexpr,
-          INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, ok):
+          INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, ok, k_desc, v_desc, USE_TMA: tl.constexpr,
+          SKIP_INVALID: tl.constexpr):
     """One key tile of the online softmax: returns the updated (m_i, l_i, acc)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -106,11 +136,11 @@ def _tile(q, m_i, l_i, acc, start, row_scale, k_base, ks_base, kts_ptr, v_base, 
         s = _mm(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), tl.float32), INTERPRET)
         col = tl.load(kts_ptr + region, mask=ok, other=0.0)
     elif MODE == 1:
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
+        k = _load_k(k_base, k_desc, start, offs_n, offs_d, sks, ok, USE_TMA)
         s = tl.dot(q, tl.trans(k))
         col = tl.load(ks_base + offs_n * skss, mask=ok, other=0.0)
     else:
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
+        k = _load_k(k_base, k_desc, start, offs_n, offs_d, sks, ok, USE_TMA)
         s = _mm(q, tl.trans(_bf16(k, INTERPRET)), tl.zeros((q.shape[0], BLOCK_N), tl.float32), INTERPRET)
     if MODE == 0:
         s = s * row_scale[:, None]
@@ -130,13 +160,13 @@ def _tile(q, m_i, l_i, acc, start, row_scale, k_base, ks_base, kts_ptr, v_base, 
         pv = p * tl.load(vts_ptr + region, mask=ok, other=0.0)[None, :]
         acc = _mm(_bf16(pv, INTERPRET), v, acc, INTERPRET)
     elif MODE == 1:
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=ok[:, None], other=0.0)
+        v = _load_v(v_base, v_desc, start, offs_n, offs_d, svs, svd, ok, USE_TMA, True, SKIP_INVALID)
         ps = p * P_SCALE
         if INTERPRET:
             ps, _ = e4m3_round(ps)
         acc = tl.dot(ps.to(tl.float8e4nv), v, acc)
     else:
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=ok[:, None], other=0.0)
+        v = _load_v(v_base, v_desc, start, offs_n, offs_d, svs, svd, ok, USE_TMA, False, SKIP_INVALID)
         acc = _mm(_bf16(p, INTERPRET), _bf16(v, INTERPRET), acc, INTERPRET)
     return m_new, l_i, acc
 
@@ -146,7 +176,7 @@ def _program(q_ptr, qs_ptr, k_ptr, ks_ptr, kts_ptr, v_ptr, vs_ptr, vts_ptr, vali
              Sq, kv_end, H, tokens_per_chunk, qk_scale,
              sqb, sqs, sqh, skb, sks, skh, sksb, skss, sksh, svb, svs, svh, svd, svsb, svss, svsh, sob, sos, soh,
              D: tl.constexpr, MODE: tl.constexpr, SKIP_INVALID: tl.constexpr, P_SCALE: tl.constexpr,
-             INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """One (BLOCK_M queries, batch x head) program; kv_end = Skv (runtime on a GPU, a constexpr when interpreted)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -164,6 +194,14 @@ def _program(q_ptr, qs_ptr, k_ptr, ks_ptr, kts_ptr, v_ptr, vs_ptr, vts_ptr, vali
     ks_base = ks_ptr + b * sksb + h * sksh
     v_base = v_ptr + b * svb + h * svh
     vs_base = vs_ptr + b * svsb + h * svsh
+    k_desc = k_base                               # (unused without TMA)
+    v_desc = v_base
+    if USE_TMA:                                   # bf16 / fp8: 2-D descriptors over this (batch, head)'s K and V
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_end, D], strides=[sks, 1], block_shape=[BLOCK_N, D])
+        if MODE == 1:                             # V^T memory [D, Skv]
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[D, kv_end], strides=[svd, 1], block_shape=[D, BLOCK_N])
+        else:
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_end, D], strides=[svs, 1], block_shape=[BLOCK_N, D])
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -175,11 +213,13 @@ def _program(q_ptr, qs_ptr, k_ptr, ks_ptr, kts_ptr, v_ptr, vs_ptr, vts_ptr, vali
             if tl.max(ok.to(tl.int32), axis=0) > 0:
                 m_i, l_i, acc = _tile(q, m_i, l_i, acc, start, row_scale, k_base, ks_base, kts_ptr, v_base, vs_base,
                                       vts_ptr, valid_ptr, tokens_per_chunk, sks, skss, svs, svd, svss,
-                                      D, MODE, P_SCALE, INTERPRET, BLOCK_N, ok)
+                                      D, MODE, P_SCALE, INTERPRET, BLOCK_N, ok, k_desc, v_desc, USE_TMA,
+                                      SKIP_INVALID)
         else:
             m_i, l_i, acc = _tile(q, m_i, l_i, acc, start, row_scale, k_base, ks_base, kts_ptr, v_base, vs_base,
                                   vts_ptr, valid_ptr, tokens_per_chunk, sks, skss, svs, svd, svss,
-                                  D, MODE, P_SCALE, INTERPRET, BLOCK_N, ok)
+                                  D, MODE, P_SCALE, INTERPRET, BLOCK_N, ok, k_desc, v_desc, USE_TMA,
+                                  SKIP_INVALID)
     if MODE == 1:
         vsc = tl.load(vs_ptr + (b * H + h) * D + offs_d)                  # [D] per-channel V scale
         out = acc * (vsc / P_SCALE)[None, :] / l_i[:, None]
@@ -195,11 +235,11 @@ def window_attention_kernel(
         Sq, Skv, H, tokens_per_chunk, qk_scale,
         sqb, sqs, sqh, skb, sks, skh, sksb, skss, sksh, svb, svs, svh, svd, svsb, svss, svsh, sob, sos, soh,
         D: tl.constexpr, MODE: tl.constexpr, SKIP_INVALID: tl.constexpr, P_SCALE: tl.constexpr,
-        INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     _program(q_ptr, qs_ptr, k_ptr, ks_ptr, kts_ptr, v_ptr, vs_ptr, vts_ptr, valid_ptr, out_ptr,
              Sq, Skv, H, tokens_per_chunk, qk_scale,
              sqb, sqs, sqh, skb, sks, skh, sksb, skss, sksh, svb, svs, svh, svd, svsb, svss, svsh, sob, sos, soh,
-             D, MODE, SKIP_INVALID, P_SCALE, INTERPRET, BLOCK_M, BLOCK_N)
+             D, MODE, SKIP_INVALID, P_SCALE, INTERPRET, BLOCK_M, BLOCK_N, USE_TMA)
 
 
 @triton.jit
@@ -208,25 +248,53 @@ def window_attention_kernel_static(
         Sq, SKV: tl.constexpr, H, tokens_per_chunk, qk_scale,
         sqb, sqs, sqh, skb, sks, skh, sksb, skss, sksh, svb, svs, svh, svd, svsb, svss, svsh, sob, sos, soh,
         D: tl.constexpr, MODE: tl.constexpr, SKIP_INVALID: tl.constexpr, P_SCALE: tl.constexpr,
-        INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """The same with a compile-time key count: TRITON_INTERPRET cannot loop to a runtime bound."""
     _program(q_ptr, qs_ptr, k_ptr, ks_ptr, kts_ptr, v_ptr, vs_ptr, vts_ptr, valid_ptr, out_ptr,
              Sq, SKV, H, tokens_per_chunk, qk_scale,
              sqb, sqs, sqh, skb, sks, skh, sksb, skss, sksh, svb, svs, svh, svd, svsb, svss, svsh, sob, sos, soh,
-             D, MODE, SKIP_INVALID, P_SCALE, INTERPRET, BLOCK_M, BLOCK_N)
+             D, MODE, SKIP_INVALID, P_SCALE, INTERPRET, BLOCK_M, BLOCK_N, USE_TMA)
 
 
 _KEY = ["Skv", "D", "MODE", "SKIP_INVALID", "Sq", "H"]
-_autotuned = None
+_autotuned = None          # the last autotuner used (bench_kv_attention prints its best_config)
+_AUTOTUNERS: dict = {}
 
 
-def _tuned_kernel():
-    """The kernel under @triton.autotune over CONFIGS (CUDA only: the interpreter runs one fixed tile)."""
+def _tuned_kernel(with_tma: bool):
+    """The kernel under @triton.autotune over CONFIGS (CUDA only: the interpreter runs one fixed tile); without
+    TMA configs when the tensors cannot be read through descriptors."""
     global _autotuned
-    if _autotuned is None:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in CONFIGS]
-        _autotuned = triton.autotune(configs, key=_KEY)(window_attention_kernel)
+    if with_tma not in _AUTOTUNERS:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": t}, num_warps=w, num_stages=s)
+                   for m, n, w, s, t in CONFIGS if with_tma or not t]
+        _AUTOTUNERS[with_tma] = triton.autotune(configs, key=_KEY)(window_attention_kernel)
+    _autotuned = _AUTOTUNERS[with_tma]
     return _autotuned
+
+
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, mode: str) -> bool:
+    """Whether K/V tiles can be TMA loads: 16-byte aligned bases and per-(batch, head) row strides, unit last stride
+    (V^T memory in fp8 mode: unit token stride)."""
+    if mode == "nvfp4":
+        return False
+    kb, vb = k.element_size(), v.element_size()
+    v_strides = (v.stride(0), v.stride(2), v.stride(3)) if mode == "fp8" else (v.stride(0), v.stride(1), v.stride(2))
+    unit = v.stride(1) == 1 if mode == "fp8" else v.stride(3) == 1
+    return (unit and k.stride(3) == 1 and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+            and all(x * kb % 16 == 0 for x in k.stride()[:3]) and all(x * vb % 16 == 0 for x in v_strides))
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need a scratch allocation per launch: torch's caching allocator (stream
+    ordered, and the CUDA-graph pool during a capture)."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
 
 
 _PLACEHOLDERS: dict = {}
@@ -253,14 +321,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_p
                      q_scale: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None, k_ts: torch.Tensor | None = None,
                      v_ts: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                     block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                     block_m: int | None = None, block_n: int | None = None, tma: bool | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over the window (see module docstring) -> [B, Sq, H, D] in out_dtype.
 
     mode "bf16": k, v [B, Skv, H, D]; "fp8": q, k, v, q_scale, k_scale, v_scale from `quantize_fp8`;
     "nvfp4": k, v = codes [B, Skv, H, D/2], k_scale, v_scale = E4M3 block scales [B, Skv, H, D/16], k_ts, v_ts =
     region scales [R]. valid [R] (None = all valid); skip_invalid (default: valid is given) compiles the
     variant that masks empty regions and skips their tiles; skip_invalid=False promises every region is valid
-    (valid is then not read: the steady-state variant without the check). block_m/block_n pin a tile (default: autotuned on CUDA)."""
+    (valid is then not read: the steady-state variant without the check). block_m/block_n pin a tile and tma
+    (True/False) pins the load path (default: both autotuned on CUDA; TMA only where `_tma_ok`)."""
     _check_runs_here(q)
     bsz, sq, h, d = q.shape
     skv = k.shape[1]
@@ -312,13 +381,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_p
             v.stride(0), v.stride(1), v.stride(2), v.stride(3), *vs_strides, out.stride(0), out.stride(1), out.stride(2))
     meta = dict(D=d, MODE=MODES[mode], SKIP_INVALID=bool(skip_invalid), P_SCALE=P_SCALE,
                 INTERPRET=_interpret())
-    if block_m or block_n or not q.is_cuda:
+    tma_ok = _tma_ok(k, v, mode)
+    if tma and not tma_ok:
+        raise ValueError(f"window_attention tma=True: K/V strides {k.stride()} / {v.stride()} cannot be TMA tiles")
+    if q.is_cuda and tma is not False and tma_ok:
+        _ensure_allocator()
+    if block_m or block_n or tma is not None or not q.is_cuda:
         bm, bn = block_m or (32 if not q.is_cuda else 128), block_n or (32 if not q.is_cuda else 64)
         kernel = window_attention_kernel_static if _interpret() else window_attention_kernel
         kernel[(triton.cdiv(sq, bm), bsz * h)](
-            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=8 if bm >= 128 else 4, num_stages=2)
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=bool(tma), num_warps=8 if bm >= 128 else 4, num_stages=2)
     else:
-        _tuned_kernel()[lambda c: (triton.cdiv(sq, c["BLOCK_M"]), bsz * h)](*args, **meta)
+        _tuned_kernel(tma_ok)[lambda c: (triton.cdiv(sq, c["BLOCK_M"]), bsz * h)](*args, **meta)
     return out
 
 
