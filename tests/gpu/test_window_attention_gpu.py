@@ -55,7 +55,8 @@ def test_bf16_and_fp8_modes(model, empty_region):
         sdpa = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
         assert _rel(out, sdpa) <= 1e-2, _rel(out, sdpa)
     k = torch.nan_to_num(k, nan=0.0)
-    q8, qs, k8, ks, v8, vs = quantize_fp8(q, k, v)
+    key_valid = None if valid is None else valid.repeat_interleave(tpc)
+    q8, qs, k8, ks, v8, vs = quantize_fp8(q, k, v, key_valid)
     out = window_attention(q8, k8, v8, tpc, valid, mode="fp8", q_scale=qs, k_scale=ks, v_scale=vs,
                            out_dtype=torch.float32)
     assert torch.isfinite(out).all()

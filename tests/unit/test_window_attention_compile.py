@@ -37,9 +37,10 @@ for mode in MODES:
             out[f"{mode} {bm}x{bn} w{warps} s{stages}{' tma' if tma else ''}{' skip' if skip else ''}"] = {
                 "cubin": "cubin" in k.asm, "mma": mma, "shared": k.metadata.shared}
 from megatron_longlive.inference.kernels import fp8_window_quant_triton as Q
-quant = {"rows": (Q._quantize_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
-                   "rows_per_b": "i32", "sxb": "i32", "sob": "i32", "D": "constexpr", "BLOCK_R": "constexpr",
-                   "INTERPRET": "constexpr"}, {"D": 128, "BLOCK_R": 64, "INTERPRET": False}),
+quant = {"rows": (Q._quantize_rows_kernel, {"x_ptr": "*bf16", "sub_ptr": "*fp32", "out_ptr": "*fp8e4nv",
+                   "scale_ptr": "*fp32", "rows_per_b": "i32", "H": "i32", "sxb": "i32", "sob": "i32", "D": "constexpr",
+                   "BLOCK_R": "constexpr", "HAS_SUB": "constexpr", "INTERPRET": "constexpr"},
+                  {"D": 128, "BLOCK_R": 64, "HAS_SUB": True, "INTERPRET": False}),
          "v": (Q._quantize_v_kernel, {"v_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*fp8e4nv", "S": "i32",
                 "H": "i32", "svb": "i32", "svs": "i32", "svh": "i32", "D": "constexpr", "BLOCK_S": "constexpr",
                 "INTERPRET": "constexpr"}, {"D": 128, "BLOCK_S": 64, "INTERPRET": False})}

@@ -2,9 +2,10 @@
 it under TRITON_INTERPRET=1). Bitwise equal to the torch quantizer `window_attention_triton.quantize_fp8_torch`:
 the same IEEE fp32 divisions (div_rn) and nearest-even E4M3 casts.
 
-    rows:  q or K [B, S, H, D] -> E4M3 [B, S, H, D] + fp32 scale [B, S, H] = max|row| / 448 (amax in-kernel)
-    v:     V [B, S, H, D] + fp32 scale [B, H, D] (the window's per-channel amax / 448, one torch reduction)
-           -> E4M3 in [B, H, D, S] memory (transposed: the K-major PV operand of the attention kernel)
+    rows:  q or K [B, S, H, D] (K minus its smoothing vector [B, H, D]) -> E4M3 [B, S, H, D] + fp32 scale [B, S, H]
+           = max|row| / 448 (amax in-kernel)
+    v:     V [B, S, H, D] + its per-channel amax [B, H, D] (a torch reduction) -> E4M3 in [B, H, D, S] memory
+           (transposed: the K-major PV operand of the attention kernel) + fp32 scale amax / 448
 """
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ def _to_e4m3(y, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, rows_per_b, sxb, sob, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                          INTERPRET: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, sub_ptr, out_ptr, scale_ptr, rows_per_b, H, sxb, sob, D: tl.constexpr,
+                          BLOCK_R: tl.constexpr, HAS_SUB: tl.constexpr, INTERPRET: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
     m = r < rows_per_b
     x = tl.load(x_ptr + b * sxb + r[:, None] * D + d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+    if HAS_SUB:                                   # K smoothing: minus a per-(batch, head) channel vector
+        x = x - tl.load(sub_ptr + (b * H + r[:, None] % H) * D + d[None, :], mask=m[:, None], other=0.0)
     amax = tl.max(tl.abs(x), axis=1)
     s = tl.where(amax > _TINY, tl.math.div_rn(amax, tl.full(amax.shape, _E4M3_MAX, tl.float32)), 1.0)
     y = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
@@ -58,26 +61,28 @@ def _quantize_v_kernel(v_ptr, scale_ptr, out_ptr, S, H, svb, svs, svh, D: tl.con
     tl.store(out_ptr + pid_bh * D * S + d[None, :] * S + offs_s[:, None], _to_e4m3(y, INTERPRET), mask=m[:, None])
 
 
-def quantize_rows(x: torch.Tensor, interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S, H, D] -> (E4M3 [B, S, H, D], fp32 scale [B, S, H])."""
+def quantize_rows(x: torch.Tensor, interpret: bool, sub: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S, H, D] (minus sub [B, H, D] fp32, if given) -> (E4M3 [B, S, H, D], fp32 scale [B, S, H])."""
     bsz, s, h, d = x.shape
     if x.stride(3) != 1 or x.stride(2) != d or x.stride(1) != h * d:
         x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(bsz, s, h, dtype=torch.float32, device=x.device)
     block_r = 32 if interpret else 64
-    _quantize_rows_kernel[(triton.cdiv(s * h, block_r), bsz)](x, out, scale, s * h, x.stride(0), out.stride(0),
-                                                                D=d, BLOCK_R=block_r, INTERPRET=interpret,
-                                                                num_warps=4)
+    if sub is not None:
+        assert sub.shape == (bsz, h, d) and sub.dtype == torch.float32 and sub.is_contiguous()
+    _quantize_rows_kernel[(triton.cdiv(s * h, block_r), bsz)](
+        x, sub if sub is not None else scale, out, scale, s * h, h, x.stride(0), out.stride(0), D=d, BLOCK_R=block_r,
+        HAS_SUB=sub is not None, INTERPRET=interpret, num_warps=4)
     return out, scale
 
 
-def quantize_v(v: torch.Tensor, interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S, H, D] -> (E4M3 [B, S, H, D] view of [B, H, D, S] memory, fp32 scale [B, H, D])."""
+def quantize_v(v: torch.Tensor, interpret: bool, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S, H, D] with its per-channel amax [B, H, D] fp32 -> (E4M3 [B, S, H, D] view of [B, H, D, S] memory,
+    fp32 scale [B, H, D])."""
     bsz, s, h, d = v.shape
     if v.stride(3) != 1:
         v = v.contiguous()
-    amax = torch.linalg.vector_norm(v, float("inf"), dim=1).float()          # [B, H, D], one reduction
     scale = torch.where(amax > TINY, amax / E4M3_MAX, torch.ones_like(amax))
     out = torch.empty(bsz, h, d, s, dtype=torch.float8_e4m3fn, device=v.device)
     block_s = 32 if interpret else 64

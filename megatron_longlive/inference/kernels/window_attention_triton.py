@@ -396,28 +396,45 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_p
     return out
 
 
-def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def _window_stats(k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, smooth_k: bool):
+    """(K smoothing vector [B, H, D] fp32 or None, V channel amax [B, H, D] fp32) over the window; empty-region keys
+    (key_valid False) count as zeros, so stale or non-finite values there never reach the statistics."""
+    if key_valid is not None:
+        k, v = (torch.where(key_valid[None, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+                for x in (k, v))
+    mean = k.mean(1, dtype=torch.float32) if smooth_k else None
+    return mean, torch.linalg.vector_norm(v, float("inf"), dim=1).float()
+
+
+def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None,
+                 smooth_k: bool = True):
     """q [B, Sq, H, D], k, v [B, Skv, H, D] -> (q8, q_scale, k8, k_scale, v8, v_scale) for mode "fp8": the fused
     Triton quantizer (fp8_window_quant_triton.py) on CUDA / under TRITON_INTERPRET, else `quantize_fp8_torch`
-    (bitwise the same)."""
+    (bitwise the same). key_valid [Skv] bool: keys of empty regions (left out of the window statistics)."""
     if not (q.is_cuda or _interpret()):
-        return quantize_fp8_torch(q, k, v)
+        return quantize_fp8_torch(q, k, v, key_valid, smooth_k)
     from .fp8_window_quant_triton import quantize_rows, quantize_v
 
+    mean, amax = _window_stats(k, v, key_valid, smooth_k)
     q8, qs = quantize_rows(q, _interpret())
-    k8, ks = quantize_rows(k, _interpret())
-    v8, vs = quantize_v(v, _interpret())
+    k8, ks = quantize_rows(k, _interpret(), mean)
+    v8, vs = quantize_v(v, _interpret(), amax)
     return q8, qs, k8, ks, v8, vs
 
 
-def quantize_fp8_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def quantize_fp8_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None,
+                       smooth_k: bool = True):
     """BF16/fp32 q [B, Sq, H, D], k, v [B, Skv, H, D] -> (q8, q_scale, k8, k_scale, v8, v_scale) for mode "fp8".
 
     q, k: one scale per (token, head) = its max |x| / 448 (a row / column factor of the scores, so the QK^T dot
-    runs on the E4M3 values). v: one scale per (head, channel) over the whole window, the finest scale that factors
+    runs on the E4M3 values). smooth_k: K minus its mean over the window per (batch, head, channel) first
+    (SageAttention's K smoothing): q . (k - m) = q . k - q . m shifts every score of a query by the same amount,
+    which softmax ignores, while a channel-wise offset common to all keys no longer takes E4M3 range.
+    v: one scale per (head, channel) over the whole window, the finest scale that factors
     out of P @ V without touching P (a per-token V scale would have to multiply P before its E4M3 cast); it follows
     outlier channels, and E4M3 is relative precision, so smaller tokens of a channel lose nothing until 2**-6 of
-    its amax (then subnormals). Costs one extra read of V (the amax). v8 is returned as a [B, Skv, H, D] view of [B, H, D, Skv] memory (module docstring).
+    its amax (then subnormals). Costs one extra read of V (the amax) and of K (the mean). v8 is returned as a
+    [B, Skv, H, D] view of [B, H, D, Skv] memory (module docstring).
     Plain torch, the reference of the fused Triton quantizer (several passes per tensor: CPU and tests);
     an all-zero row gets scale 1."""
     tiny = torch.finfo(torch.float32).tiny
@@ -427,9 +444,9 @@ def quantize_fp8_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         s = torch.where(s > tiny, s / E4M3_MAX, torch.ones_like(s))
         return (x.float() / s).to(torch.float8_e4m3fn), s[..., 0]
 
+    mean, vs = _window_stats(k, v, key_valid, smooth_k)
     q8, qs = rows(q)
-    k8, ks = rows(k)
-    vs = v.abs().amax(1).float()                                               # [B, H, D]
-    vs = torch.where(vs > tiny, vs / E4M3_MAX, torch.ones_like(vs))
+    k8, ks = rows(k.float() - mean[:, None] if smooth_k else k)
+    vs = torch.where(vs > tiny, vs / E4M3_MAX, torch.ones_like(vs))            # [B, H, D]
     v8 = (v.float().permute(0, 2, 3, 1) / vs[..., None]).to(torch.float8_e4m3fn).contiguous()  # [B, H, D, Skv]
     return q8, qs, k8, ks, v8.permute(0, 3, 1, 2), vs
