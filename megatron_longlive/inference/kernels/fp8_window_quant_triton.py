@@ -30,7 +30,7 @@ def _to_e4m3(y, INTERPRET: tl.constexpr):
     return y.to(tl.float8e4nv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_b"])
 def _quantize_rows_kernel(x_ptr, sub_ptr, out_ptr, scale_ptr, rows_per_b, H, sxb, sob, D: tl.constexpr,
                           BLOCK_R: tl.constexpr, HAS_SUB: tl.constexpr, INTERPRET: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
@@ -47,7 +47,7 @@ def _quantize_rows_kernel(x_ptr, sub_ptr, out_ptr, scale_ptr, rows_per_b, H, sxb
     tl.store(scale_ptr + b * rows_per_b + r, s, mask=m)
 
 
-@triton.jit
+@triton.jit          # S stays specialized (16-divisible S: aligned, vectorized V^T stores)
 def _quantize_v_kernel(v_ptr, scale_ptr, out_ptr, S, H, svb, svs, svh, D: tl.constexpr, BLOCK_S: tl.constexpr,
                        INTERPRET: tl.constexpr):
     pid_s, pid_bh = tl.program_id(0), tl.program_id(1)

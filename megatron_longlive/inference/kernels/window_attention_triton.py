@@ -229,7 +229,7 @@ def _program(q_ptr, qs_ptr, k_ptr, ks_ptr, kts_ptr, v_ptr, vs_ptr, vts_ptr, vali
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sq", "Skv", "tokens_per_chunk"])   # lengths only bound masks: one compile for all
 def window_attention_kernel(
         q_ptr, qs_ptr, k_ptr, ks_ptr, kts_ptr, v_ptr, vs_ptr, vts_ptr, valid_ptr, out_ptr,
         Sq, Skv, H, tokens_per_chunk, qk_scale,
