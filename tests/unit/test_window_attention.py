@@ -95,6 +95,9 @@ def test_nvfp4_mode_matches_float64_of_dequantized_pages():
     out = kv.attend(q)
     assert out.dtype == q.dtype and torch.isfinite(out).all()
     assert _rel(out, kv.reference_attention(q, torch.float64)) <= 1e-2
+    bits = window_attention(q, kv.k_codes, kv.v_codes, T, kv.valid, mode="nvfp4", k_scale=kv.k_scales.view(torch.uint8),
+                            v_scale=kv.v_scales.view(torch.uint8), k_ts=kv.k_ts, v_ts=kv.v_ts)
+    assert torch.equal(bits, out)                 # E4M3 scales given as their uint8 bits
 
 
 def test_bf16_cache_hands_a_window_object_in_fp8_and_triton_modes():

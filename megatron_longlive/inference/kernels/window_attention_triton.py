@@ -363,7 +363,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_p
         if k_ts.numel() < regions or v_ts.numel() < regions:
             raise ValueError(f"need {regions} region scales for {skv} keys of {tokens_per_chunk} per region")
         qs, kts, vts = dummy, k_ts.float().contiguous(), v_ts.float().contiguous()
-        ks, vs = k_scale, v_scale
+        ks, vs = (x.view(torch.float8_e4m3fn) if x.dtype == torch.uint8 else x for x in (k_scale, v_scale))
+        assert ks.dtype == vs.dtype == torch.float8_e4m3fn, "nvfp4 block scales: float8_e4m3fn (or its uint8 bits)"
         assert ks.stride(-1) == 1 and vs.stride(-1) == 1, "block scales need a contiguous last dim"
         ks_strides = (ks.stride(0), ks.stride(1), ks.stride(2))
         vs_strides = (vs.stride(0), vs.stride(1), vs.stride(2))
