@@ -190,6 +190,12 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> d
     for label, ms in rows.items():
         if ms is None:
             continue
+        if label == "fp8-quant":                     # memory-bound: bytes moved, not FLOPs
+            moved = (tpc + 2 * skv) * heads * d * 3 + 2 * skv * heads * d * 2   # bf16 in, e4m3 out + K mean, V amax reads
+            print(f"| {name}{tag} | {tpc} | {skv} | {heads} | {label} | {ms:.3f} | {moved / ms / 1e9:.0f} GB/s | |")
+            record(a.out, f"{name}{tag} self-attention {label}", "time", ms, "ms", sq=tpc, skv=skv, heads=heads,
+                   head_dim=d, gbps=moved / ms / 1e9)
+            continue
         tflops = flops / ms / 1e9
         print(f"| {name}{tag} | {tpc} | {skv} | {heads} | {label} | {ms:.3f} | {tflops:.0f} | "
               f"{100 * tflops / a.peak_tflops:.0f}% |", flush=True)
