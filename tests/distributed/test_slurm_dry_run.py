@@ -28,6 +28,15 @@ TINY = os.path.join(ROOT, "examples", "configs", "tiny.yaml")
 pytestmark = pytest.mark.distributed
 
 
+
+def _need_mpi():
+    """Skip unless mpi4py loads an MPI library (a pip-installed mpi4py without MPI fails on `from mpi4py import MPI`)."""
+    try:
+        from mpi4py import MPI
+        MPI.Get_version()
+    except Exception as e:  # ImportError without mpi4py, RuntimeError without libmpi
+        pytest.skip(f"mpi4py with an MPI library is needed ({type(e).__name__}: {e}); pip install mpi4py + OpenMPI")
+
 def _env(**extra: str) -> dict:
     path = os.pathsep.join([FAKE, os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = dict(os.environ, PATH=path, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
@@ -117,7 +126,7 @@ def test_launch_discovery_inside_a_slurm_job():
     batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu[1-2]", "MASTER_PORT": "1234"}
     srun_pmix = discover_launch(dict(batch, SLURM_PROCID="1", PMIX_RANK="1"))
     assert (srun_pmix.launcher, srun_pmix.rank, srun_pmix.world_size, srun_pmix.master_addr) == ("slurm", 1, 2, "gpu1")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py)")
+    _need_mpi()
     info = discover_launch(dict(batch, OMPI_COMM_WORLD_SIZE="1", OMPI_COMM_WORLD_RANK="0"))
     assert info.launcher == "mpi"  # this process is an MPI singleton: rank 0 of 1, not Slurm's task 0 of 2
     assert (info.rank, info.world_size) == (0, 1)
@@ -221,7 +230,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(tmp_path):
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed (the mpirun variant needs "
                     "Open MPI or MPICH plus mpi4py)")
 def test_rendered_mpirun_sbatch_trains_two_steps(tmp_path):
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py)")
+    _need_mpi()
     run = str(tmp_path / "run")
     job = _render(run, "launch.launcher=mpirun", "launch.nodes=1", "launch.gpus_per_node=2", "train.max_steps=2",
                   "train.save_interval=2")
