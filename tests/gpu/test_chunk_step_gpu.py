@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_longlive.config import InferConfig, preset_config
+from megatron_longlive.config import InferConfig
 from megatron_longlive.inference.engine import StreamingEngine
-from megatron_longlive.models.wan import WanDiT
+from tests.gpu.gpu_helpers import tiny_cuda_dit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -30,14 +30,7 @@ def _stream(model, step, kv="bf16", chunks=9):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m = WanDiT(preset_config("tiny"))
-        m.init_weights()
-        torch.nn.init.normal_(m.head.head.weight, std=0.02)
-    return m.eval()
+    return tiny_cuda_dit()
 
 
 @pytest.mark.parametrize("kv", ["bf16", "nvfp4"])

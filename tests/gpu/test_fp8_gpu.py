@@ -12,15 +12,12 @@ import copy
 import pytest
 import torch
 
+from tests.gpu.gpu_helpers import bytes_differ
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _bytes_differ(got: torch.Tensor, want: torch.Tensor) -> str:
-    a = got.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
-    b = want.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
-    assert a.shape == b.shape
-    return f"{int((a != b).sum())} of {a.numel()} bytes differ"
 
 
 def _data(m: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -45,7 +42,7 @@ def test_fp8_quantize_both_bitwise_vs_cpu(shape, hw_cast):
         rq, rs = quantize_rowwise(src)
         rq_t, rs_t = quantize_rowwise(pad_tokens(src.t()))
         for name, g, w in zip(("codes", "scales", "codes^T", "scales^T"), got, (rq, rs, rq_t.contiguous(), rs_t)):
-            msg = _bytes_differ(g, w)
+            msg = bytes_differ(g, w)
             assert msg.startswith("0 of"), f"fp8 {src.dtype} hw_cast={hw_cast} {name}: {msg}"
         ref = src.double().sum(0)
         assert torch.all((got[4].cpu().double() - ref).abs() <= 1e-6 * src.double().abs().sum(0) + 1e-30)

@@ -9,20 +9,17 @@ import copy
 import pytest
 import torch
 
+from tests.gpu.gpu_helpers import bytes_differ
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _bytes_differ(got: torch.Tensor, want: torch.Tensor) -> str:
-    a = got.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
-    b = want.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
-    assert a.shape == b.shape
-    return f"{int((a != b).sum())} of {a.numel()} bytes differ"
 
 
 def _assert_same(q, ref, what):
     for name, g, w in zip(("codes", "scales", "tensor scale"), q, ref):
-        msg = _bytes_differ(g, w)
+        msg = bytes_differ(g, w)
         assert msg.startswith("0 of"), f"{what} {name}: {msg}"
 
 
@@ -55,7 +52,7 @@ def test_quantize_kernels_bitwise_vs_reference(shape):
     q = R.quantize(xr[:m], block_2d=True)
     for dtype in (torch.float32, torch.bfloat16):
         got = ops.dequantize(*(t.cuda() for t in q), dtype=dtype)
-        msg = _bytes_differ(got, R.dequantize(*q, dtype=dtype))
+        msg = bytes_differ(got, R.dequantize(*q, dtype=dtype))
         assert msg.startswith("0 of"), f"dequantize {dtype}: {msg}"
 
 
@@ -93,7 +90,7 @@ def test_ragged_shapes_bitwise_and_dequantize(shape):
         s = H.rht_signs(9)
         _assert_same(ops.quantize(src.cuda(), rht_signs=s), R.quantize(src, rht_signs=s), f"1x16 rht {src.dtype}")
         for dtype in (torch.float32, torch.bfloat16):
-            msg = _bytes_differ(ops.dequantize(*q, dtype=dtype), R.dequantize(*ref, dtype=dtype))
+            msg = bytes_differ(ops.dequantize(*q, dtype=dtype), R.dequantize(*ref, dtype=dtype))
             assert msg.startswith("0 of"), f"dequantize 1x16 {dtype}: {msg}"
 
 
@@ -156,7 +153,7 @@ def test_packed_linear_on_gpu_equals_cpu_and_saves_memory():
     cpu = PackedNVFP4Linear.from_linear(lin)
     gpu = PackedNVFP4Linear.from_linear(copy.deepcopy(lin).cuda())
     for name in ("codes", "scales", "tensor_scale"):
-        msg = _bytes_differ(getattr(gpu, name), getattr(cpu, name))
+        msg = bytes_differ(getattr(gpu, name), getattr(cpu, name))
         assert msg.startswith("0 of"), f"packed {name}: {msg}"
     x = torch.randn(64, 1536, dtype=torch.bfloat16)
     w = cpu.dequantized_weight(torch.bfloat16)
@@ -189,5 +186,5 @@ def test_fused_fp8_quantize_both_bitwise_vs_cpu():
     rq, rs = quantize_rowwise(x)
     rq_t, rs_t = quantize_rowwise(pad_tokens(x.t()))
     for name, g, w in zip(("codes", "scales", "codes^T", "scales^T"), got, (rq, rs, rq_t.contiguous(), rs_t)):
-        msg = _bytes_differ(g, w)
+        msg = bytes_differ(g, w)
         assert msg.startswith("0 of"), f"fp8 {name}: {msg}"

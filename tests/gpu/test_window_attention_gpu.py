@@ -108,17 +108,9 @@ def test_fused_quantizer_bitwise_equals_torch():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from megatron_longlive.config import preset_config
-    from megatron_longlive.models.wan import WanDiT
+    from tests.gpu.gpu_helpers import tiny_cuda_dit
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m = WanDiT(preset_config("tiny"))
-        m.init_weights()
-        torch.nn.init.normal_(m.head.head.weight, std=0.02)
-    return m.eval()
+    return tiny_cuda_dit()
 
 
 def _stream(model, step, attention, chunks=7):
