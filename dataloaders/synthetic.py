@@ -128,12 +128,16 @@ def generate_dataset(out_dir: str | os.PathLike, data: DataConfig, num_videos: i
     for i in tqdm(range(n), desc="synthetic videos", unit="video", disable=not progress):
         frames, shots = render_video(data.seed, i, data.height, data.width, data.num_frames, data.num_shots)
         name = f"video_{i:04d}.mp4"
-        with Mp4Writer(os.path.join(out_dir, name), data.fps) as writer:
+        # per-process temporary names + atomic rename: ranks that build the same dataset at once never
+        # see (or rename away) each other's half-written files
+        tmp = os.path.join(out_dir, f".{name}.{os.getpid()}.tmp.mp4")
+        with Mp4Writer(tmp, data.fps) as writer:
             writer.write(frames)
+        os.replace(tmp, os.path.join(out_dir, name))
         lines.append({"path": name, "fps": data.fps, "num_frames": data.num_frames, "height": data.height,
                       "width": data.width, "shots": shots})
     manifest = os.path.join(out_dir, MANIFEST)
-    tmp = manifest + ".tmp"
+    tmp = manifest + f".tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
     os.replace(tmp, manifest)
