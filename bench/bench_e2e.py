@@ -40,7 +40,7 @@ def _sync(device: torch.device) -> None:
 
 def run_setting(name: str, device: torch.device, dtype: torch.dtype, args) -> list[dict]:
     _, height, width, stride, infer_kw, label = SETTINGS[name]
-    infer = InferConfig(height=height, width=width, **infer_kw)
+    infer = InferConfig(height=height, width=width, attention=args.attention, **infer_kw)
     model = build_model(name, device, dtype, args.linear)
     engine = StreamingEngine(model, infer, (height // stride, width // stride), kv_cache=args.kv, step=args.step)
     engine.set_prompt(torch.randn(1, model.cfg.text_len, model.cfg.text_dim))
@@ -105,6 +105,8 @@ def main() -> int:
     p.add_argument("--step", default="auto", help="DiT chunk step (inference/chunk_step.py); auto = fastest")
     p.add_argument("--linear", default="bf16", choices=("bf16", "fp8"))
     p.add_argument("--kv", default="bf16", choices=("bf16", "nvfp4"))
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "fp8", "triton"),
+                   help="infer.attention: self-attention over the KV window (fp8 / triton: the Triton window kernel)")
     p.add_argument("--vae-eager", action="store_true", help="no compile / CUDA graph for the decoder")
     p.add_argument("--decode-device", default=None, help="e.g. cuda:1: measure the dedicated-GPU layout")
     p.add_argument("--chunks", type=int, default=8, help="timed chunks per mode")
@@ -119,8 +121,10 @@ def main() -> int:
         for r in run_setting(name, device, dtype, args):
             rows.append(r)
             extra = dict(setting=name, decode=r["mode"], step=args.step, linear=args.linear, kv=args.kv,
+                         attention=args.attention,
                          dit_alone_fps=round(r["dit_fps"], 2), vae_alone_fps=round(r["vae_fps"], 2))
-            record(args.out, f"{r['label']} e2e fps ({r['mode']} decode, linear {args.linear})", "fps",
+            attn = "" if args.attention == "sdpa" else f", attention {args.attention}"
+            record(args.out, f"{r['label']} e2e fps ({r['mode']} decode, linear {args.linear}{attn})", "fps",
                    round(r["fps"], 2), "frames/s", **extra)
             if r["mode"] == rows[0]["mode"]:
                 record(args.out, f"{r['label']} e2e fps (dedicated decode GPU, estimated from one-GPU parts)",
