@@ -8,6 +8,9 @@ On CPU the memory columns are NaN. Prints a table and appends JSON lines via ben
 
     python bench/bench_distill_step.py --preset wan2.1-1.3b --base bf16 nvfp4 --out bench/results.jsonl
     python bench/bench_distill_step.py --preset tiny --height 32 --width 32 --device cpu   # smoke run
+    python bench/bench_distill_step.py --base bf16 --activation-checkpointing [--offload-activations]
+
+"offl GiB" is the block inputs sent to host memory per step (train.offload_activations; 0 without it).
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ from bench.record import record  # noqa: E402
 from megatron_longlive.config import build_config  # noqa: E402
 from megatron_longlive.models.wan import WanDiT  # noqa: E402
 from megatron_longlive.training import dmd  # noqa: E402
-from megatron_longlive.training.trainer import apply_activation_checkpointing  # noqa: E402
 
 BASES = ("bf16", "nvfp4")
 GIB = 2 ** 30
@@ -36,10 +38,13 @@ def _peak(dev: torch.device) -> float:
 
 def build_distiller(args, base: str) -> dmd.Distiller:
     """The tiny..1.3B model with random weights (--dtype; auto: BF16 on CUDA, fp32 elsewhere), NVFP4-packed for nvfp4,
-    and a Distiller on it with random prompt embeddings."""
+    and a Distiller on it with random prompt embeddings; the Distiller applies train.activation_checkpointing /
+    train.offload_activations (--activation-checkpointing / --offload-activations) as `longlive distill` does."""
     dev = torch.device(args.device)
     cfg = build_config({"model": {"preset": args.preset},
-                        "train": {"chunk_frames": args.chunk_frames, "output_dir": "/tmp/bench_distill"},
+                        "train": {"chunk_frames": args.chunk_frames, "output_dir": "/tmp/bench_distill",
+                                  "activation_checkpointing": args.activation_checkpointing,
+                                  "offload_activations": args.offload_activations},
                         "quant": {"packed_base": base == "nvfp4"},
                         "distill": {"rollout_frames": args.rollout_frames, "critic_ratio": args.critic_ratio,
                                     "rank": args.rank, "critic_rank": args.rank, "real_guidance": args.guidance,
@@ -59,8 +64,6 @@ def build_distiller(args, base: str) -> dmd.Distiller:
         from megatron_longlive.quant.nvfp4.packed import pack_model
 
         pack_model(model, keep=cfg.quant.keep_high_precision, block_2d=cfg.quant.weight_2d)
-    if args.activation_checkpointing:
-        apply_activation_checkpointing(model)
     prompts = torch.randn(4, cfg.model.text_len, cfg.model.text_dim)        # CPU, as the dataset hands them over
     mode: dmd.ScoreMode = "causal" if args.init == "direct" else "bidirectional"
     return dmd.Distiller(cfg, model, prompts, mode, (args.height // 8, args.width // 8), dev)
@@ -81,6 +84,8 @@ def run_one(args, base: str) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     times, m = [], {}
+    if d.offload is not None:
+        d.offload.reset_counters()
     for i in range(args.warmup + args.steps):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -93,7 +98,8 @@ def run_one(args, base: str) -> dict:
             times.append(time.perf_counter() - t0)
     return {"base": base, "step_s": sum(times) / len(times), "peak_gib": _peak(dev), "setup_peak_gib": setup_peak,
             "base_weights_gib": base_bytes / GIB, "critic_loss": m["critic_loss"],
-            "generator_loss": m["generator_loss"]}
+            "generator_loss": m["generator_loss"],
+            "offloaded_gib": d.offload.offloaded_bytes / GIB / (args.warmup + args.steps) if d.offload else 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,10 +121,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="base weight dtype (auto: bf16 on CUDA, fp32 elsewhere); adapters always train in fp32")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true", help="train.activation_checkpointing")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="train.offload_activations: checkpointed blocks' inputs in pinned host memory (needs "
+                        "--activation-checkpointing)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="append JSON lines here (bench/record.py)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.offload_activations and not args.activation_checkpointing:
+        p.error("--offload-activations offloads what activation checkpointing saves: add --activation-checkpointing")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,22 +141,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_one(args, base))
         except torch.cuda.OutOfMemoryError as e:  # record the failure instead of losing the other row
             rows.append({"base": base, **dict.fromkeys(("step_s", "peak_gib", "setup_peak_gib", "base_weights_gib",
-                                                        "critic_loss", "generator_loss"), float("nan")),
+                                                        "critic_loss", "generator_loss", "offloaded_gib"), float("nan")),
                          "error": str(e).splitlines()[0]})
     setting = (f"{args.preset} {args.height}x{args.width} rollout {args.rollout_frames} lat-frames chunk "
                f"{args.chunk_frames} critic_ratio {args.critic_ratio} r{args.rank} {args.init} "
                f"{len(args.steps_list)}-step{' AC' if args.activation_checkpointing else ''}"
+               f"{'+offload' if args.offload_activations else ''}"
                f"{'' if args.dtype == 'auto' else ' ' + args.dtype}")
     print(f"DMD distillation step: {setting}")
-    print(f"{'base':<8}{'step s':>10}{'peak GiB':>11}{'setup GiB':>11}{'base GiB':>10}{'critic':>10}{'gen':>10}")
+    print(f"{'base':<8}{'step s':>10}{'peak GiB':>11}{'setup GiB':>11}{'base GiB':>10}{'critic':>10}{'gen':>10}{'offl GiB':>10}")
     for r in rows:
         print(f"{r['base']:<8}{r['step_s']:>10.3f}{r['peak_gib']:>11.2f}{r['setup_peak_gib']:>11.2f}"
-              f"{r['base_weights_gib']:>10.3f}{r['critic_loss']:>10.4f}{r['generator_loss']:>10.4f}"
+              f"{r['base_weights_gib']:>10.3f}{r['critic_loss']:>10.4f}{r['generator_loss']:>10.4f}{r['offloaded_gib']:>10.3f}"
               + (f"  {r['error']}" if "error" in r else ""))
         name = f"{setting} {r['base']} base distill step"
         record(args.out, name, "step_time", r["step_s"], "s")
         record(args.out, name, "peak_memory", r["peak_gib"], "GiB", setup_peak_gib=r["setup_peak_gib"],
-               base_weights_gib=r["base_weights_gib"])
+               base_weights_gib=r["base_weights_gib"], offloaded_gib_per_step=r["offloaded_gib"])
     return 0
 
 

@@ -12,7 +12,8 @@ class DistillConfig(ConfigBase):
     """Generator LoRA + critic LoRA on one frozen base; the teacher is the base with adapters off.
 
     The AR chunk size is `train.chunk_frames`, the sigma shift `train.timestep_shift`; prompts come from the
-    training data (`data.*`); the NVFP4-packed base is `quant.packed_base`."""
+    training data (`data.*`); the NVFP4-packed base is `quant.packed_base`; memory: `train.activation_checkpointing` and
+    `train.offload_activations` apply to the shared model (generator rollout, scores and critic) as in training."""
 
     _section: ClassVar[str] = "distill"
 

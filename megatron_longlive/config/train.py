@@ -44,9 +44,9 @@ class TrainConfig(ConfigBase):
     precision: Literal["fp32", "bf16"] = "fp32"
     """Autocast dtype for the forward (bf16 on GPU)."""
     activation_checkpointing: bool = False
-    """Recompute block activations in backward."""
+    """Recompute block activations in backward (also applied by `longlive distill`)."""
     offload_activations: bool = False
-    """With activation_checkpointing: keep each block's saved hidden-state input in pinned host memory from the forward until its recompute (copied on a side stream, the next block's prefetched during backward); exact, saves ~num_layers x tokens x dim x 2 bytes of GPU memory (bf16)."""
+    """With activation_checkpointing: keep each block's saved hidden-state input in pinned host memory from the forward until its recompute (copied on a side stream, the next block's prefetched during backward); exact, saves ~num_layers x tokens x dim x 2 bytes of GPU memory (bf16). Also applied by `longlive distill`."""
     lora_rank: int = 0
     """0: full fine-tune; > 0: frozen base + LoRA of this rank."""
     lora_alpha: float = 0.0

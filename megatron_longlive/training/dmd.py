@@ -40,6 +40,7 @@ from .lora_switch import adapter_parameters, add_adapter, save_named_adapter, us
 from .metrics import MetricsLogger
 from .schedule import noise_latents, shift_sigma
 from .teacher_forcing import build_tf_inputs, noisy_prediction, tf_forward
+from .trainer import apply_memory_options
 
 GENERATOR, CRITIC = "generator", "critic"
 ScoreMode = Literal["causal", "bidirectional"]
@@ -170,6 +171,10 @@ class Distiller:
         add_adapter(model, GENERATOR, dc.targets, dc.rank, dc.alpha, adtype, init)
         add_adapter(model, CRITIC, dc.targets, dc.critic_rank, dc.critic_alpha, adtype, init)
         model.to(self.device)
+        # train.activation_checkpointing / train.offload_activations, as the trainer applies them, on the one shared
+        # model: the forwards with gradient (the rollout's last step per chunk, the critic's loss) are checkpointed;
+        # the no-grad ones (earlier rollout steps, the DMD scores) run plain. Backward runs inside use_adapter.
+        self.offload = apply_memory_options(model, cfg.train, self.device)
         self.gen_params, self.critic_params = adapter_parameters(model, GENERATOR), adapter_parameters(model, CRITIC)
         self.gen_opt = torch.optim.AdamW(self.gen_params, lr=dc.lr, betas=dc.betas, weight_decay=0.0)
         self.critic_opt = torch.optim.AdamW(self.critic_params, lr=dc.critic_lr, betas=dc.betas, weight_decay=0.0)

@@ -149,6 +149,18 @@ def apply_activation_checkpointing(model: WanDiT, offload: BlockInputOffload | N
         block.forward = ckpt_forward
 
 
+def apply_memory_options(model: WanDiT, tc, device: torch.device) -> BlockInputOffload | None:
+    """`train.activation_checkpointing` and `train.offload_activations` on `model` (the trainer's and the
+    distiller's one path); returns the offload (its byte counters) or None."""
+    offload = BlockInputOffload() if tc.offload_activations else None
+    if tc.offload_activations and torch.device(device).type != "cuda":
+        warnings.warn(f"train.offload_activations saves no memory on {torch.device(device).type}: the block inputs "
+                      f"are already in host memory (they are still copied, bit for bit).", stacklevel=3)
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model, offload)
+    return offload
+
+
 def long_tuning_rule(cfg: RunConfig) -> SinkRule | None:
     """train.long_tuning: the inference cache's sink/window rule (infer.* sizes, in chunks), else None."""
     if not cfg.train.long_tuning:
@@ -221,12 +233,7 @@ class Trainer:
         self.model.train()
         if tc.lora_rank > 0 and not lora_modules(self.model):  # (TP runs get TP-aware adapters from the strategy)
             apply_lora(self.model, tc.lora_targets, tc.lora_rank, tc.lora_alpha)
-        self.offload = BlockInputOffload() if tc.offload_activations else None
-        if tc.offload_activations and self.device.type != "cuda":
-            warnings.warn(f"train.offload_activations saves no memory on {self.device.type}: the block inputs are "
-                          f"already in host memory (they are still copied, bit for bit).", stacklevel=2)
-        if tc.activation_checkpointing:
-            apply_activation_checkpointing(self.model, self.offload)
+        self.offload = apply_memory_options(self.model, tc, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

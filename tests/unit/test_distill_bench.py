@@ -39,20 +39,26 @@ def test_bench_cli_keeps_the_old_spelling():
     assert bench.parse_args(["--base", "bf16", "nvfp4"]).bases == ["bf16", "nvfp4"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--base", "fp8"])
+    with pytest.raises(SystemExit):       # offload needs checkpointing, as train.offload_activations does
+        bench.parse_args(["--offload-activations"])
 
 
-@pytest.mark.parametrize("base,init,ac", [("nvfp4", "direct", True), ("bf16", "standalone", False)])
+@pytest.mark.parametrize("base,init,ac", [("nvfp4", "direct", True), ("bf16", "standalone", False),
+                                         ("bf16", "direct", "offload")])
 def test_dmd_step_keeps_every_tensor_on_the_model_device(monkeypatch, base, init, ac):
     """A CPU tensor meeting a device tensor anywhere in a critic + generator step raises on `meta` as on CUDA."""
     item, to_bool = torch.Tensor.item, torch.Tensor.__bool__
     monkeypatch.setattr(torch.Tensor, "item", lambda t: 0.5 if t.device.type == "meta" else item(t))
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: True if t.device.type == "meta" else to_bool(t))
     ac_flag = ["--activation-checkpointing"] if ac else []
+    ac_flag += ["--offload-activations"] if ac == "offload" else []
     args = bench.parse_args([*TINY, "--device", "meta", "--init", init, *ac_flag])
     d = bench.build_distiller(args, base)
     m = d.train_step()
     assert math.isfinite(m["generator_loss"])
     assert all(p.device.type == "meta" for p in d.gen_params + d.critic_params)
+    assert all(b.forward.__name__ == "ckpt_forward" for b in d.model.blocks) == bool(ac)   # via train.* in the cfg
+    assert (d.offload is not None) == (ac == "offload")
     assert all(t.device.type == "meta" for t in d.model.state_dict().values())
     x = dmd.sample(d.model, d.prompts, [0], [1000, 500], 2, 4, (4, 4), adapter="generator")  # CPU seeds + prompts
     assert x.device.type == "meta"
