@@ -14,6 +14,8 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from .save_inputs import save_inputs
+
 # "column": output features may be split (q, k, v, ffn in); "row": input features may be split
 # (attention out, ffn out); "replicated": never split (embeddings, head, modulation projections).
 ParallelStyle = Literal["column", "row", "replicated"]
@@ -28,8 +30,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return save_inputs(self._norm, x, self.weight)   # backward keeps x as given, not its float32 upcast
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * weight
 
 
 class LinearProvider:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ...config.model import ModelConfig
 from ..provider import LinearProvider
+from ..save_inputs import save_inputs
 from .attention import AttentionCore, ChunkMask
 from .rope import apply_rope, grid_positions, rope_cos_sin
 from .text_context import cross_attend
@@ -32,12 +33,16 @@ KVHook = Callable[[torch.Tensor, torch.Tensor, "ChunkMask | None"], tuple]
 
 
 class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32, cast back (as Wan does)."""
+    """LayerNorm computed in float32, cast back (as Wan does). Backward keeps x as given (bf16), not its
+    float32 upcast, and recomputes the norm (save_inputs.py: bit for bit the same gradients)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = hi(x)
-        w = self.weight.to(xf.dtype) if self.weight is not None else None
-        b = self.bias.to(xf.dtype) if self.bias is not None else None
+        return save_inputs(self._norm, x, *(p for p in (self.weight, self.bias) if p is not None))
+
+    def _norm(self, x: torch.Tensor, *affine: torch.Tensor) -> torch.Tensor:
+        xf, given = hi(x), iter(affine)
+        w = next(given).to(xf.dtype) if self.weight is not None else None
+        b = next(given).to(xf.dtype) if self.bias is not None else None
         return F.layer_norm(xf, self.normalized_shape, w, b, self.eps).type_as(x)
 
 
@@ -53,11 +58,25 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return (xf * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, s, d).type_as(x)
 
 
+def norm_modulate(norm: FP32LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """modulate(norm(x), shift, scale); backward keeps only x, shift and scale (not the float32 copies of x
+    and of the norm's output that plain autograd keeps when scale is trained) and recomputes both ops."""
+    assert norm.weight is None and norm.bias is None, "the norm's parameters would get no gradient"
+    return save_inputs(lambda x, shift, scale: modulate(norm(x), shift, scale), x, shift, scale)
+
+
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate with a per-frame gate [B, F, D], in float32."""
+    """x + y * gate with a per-frame gate [B, F, D], in float32. A trained gate's gradient needs y: backward
+    keeps y as given (bf16), not its float32 copy; a frozen gate needs nothing of y, so plain autograd."""
     b, s, d = x.shape
-    out = hi(x).view(b, gate.shape[1], -1, d) + hi(y).view(b, gate.shape[1], -1, d) * gate[:, :, None]
+    yg = save_inputs(_times_gate, y, gate) if gate.requires_grad else _times_gate(y, gate)
+    out = hi(x).view(b, gate.shape[1], -1, d) + yg
     return out.view(b, s, d).type_as(x)
+
+
+def _times_gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    b, s, d = y.shape
+    return hi(y).view(b, gate.shape[1], -1, d) * gate[:, :, None]
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -139,10 +158,10 @@ class WanBlock(nn.Module):
                 kv_hook: KVHook | None = None) -> torch.Tensor:
         """x: [B, S, D]; e: [B, F, 6, D] float32 time projection per frame."""
         shift, scale, gate, c_shift, c_scale, c_gate = (hi(self.modulation)[:, None] + e).unbind(2)
-        y = self.self_attn(modulate(self.norm1(x), shift, scale), cos, sin, mask, kv_hook)
+        y = self.self_attn(norm_modulate(self.norm1, x, shift, scale), cos, sin, mask, kv_hook)
         x = gated_residual(x, y, gate)
         x = x + self.cross_attn(self.norm3(x), context_kv)
-        y = self.ffn(modulate(self.norm2(x), c_shift, c_scale))
+        y = self.ffn(norm_modulate(self.norm2, x, c_shift, c_scale))
         return gated_residual(x, y, c_gate)
 
 
@@ -157,7 +176,7 @@ class WanHead(nn.Module):
     def forward(self, x: torch.Tensor, e_time: torch.Tensor) -> torch.Tensor:
         """x: [B, S, D]; e_time: [B, F, D] float32 time embedding per frame."""
         shift, scale = (hi(self.modulation)[:, None] + e_time[:, :, None]).unbind(2)
-        return self.head(modulate(self.norm(x), shift, scale))
+        return self.head(norm_modulate(self.norm, x, shift, scale))
 
 
 def call_block(block: "WanBlock", *args) -> torch.Tensor:
