@@ -13,6 +13,7 @@ otherwise `fn` is called directly, so inference (no_grad, torch.compile, CUDA gr
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -25,8 +26,10 @@ def save_inputs(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torc
     return fn(*tensors)
 
 
-def _autocast_state(tensors) -> tuple[str, bool, torch.dtype]:
+def _autocast_state(tensors) -> tuple[str, bool, torch.dtype | None]:
     device = tensors[0].device.type
+    if not torch.amp.is_autocast_available(device):   # e.g. `meta` (device-placement tests)
+        return device, False, None
     return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
 
@@ -42,7 +45,8 @@ class _SaveInputs(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]
         inputs = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]
         device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        autocast = torch.autocast(device, dtype=dtype, enabled=enabled) if dtype else contextlib.nullcontext()
+        with torch.enable_grad(), autocast:
             out = ctx.fn(*inputs)
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))

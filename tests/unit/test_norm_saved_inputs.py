@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_longlive.models.provider import RMSNorm
+from megatron_longlive.models.save_inputs import save_inputs
 from megatron_longlive.models.wan import WanDiT
 from megatron_longlive.models.wan import model as wan_model
 from megatron_longlive.models.wan.model import FP32LayerNorm
@@ -189,3 +190,21 @@ def test_tiny_training_step_is_bitwise_unchanged(tiny_cfg, checkpointed, frozen)
     differ = [n for n in grads if not torch.equal(grads[n], ref_grads[n])]
     assert not differ, differ
     assert grads and all(grads[n].abs().sum() > 0 for n in grads)
+
+
+@pytest.mark.parametrize("forward_autocast", [False, True])
+def test_backward_recomputes_under_the_forwards_autocast_state(forward_autocast):
+    """The recompute runs under the forward's autocast state, not the one around .backward() (a matmul, which
+    CPU autocast lowers to bf16, shows the difference; the norms' element-wise ops are autocast-neutral)."""
+    g = torch.Generator().manual_seed(5)
+    x, w, grad = torch.randn(6, 32, generator=g), torch.randn(32, 16, generator=g), torch.randn(6, 16, generator=g)
+    got = []
+    for fn in (lambda x, w: save_inputs(torch.matmul, x, w), torch.matmul):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=forward_autocast):
+            y = fn(xr, wr)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not forward_autocast):
+            y.backward(grad.to(y.dtype))
+        got.append((y, xr.grad, wr.grad))
+    for a, b in zip(*got):
+        assert a.dtype == b.dtype and torch.equal(a, b)
