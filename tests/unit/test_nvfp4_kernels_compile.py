@@ -6,10 +6,7 @@ divisions must be div.rn (never div.approx / div.full), and no flush-to-zero ari
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+from process_helpers import compile_report
 
 SCRIPT = r"""
 import json, re, collections, triton
@@ -53,10 +50,7 @@ print(json.dumps(out))
 
 
 def test_kernels_compile_for_sm90_with_ieee_division():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = compile_report(SCRIPT, timeout=600)
     for name, info in out.items():
         assert info["cubin"], name
         ops = info["ops"]

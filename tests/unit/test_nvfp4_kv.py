@@ -203,14 +203,9 @@ print(json.dumps({"cubin": "cubin" in k.asm, "mma": dict(mma)}))
 @pytest.mark.slow
 def test_fused_kernel_compiles_for_sm90_on_bf16_tensor_cores():
     """The GPU path (bf16 wgmma, split P, split fp32 query, d=128) compiles for Hopper without a GPU."""
-    import json
-    import subprocess
-    import sys
+    from process_helpers import compile_report
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = compile_report(COMPILE, timeout=600)
     assert out["cubin"]
     assert out["mma"] and all(".bf16.bf16" in m for m in out["mma"]), out["mma"]
 

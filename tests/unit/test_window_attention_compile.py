@@ -5,12 +5,8 @@ quantizer compiles with IEEE divisions (div.rn, what makes it bitwise the torch 
 Runs in a subprocess without TRITON_INTERPRET (CPU test sessions set it in-process)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from process_helpers import compile_report
 
 SCRIPT = r"""
 import collections, json, re, triton
@@ -57,10 +53,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_window_attention_compiles_for_sm90_on_the_right_tensor_cores():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = compile_report(SCRIPT, timeout=900)
     assert len(out) == 2 * (7 + 2) + (3 + 1) + 2          # bf16, fp8: 7 configs + 2 skip variants; nvfp4: 3 + 1
     for name in ("quant rows", "quant v"):        # the fused quantizer: IEEE divisions, hardware nearest-even cast
         info = out.pop(name)
