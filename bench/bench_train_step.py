@@ -85,8 +85,8 @@ def run_variant(a, variant: str, run_dir: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model = build_variant_model(cfg, device)
     counts = count_quantized(model)
-    expected = {"fp8": "FP8Linear", "nvfp4_emulated": "NVFP4Linear", "nvfp4_lora": "PackedNVFP4Linear",
-                "nvfp4_lora_offload": "PackedNVFP4Linear"}.get(variant)
+    expected = {"fp8": "FP8Linear", "nvfp4_emulated": "NVFP4Linear",
+                "nvfp4_lora": "PackedNVFP4Linear"}.get(variant.removesuffix("_offload"))
     if expected and counts[expected] == 0:
         raise RuntimeError(f"variant {variant}: the model holds no {expected} (all linears kept high precision?)")
     trainer = Trainer(cfg, dataset=random_latent_dataset(cfg, a.micro_batch), device=device, model=model,
