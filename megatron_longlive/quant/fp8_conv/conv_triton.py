@@ -1,0 +1,116 @@
+"""Triton implicit-GEMM 3-D convolution on E4M3 operands (fp32 accumulation, bf16/fp32 channels-last output).
+
+A = the padded activation buffer [R, Cp] of reference.py, B = the K-major weights [Cout, taps * Cp]. Output rows
+are positions on the padded grid (n, t, hp, wp), t < T - kt + 1: for tap (dt, dh, dw) the A tile is rows
+[G + base + dt * Hp * Wp + (dh - kh // 2) * Wp + (dw - kw // 2), + BLOCK_M), i.e. one row offset per tap, so the
+K loop (taps x Cp / BLOCK_K steps, flattened into one pipelined loop) is a plain GEMM K loop. Rows that fall on
+the spatial border are computed and not stored (0.4% of the rows at 704p full resolution, ~7% at 44x80).
+
+A tile reading columns past Cp (BLOCK_K not dividing Cp) is zero: out-of-bounds fill of the TMA descriptor or
+the load mask; the matching B columns (the next tap's weights) therefore contribute exactly 0.
+Epilogue: acc * (act_scale * w_scale[n]) + bias[n], stored as [N, T_out, H, W, Cout] (rows of interior
+positions only). fp8 operands go to the tensor cores as tl.dot(a [BM, BK], b [BN, BK]^T), B K-major as Hopper's
+FP8 wgmma requires. Under TRITON_INTERPRET the dot runs on fp32 upcasts (exact products, fp32 sums), K_ITERS is a
+compile-time constant (the interpreter cannot loop to a runtime bound) and the bf16 store rounds to nearest even.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .quantize_triton import act_scale_from_bits
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> fp32 holding the nearest-even bf16 (the interpreter's bf16 cast truncates)."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, k_iters,
+               HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    ph, pw = KH // 2, KW // 2
+    hp, wp = H + 2 * ph, W + 2 * pw
+    plane = hp * wp
+    k_steps = tl.cdiv(CP, BLOCK_K)                            # k_iters = KT * KH * KW * k_steps
+    wk = KT * KH * KW * CP                                    # row length of the K-major weights
+    t_out = T - KT + 1
+    m_rows = t_out * plane                                    # output rows of one sample (padded grid)
+    num_n = tl.cdiv(COUT, BLOCK_N)
+    pid, n = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_n = pid // num_n, pid % num_n                  # the N tiles of one M tile run side by side (A in L2)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    base = G + n * T * plane + m0                             # buffer row of output row m0, tap (kt0, centre)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, CP], strides=[CP, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[COUT, wk], strides=[wk, 1], block_shape=[BLOCK_N, BLOCK_K])
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kk in range(k_iters):
+        tap = kk // k_steps
+        c0 = (kk % k_steps) * BLOCK_K
+        dt = tap // (KH * KW)
+        dh = (tap // KW) % KH
+        dw = tap % KW
+        row0 = base + dt * plane + (dh - ph) * wp + (dw - pw)
+        if USE_TMA:
+            a = a_desc.load([row0, c0])
+            b = w_desc.load([n0, tap * CP + c0])
+        else:
+            rows = row0 + offs_m
+            cols = c0 + offs_k
+            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * CP + cols[None, :],
+                        mask=(rows[:, None] < R) & (cols[None, :] < CP), other=0.0)
+            b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * wk + (tap * CP + cols)[None, :],
+                        mask=(offs_n[:, None] < COUT) & (cols[None, :] < CP), other=0.0)
+        if INTERPRET:
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    # epilogue: scales, bias, store the interior rows channels-last
+    a_scale, _ = act_scale_from_bits(amax_ptr)
+    ws = tl.load(ws_ptr + offs_n, mask=offs_n < COUT, other=0.0)
+    y = acc * (a_scale * ws)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=offs_n < COUT, other=0.0).to(tl.float32)[None, :]
+    r = m0 + offs_m
+    t = r // plane
+    h = (r % plane) // wp - ph
+    w = r % wp - pw
+    valid = (r < m_rows) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    orow = ((n * t_out + t).to(tl.int64) * H + h) * W + w
+    if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
+        y = _round_bf16(y)
+    tl.store(out_ptr + orow[:, None] * COUT + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=valid[:, None] & (offs_n[None, :] < COUT))
+
+
+@triton.jit
+def conv_kernel(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, M_KEY,
+                HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW,
+               KT * KH * KW * tl.cdiv(CP, BLOCK_K), HAS_BIAS, USE_TMA, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def conv_kernel_static(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW,
+                       K_ITERS: tl.constexpr, M_KEY, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+                       INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same with a compile-time K loop length (TRITON_INTERPRET)."""
+    _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, K_ITERS,
+               HAS_BIAS, USE_TMA, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): sm90 FP8 wgmma tiles
+    (128, 128, 64, 4, 4), (128, 128, 128, 3, 4), (128, 128, 128, 4, 8),
+    (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 256, 128, 3, 8),
+]
+INTERPRET_TILE = (32, 16, 32)  # small tiles keep the interpreter fast and exercise partial tiles

@@ -1,0 +1,144 @@
+"""The FP8 conv as a torch.library custom op (fake impl: torch.compile traces it, CUDA graphs capture it).
+
+  megatron_longlive::fp8_conv3d(x [N, C, T, H, W], w_q [Cout, taps * Cp] e4m3, w_scale [Cout] fp32, bias?,
+                                kt, kh, kw) -> [N, Cout, T - kt + 1, H, W] in x's dtype, channels_last_3d
+
+Three launches: amax of x (device scalar, no host sync), quantize into the padded buffer, implicit GEMM.
+No temporal padding (the causal cache already prepended kt - 1 frames), spatial padding kh // 2, kw // 2.
+On CUDA the GEMM is autotuned over conv_triton.CONFIGS per (rows octave, Cp, Cout, kernel) and reads its tiles
+through TMA descriptors; under TRITON_INTERPRET=1 (CPU tests) it runs one small tile with pointer loads.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from .conv_triton import CONFIGS, INTERPRET_TILE, conv_kernel, conv_kernel_static
+from .quantize_triton import _amax_kernel, _quantize_kernel
+from .reference import Layout, layout
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_runs_here(x: torch.Tensor) -> None:
+    if not x.is_cuda and not _interpret():
+        raise RuntimeError("the FP8 conv runs Triton kernels: it needs CUDA (sm89+), or TRITON_INTERPRET=1 set before "
+                           "triton is imported (CPU tests). Fix: use the bf16 convs (infer.vae_conv=bf16) on the CPU")
+
+
+def _quick_bench(fn, quantiles):
+    """Autotuning timer: a few ms per config, so the first call of a new conv shape stays cheap."""
+    return triton.testing.do_bench(fn, warmup=3, rep=15, quantiles=quantiles)
+
+
+_TUNED: dict = {}
+
+
+def _tuned_kernel(use_tma: bool):
+    if use_tma not in _TUNED:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w)
+                   for m, n, k, s, w in CONFIGS]
+        _TUNED[use_tma] = triton.autotune(configs, key=["M_KEY", "CP", "COUT", "KT", "KH", "KW"],
+                                          do_bench=_quick_bench)(conv_kernel)
+    return _TUNED[use_tma]
+
+
+_ALLOCATOR_DEVICE: str | None = None
+
+
+def _ensure_allocator(device: torch.device) -> None:
+    """Device-side TMA descriptors need scratch memory per launch: torch's caching allocator (stream ordered, the
+    CUDA-graph pool during a capture). Shared with other Triton users in the process, who set the same thing."""
+    global _ALLOCATOR_DEVICE
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if _ALLOCATOR_DEVICE != kind:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=kind))
+        _ALLOCATOR_DEVICE = kind
+
+
+def quantize_activation(x: torch.Tensor, kernel: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, C, T, H, W] -> (padded E4M3 buffer [G + N*T*Hp*Wp, Cp], int32 word holding the fp32 amax bits);
+    bitwise reference.quantize_activation (scale = amax / 448)."""
+    _check_runs_here(x)
+    lay = layout(x, kernel)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    interp = _interpret()
+    amax = torch.zeros((), dtype=torch.int32, device=x.device)
+    numel = x.numel()
+    block = 1024 if interp else 4096
+    iters = 1 if interp else triton.next_power_of_2(max(1, min(256, triton.cdiv(numel, block * 1024))))
+    _amax_kernel[(triton.cdiv(numel, block * iters),)](x, amax, numel, BLOCK=block, ITERS=iters, num_warps=8)
+    buf = torch.empty(lay.rows, lay.cp, dtype=torch.uint8, device=x.device)
+    bc = min(128, triton.next_power_of_2(lay.cp))
+    br = (2048 if interp else 8192) // bc
+    _quantize_kernel[(triton.cdiv(lay.rows, br), triton.cdiv(lay.cp, bc))](
+        x, amax, buf, lay.rows, lay.guard, lay.t * lay.n, lay.h, lay.w, lay.c, lay.cp, lay.ph, lay.pw,
+        BR=br, BC=bc, HW_CAST=x.is_cuda and not interp, num_warps=4)
+    return buf.view(torch.float8_e4m3fn), amax
+
+
+def _tma_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and not _interpret() and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def launch_conv(buf: torch.Tensor, amax: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, out: torch.Tensor, lay: Layout, use_tma: bool) -> None:
+    """The implicit GEMM into `out` (channels_last_3d [N, Cout, T_out, H, W]); use_tma: descriptor loads (sm90; the
+    interpreter runs them too, which the CPU tests use to check the tile coordinates)."""
+    kt, kh, kw = lay.kernel
+    cout = w_q.shape[0]
+    w_scale = w_scale.float().contiguous()
+    b = bias if bias is not None else w_scale
+    m_rows = lay.t_out * lay.hp * lay.wp
+    args = (buf, w_q, amax, w_scale, b, out, lay.rows, lay.guard, lay.t, lay.h, lay.w, lay.cp, cout, kt, kh, kw)
+    if use_tma:
+        _ensure_allocator(buf.device)
+    if _interpret():
+        bm, bn, bk = INTERPRET_TILE
+        k_iters = kt * kh * kw * triton.cdiv(lay.cp, bk)
+        grid = (triton.cdiv(m_rows, bm) * triton.cdiv(cout, bn), lay.n)
+        conv_kernel_static[grid](*args, k_iters, 0, HAS_BIAS=bias is not None, USE_TMA=use_tma, INTERPRET=True,
+                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),  # noqa: E731
+                             lay.n)
+        _tuned_kernel(use_tma)[grid](*args, m_rows.bit_length(), HAS_BIAS=bias is not None, USE_TMA=use_tma,
+                                     INTERPRET=False)
+
+
+@torch.library.custom_op("megatron_longlive::fp8_conv3d", mutates_args=())
+def fp8_conv3d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               kt: int, kh: int, kw: int) -> torch.Tensor:
+    kernel = (kt, kh, kw)
+    lay = layout(x, kernel)
+    cout = w_q.shape[0]
+    assert w_q.dtype == torch.float8_e4m3fn and w_q.shape[1] == kt * kh * kw * lay.cp, (w_q.shape, lay)
+    buf, amax = quantize_activation(x, kernel)
+    out = torch.empty((lay.n, cout, lay.t_out, lay.h, lay.w), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last_3d)              # memory [N, T_out, H, W, Cout]
+    if out.numel() == 0:
+        return out
+    launch_conv(buf, amax, w_q, w_scale, bias, out, lay, use_tma=_tma_ok(x))
+    return out
+
+
+@fp8_conv3d.register_fake
+def _(x, w_q, w_scale, bias, kt, kh, kw):
+    n, _, t, h, w = x.shape
+    return torch.empty((n, w_q.shape[0], t - kt + 1, h, w), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last_3d)
+
+
+def conv3d_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               kernel: tuple[int, int, int]) -> torch.Tensor:
+    """F.conv3d(x, w, bias, padding=(0, kh // 2, kw // 2)) on E4M3 operands: x quantized per call (one scale per
+    tensor), w_q / w_scale from reference.quantize_weight. Returns x's dtype, channels_last_3d."""
+    _check_runs_here(x)
+    if x.dim() != 5:
+        raise ValueError(f"fp8 conv: input must be [N, C, T, H, W], got {tuple(x.shape)}")
+    return torch.ops.megatron_longlive.fp8_conv3d(x, w_q, w_scale, bias, *kernel)

@@ -1,0 +1,144 @@
+"""FP8 implicit-GEMM conv (quant/fp8_conv) under TRITON_INTERPRET=1: tier (b) quantizer bitwise equal to the torch
+reference with exactly-zero padding, and the conv equal to a float64 conv of the SAME dequantized E4M3 operands
+within fp32-accumulation error, for the decoder's three kernel shapes (3,3,3), (3,1,1), (1,1,1); ragged H, W, C,
+Cout (partial tiles in every dim), T > 1, batch 2; pointer loads and (interpreted) TMA descriptor loads. Plus the
+custom op's fake impl (shapes, channels-last strides) and a torch.compile trace through it.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available():  # pragma: no cover - the GPU lane runs tests/gpu/test_fp8_conv_gpu.py compiled
+    pytest.skip("interpreter tests run on CPU machines", allow_module_level=True)
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+from megatron_longlive.quant.fp8_conv import ops  # noqa: E402
+from megatron_longlive.quant.fp8_conv import reference as ref  # noqa: E402
+
+# (kernel, x shape [N, C, T, H, W], Cout): T = T_out + kt - 1 with T_out > 1; C, Cout, H, W off the tiles
+CASES = [((3, 3, 3), (2, 20, 4, 5, 7), 19),
+         ((3, 3, 3), (1, 37, 5, 3, 4), 33),
+         ((1, 3, 3), (1, 24, 2, 6, 5), 17),
+         ((3, 1, 1), (1, 40, 5, 3, 5), 80),
+         ((1, 1, 1), (2, 33, 3, 4, 3), 21)]
+
+
+def _data(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * torch.logspace(-2, 1, shape[1]).view(1, -1, 1, 1, 1)
+    x.view(-1)[::97] = 0.0
+    x.view(-1)[5] = -0.0
+    return x
+
+
+def _weights(cout, cin, kernel, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(cout, cin, *kernel, generator=g) / (cin * kernel[0] * kernel[1] * kernel[2]) ** 0.5
+    w[1] = 0.0                                          # an all-zero output channel: scale 1, codes 0
+    return w, torch.randn(cout, generator=g)
+
+
+def _bytes_differ(a: torch.Tensor, b: torch.Tensor) -> int:
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    return int((a.view(torch.uint8) != b.view(torch.uint8)).sum())
+
+
+@pytest.mark.parametrize("kernel,shape,cout", CASES)
+def test_quantizer_bitwise_and_zero_padding(kernel, shape, cout):
+    x = _data(shape, 0)
+    for src in (x, x.to(torch.bfloat16), x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)):
+        buf, amax = ops.quantize_activation(src, kernel)
+        want, scale = ref.quantize_activation(src, kernel)
+        assert (n := _bytes_differ(buf, want)) == 0, f"{src.dtype}: {n} of {want.numel()} bytes differ"
+        assert amax.view(torch.float32) == src.float().abs().max()
+        assert scale == src.float().abs().max() / 448.0
+        # the independent check of the padding: border, guard rows and channel padding are +0.0 bytes
+        lay = ref.layout(src, kernel)
+        grid = buf[lay.guard:].view(torch.uint8).view(lay.n, lay.t, lay.hp, lay.wp, lay.cp).clone()
+        assert int(buf[:lay.guard].view(torch.uint8).sum()) == 0
+        grid[:, :, lay.ph:lay.ph + lay.h, lay.pw:lay.pw + lay.w, :lay.c] = 0
+        assert int(grid.sum()) == 0
+
+
+def test_quantizer_all_zero_input_has_scale_one():
+    x = torch.zeros(1, 16, 3, 2, 2)
+    buf, amax = ops.quantize_activation(x, (3, 3, 3))
+    assert int(buf.view(torch.uint8).sum()) == 0 and amax.view(torch.float32) == 0
+    y = ops.conv3d_fp8(x, *ref.quantize_weight(torch.randn(8, 16, 3, 3, 3)), torch.arange(8.0), (3, 3, 3))
+    assert torch.equal(y, torch.arange(8.0).view(1, 8, 1, 1, 1).expand_as(y))
+
+
+def _check_conv(y: torch.Tensor, x, w_q, w_s, bias, kernel):
+    want = ref.conv3d_reference(x, w_q, w_s, bias, kernel)                     # float64, dequantized operands
+    lay = ref.layout(x, kernel)
+    buf, scale = ref.quantize_activation(x, kernel)
+    bound = torch.nn.functional.conv3d((ref.unpad_activation(buf, lay).double() * scale.double()).abs(),
+                                       ref.dequantize_weight(w_q, w_s, lay.c, kernel).abs(),
+                                       bias.double().abs(), padding=(0, lay.ph, lay.pw))   # sum of |terms|
+    assert y.shape == want.shape and y.is_contiguous(memory_format=torch.channels_last_3d)
+    err = (y.double() - want).abs()
+    if y.dtype == torch.float32:       # fp32 accumulation of exact products, then two fp32 scale multiplies
+        tol = 2e-6 * bound + 1e-30
+    else:                              # plus one bf16 rounding of the result
+        tol = 2e-6 * bound + want.abs() * 2.0 ** -8
+    assert torch.all(err <= tol), f"worst excess {(err - tol).max().item():.3g}"
+    return err.max().item()
+
+
+@pytest.mark.parametrize("kernel,shape,cout", CASES)
+def test_conv_equals_float64_conv_of_dequantized_operands(kernel, shape, cout):
+    x = _data(shape, 1)
+    w, b = _weights(cout, shape[1], kernel, 2)
+    w_q, w_s = ref.quantize_weight(w)
+    for dtype in (torch.float32, torch.bfloat16):
+        xi = x.to(dtype)
+        y = ops.conv3d_fp8(xi, w_q, w_s, b, kernel)
+        assert y.dtype == dtype
+        _check_conv(y, xi, w_q, w_s, b, kernel)
+    y = ops.conv3d_fp8(x, w_q, w_s, None, kernel)                               # no bias
+    _check_conv(y, x, w_q, w_s, torch.zeros(cout), kernel)
+
+
+@pytest.mark.parametrize("kernel,shape,cout", [CASES[0], CASES[3]])
+def test_conv_through_tma_descriptors(kernel, shape, cout):
+    """The sm90 path's descriptor loads (zero fill past Cp and past the last row), run by the interpreter."""
+    x = _data(shape, 3)
+    w, b = _weights(cout, shape[1], kernel, 4)
+    w_q, w_s = ref.quantize_weight(w)
+    lay = ref.layout(x, kernel)
+    buf, amax = ops.quantize_activation(x, kernel)
+    out = torch.empty((lay.n, cout, lay.t_out, lay.h, lay.w), memory_format=torch.channels_last_3d)
+    ops.launch_conv(buf, amax, w_q, w_s, b, out, lay, use_tma=True)
+    _check_conv(out, x, w_q, w_s, b, kernel)
+
+
+def test_weight_quantizer_layout():
+    w, _ = _weights(6, 20, (3, 3, 3), 5)
+    w_q, w_s = ref.quantize_weight(w)
+    assert w_q.shape == (6, 27 * 32) and w_q.dtype == torch.float8_e4m3fn and w_s.shape == (6,)
+    assert torch.equal(w_s[1], torch.tensor(1.0)) and w_q[1].float().abs().sum() == 0
+    codes = w_q.float().view(6, 3, 3, 3, 32)
+    assert torch.all(codes[..., 20:] == 0) and torch.all(codes.abs().amax((1, 2, 3, 4))[torch.arange(6) != 1] == 448)
+    # the K-major order is (dt, dh, dw, c): code [o, dt, dh, dw, c] == quantized w[o, c, dt, dh, dw]
+    want = ref.to_e4m3(w.permute(0, 2, 3, 4, 1) / w_s.view(-1, 1, 1, 1, 1)).float()
+    assert torch.equal(codes[..., :20], want)
+
+
+def test_fake_impl_shapes_and_strides_and_compile_trace():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w_q, w_s = ref.quantize_weight(torch.randn(12, 20, 3, 3, 3))
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(2, 20, 5, 4, 6, dtype=torch.bfloat16))
+        y = torch.ops.megatron_longlive.fp8_conv3d(x, mode.from_tensor(w_q), mode.from_tensor(w_s), None, 3, 3, 3)
+        assert y.shape == (2, 12, 3, 4, 6) and y.dtype == torch.bfloat16
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 20, 4, 3, 5)
+    eager = ops.conv3d_fp8(x, w_q, w_s, None, (3, 3, 3))
+    fn = torch.compile(lambda t: ops.conv3d_fp8(t, w_q, w_s, None, (3, 3, 3)) * 2.0, backend="aot_eager",
+                       fullgraph=True)
+    assert torch.equal(fn(x), eager * 2.0)
