@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,11 @@ class CausalConv3d(nn.Module):
             cache = caches[self.slot]  # [b, c, 2, h, w]
             x = torch.cat([cache, x], dim=2)  # [b, c, 2 + t, h, w]
             cache.copy_(x[:, :, -CACHE_FRAMES:])
+        return self.conv(x)
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution proper, on the cache-extended input (no temporal padding). Other number formats
+        replace this module from outside (quant/fp8_conv/module.py: FP8CausalConv3d overrides only this)."""
         return F.conv3d(x, self.weight, self.bias, padding=self.padding)
 
 
@@ -272,9 +278,13 @@ class StreamingWanDecoder(nn.Module):
         if c.get("attn_scales"):
             raise ValueError(f"VAE config attn_scales={c['attn_scales']}: the Wan decoder has no attention in its "
                              f"up blocks. Fix: use an official Wan2.1/Wan2.2 VAE config (attn_scales=[]).")
-        self.temporal_convs = [m for m in self.modules() if isinstance(m, CausalConv3d) and m.kt > 1]
         for i, m in enumerate(self.temporal_convs):
             m.slot = i
+
+    @property
+    def temporal_convs(self) -> list[CausalConv3d]:
+        """The convs that carry a cache, in slot order (looked up each time: convs may be swapped from outside)."""
+        return [m for m in self.modules() if isinstance(m, CausalConv3d) and m.kt > 1]
 
     @classmethod
     def from_diffusers(cls, model: nn.Module) -> "StreamingWanDecoder":
@@ -389,11 +399,15 @@ class StreamingVAEDecoder:
     `cuda_graph=True` captures one CUDA graph per steady-state chunk shape (the first chunk runs eagerly).
     A chunk whose largest activation would exceed `max_elements` (2^31 - 1: 32-bit indexing in conv kernels; e.g.
     Wan2.2 at 704p with 8 latent frames) is decoded as equal sub-chunks in sequence, which is exact because the
-    caches carry the causal state (`sub_chunk`)."""
+    caches carry the causal state (`sub_chunk`).
+    `conv_precision="fp8"` swaps the compute-bound convs for E4M3 ones (quant/fp8_conv: FP8 tensor cores on Hopper /
+    Ada; input scale per call, so a chunked decode differs from a one-call decode by the quantization noise);
+    "bf16" keeps every conv in `dtype`; `fp8_select(name, conv) -> bool` overrides which convs go FP8 (default: the
+    roofline rule of quant/fp8_conv/module.py, which keeps narrow, bandwidth-bound convs in `dtype`)."""
 
     def __init__(self, vae: nn.Module, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
                  channels_last: bool | None = None, compile: bool = False, cuda_graph: bool = False,
-                 max_elements: int = 2**31 - 1):
+                 max_elements: int = 2**31 - 1, conv_precision: str = "bf16", fp8_select=None):
         model = getattr(vae, "model", vae)  # WanVAE or AutoencoderKLWan
         cfg = model.config
         self.device = torch.device(device) if device is not None else model.decoder.conv_in.weight.device
@@ -407,6 +421,15 @@ class StreamingVAEDecoder:
             raise ValueError("StreamingVAEDecoder(cuda_graph=True) needs a CUDA device. Fix: pass device='cuda' or "
                              "cuda_graph=False.")
         self.cuda_graph = cuda_graph
+        if conv_precision == "fp8":  # precision from outside: the quant package swaps modules, the model is unchanged
+            from ...quant.fp8_conv.module import apply_fp8_convs, check_fp8_device
+
+            check_fp8_device(self.device)
+            if not apply_fp8_convs(self.net, fp8_select):
+                warnings.warn("conv_precision='fp8': the selection rule picked no conv of this VAE (all too narrow "
+                              "to gain); decoding with every conv in the decoder's dtype", stacklevel=2)
+        elif conv_precision != "bf16":
+            raise ValueError(f"conv_precision={conv_precision!r}: use 'bf16' (convs in `dtype`) or 'fp8'.")
         self.max_elements = max_elements  # per-call activation limit (32-bit indexing of conv kernels)
         self.mean = torch.tensor(cfg.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, device=self.device).view(1, -1, 1, 1, 1)

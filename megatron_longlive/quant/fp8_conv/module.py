@@ -1,0 +1,111 @@
+"""FP8 convs for the streaming Wan VAE decoder, applied from outside the model code.
+
+`FP8CausalConv3d.from_conv(conv)` keeps everything of a `CausalConv3d` (cache slot, causal cache handling in the
+inherited `forward`, shapes) and replaces only `conv()`: E4M3 weights quantized once per output channel, the input
+quantized per call with one dynamic scale (ops.conv3d_fp8). `apply_fp8_convs(net, select)` swaps the convs that
+`select(name, conv)` picks; the default rule `by_roofline()` keeps the convs where a roofline model predicts no
+gain (1x1x1 shortcuts, post_quant_conv, the 12- or 3-channel conv_out): there the extra quantize pass (5 B per
+input value vs the 2 B cuDNN reads) costs more than the faster MMA saves.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ...models.wan.vae_decoder import CausalConv3d
+from .ops import conv3d_fp8
+from .reference import quantize_weight
+
+Select = Callable[[str, CausalConv3d], bool]
+
+
+class FP8CausalConv3d(CausalConv3d):
+    """A CausalConv3d whose convolution runs on E4M3 operands (weights: per-channel scales, stored once; input:
+    one per-tensor scale per call). Buffers: weight_q (uint8 bits of the E4M3 codes [Cout, taps * Cp]: a uint8
+    buffer survives `module.to(dtype)`), weight_scale [Cout] and bias [Cout] in fp32."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel: tuple[int, int, int], scale: int = 1,
+                 device: torch.device | str | None = None):
+        nn.Module.__init__(self)
+        kt, kh, kw = kernel
+        cp = -(-in_dim // 16) * 16
+        self.register_buffer("weight_q", torch.zeros(out_dim, kt * kh * kw * cp, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_dim, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_dim, dtype=torch.float32, device=device))
+        self.in_dim, self.out_dim, self.kt, self.padding = in_dim, out_dim, kt, (0, kh // 2, kw // 2)
+        self.kernel = (kt, kh, kw)
+        self.scale, self.tscale, self.slot = scale, 1, None
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv(cls, conv: CausalConv3d) -> "FP8CausalConv3d":
+        """Quantize `conv`'s weights (on their device); copies its cache slot and size attributes."""
+        w = conv.weight
+        m = cls(conv.in_dim, conv.out_dim, tuple(w.shape[2:]), conv.scale, device=w.device)
+        q, s = quantize_weight(w)
+        m.weight_q.copy_(q.view(torch.uint8))
+        m.weight_scale.copy_(s)
+        m.bias.copy_(conv.bias.float())
+        m.tscale, m.slot = conv.tscale, conv.slot
+        return m
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3d_fp8(x, self.weight_q.view(torch.float8_e4m3fn), self.weight_scale.float(), self.bias.float(),
+                          self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_dim}, {self.out_dim}, kernel={self.kernel}, e4m3"
+
+
+def _kernel(conv: CausalConv3d) -> tuple[int, int, int]:
+    return conv.kernel if isinstance(conv, FP8CausalConv3d) else tuple(conv.weight.shape[2:])
+
+
+def predicted_speedup(conv: CausalConv3d, bf16_flops: float = 640e12, fp8_flops: float = 1100e12,
+                      bandwidth: float = 3.0e12) -> float:
+    """Roofline time of the BF16 conv over that of the FP8 conv, per output position: FLOPs 2 * taps * Cin * Cout;
+    bytes BF16 2 * Cin + 2 * Cout (read input, write output), FP8 5 * Cin + 2 * Cout (amax read, quantize read,
+    E4M3 write; the taps re-read the E4M3 rows from L2). Defaults: one H100 SXM as measured (cuDNN BF16 convs
+    ~640 TFLOP/s in bench_vae, FP8 MMA ~1100 TFLOP/s, ~3.0 TB/s)."""
+    kt, kh, kw = _kernel(conv)
+    flops = 2.0 * kt * kh * kw * conv.in_dim * conv.out_dim
+    t_bf16 = max(flops / bf16_flops, (2.0 * conv.in_dim + 2.0 * conv.out_dim) / bandwidth)
+    t_fp8 = max(flops / fp8_flops, (5.0 * conv.in_dim + 2.0 * conv.out_dim) / bandwidth)
+    return t_bf16 / t_fp8
+
+
+def by_roofline(min_speedup: float = 1.15, **hardware) -> Select:
+    """The default rule: FP8 where predicted_speedup(conv, **hardware) >= min_speedup. Wan2.1 / Wan2.2: every
+    3x3x3, 1x3x3 and 3x1x1 conv except conv_out go FP8; the 1x1x1 shortcuts, post_quant_conv and the 3- or
+    12-channel conv_out stay BF16 (bandwidth-bound: the quantize pass would cost more than the MMA saves)."""
+    return lambda name, conv: predicted_speedup(conv, **hardware) >= min_speedup
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """ValueError unless the FP8 conv can run on `device`: CUDA with FP8 tensor cores (sm89+), or the Triton
+    interpreter (TRITON_INTERPRET=1, CPU tests)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"FP8 VAE convs need FP8 tensor cores (sm89+), {device} is sm{major}{minor}. "
+                             f"Fix: infer.vae_conv=bf16")
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"FP8 VAE convs run Triton kernels: {device} needs TRITON_INTERPRET=1 (slow; tests only). "
+                         f"Fix: infer.vae_conv=bf16 off CUDA")
+
+
+def apply_fp8_convs(net: nn.Module, select: Select | None = None) -> list[str]:
+    """Swap the CausalConv3d submodules of `net` that `select(name, conv)` picks (default: by_roofline()) for
+    FP8CausalConv3d, in place; returns the swapped names. The BF16 weights of swapped convs are released."""
+    select = select or by_roofline()
+    chosen = [(name, m) for name, m in net.named_modules()
+              if isinstance(m, CausalConv3d) and not isinstance(m, FP8CausalConv3d) and select(name, m)]
+    for name, m in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, FP8CausalConv3d.from_conv(m))
+    return [name for name, _ in chosen]
