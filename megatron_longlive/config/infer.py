@@ -72,6 +72,10 @@ class InferConfig(ConfigBase):
     sync (inline, in series with the DiT) or device (a dedicated GPU: decode_device)."""
     decode_device: str = ""
     """Decode GPU for decode_mode=device, e.g. "cuda:1" (the VAE is moved there)."""
+    vae_conv: str = "bf16"
+    """Number format of the streaming decoder's convs (issue 10): bf16 (the VAE's dtype) or fp8 (E4M3 Triton
+    implicit-GEMM convs for the compute-bound 3x3x3 / 1x3x3 / 3x1x1 convs, per-call activation scales; needs sm89+
+    CUDA; a few dB PSNR below bf16, quant/fp8_conv/README.md)."""
 
     def validate(self) -> None:
         if self.chunk_step not in ("auto", "eager", "compile", "cuda_graph", "compile+cuda_graph"):
@@ -81,6 +85,8 @@ class InferConfig(ConfigBase):
             raise self.error("attention", f"unknown mode {self.attention!r}", "use sdpa, fp8 or triton")
         if self.decode_mode not in ("auto", "stream", "thread", "sync", "device"):
             raise self.error("decode_mode", f"unknown mode {self.decode_mode!r}", "use auto, stream, thread, sync or device")
+        if self.vae_conv not in ("bf16", "fp8"):
+            raise self.error("vae_conv", f"unknown format {self.vae_conv!r}", "use bf16 or fp8")
         if self.decode_mode == "device" and not self.decode_device:
             raise self.error("decode_device", "is empty but decode_mode=device", 'set infer.decode_device, e.g. "cuda:1"')
         if not self.denoising_steps:

@@ -198,6 +198,9 @@ def generate_video(cfg: RunConfig, model: WanDiT, segments: list[PromptSegment],
     if latents_path:
         save_latents(latents_path, latents, sorted(segments, key=lambda s: s.start_chunk))
     if out_path and not inf.streaming_decode:
+        if inf.vae_conv != "bf16":
+            warnings.warn(f"infer.vae_conv={inf.vae_conv} is ignored with infer.streaming_decode=false (the "
+                          f"whole-video decode is diffusers' own)", stacklevel=2)
         with torch.no_grad():
             video = vae.decode(latents.to(vae.device, vae.dtype)).float().clamp(-1, 1).cpu()  # [1, 3, T_px, H, W]
         write_mp4(out_path, video[0], inf.fps)
@@ -214,7 +217,8 @@ def _generate_streaming_mp4(chunk_iter, vae: WanVAE, out_path: str, inf) -> tupl
 
     dec_device = torch.device(inf.decode_device) if inf.decode_mode == "device" else vae.device
     fast = dec_device.type == "cuda"
-    decoder = StreamingVAEDecoder(vae, dec_device, vae.dtype, compile=fast, cuda_graph=fast)
+    decoder = StreamingVAEDecoder(vae, dec_device, vae.dtype, compile=fast, cuda_graph=fast,
+                                  conv_precision=inf.vae_conv)
     writer = Mp4Writer(out_path, inf.fps)
     frames: list[torch.Tensor] = []
 

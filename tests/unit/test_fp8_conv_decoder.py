@@ -106,3 +106,12 @@ def test_fp8_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="vae_conv=bf16"):
         check_fp8_device(torch.device("cpu"))
+
+
+def test_infer_config_vae_conv():
+    from megatron_longlive.config.base import ConfigError
+    from megatron_longlive.config.infer import InferConfig
+
+    assert InferConfig(vae_conv="fp8").vae_conv == "fp8" and InferConfig().vae_conv == "bf16"
+    with pytest.raises(ConfigError, match="infer.vae_conv"):
+        InferConfig(vae_conv="int8")
