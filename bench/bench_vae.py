@@ -8,9 +8,14 @@ Ours: steady-state chunks (the clip's first chunk and `--warmup` chunks run firs
 diffusers: full-clip `decode` of 1 + k * --chunks latent frames (it loops frame by frame itself).
 FPS = pixel frames / seconds, CUDA-synchronized. Also: BF16 PSNR vs float32 (our float32 decode equals
 diffusers' within 1e-4, tests/unit/test_vae_decoder.py), and with --encoder the diffusers encoder's FPS.
+--conv bf16 fp8 times every variant twice, with the decoder's convs in BF16 and in FP8 (quant/fp8_conv; rows
+"<variant>+fp8"), and prints the FP8 decode's PSNR vs BF16 and vs float32 on the same chunks.
 
     python bench/bench_vae.py --out bench/results.jsonl                       # GPU, < 4 min on one H100
+    python bench/bench_vae.py --variants graph compile+graph --conv bf16 fp8 --chunks 3 --no-diffusers  # ~2 min
     python bench/bench_vae.py --kinds wan2.1 --variants eager --chunks 2 --tiny   # CPU smoke run
+    TRITON_INTERPRET=1 python bench/bench_vae.py --tiny --kinds wan2.1 --variants eager --conv bf16 fp8 \\
+        --chunks 1 --warmup 0 --no-diffusers --no-psnr                  # CPU smoke run of the FP8 path
 """
 from __future__ import annotations
 
@@ -55,9 +60,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def bench_ours(model, z: torch.Tensor, k: int, variant: str, device, dtype, warmup: int, chunks: int) -> float:
+def _fp8_select(tiny: bool):
+    """The default roofline rule, or every conv for the tiny smoke configs (all too narrow for the rule)."""
+    return (lambda name, conv: True) if tiny else None
+
+
+def bench_ours(model, z: torch.Tensor, k: int, variant: str, device, dtype, warmup: int, chunks: int,
+               conv: str = "bf16", tiny: bool = False) -> float:
     dec = StreamingVAEDecoder(model, device=device, dtype=dtype, compile="compile" in variant,
-                              cuda_graph="graph" in variant)
+                              cuda_graph="graph" in variant, conv_precision=conv, fp8_select=_fp8_select(tiny))
     dec.decode(z[:, :, :k])  # the clip's first chunk (eager)
     steady = z[:, :, k:2 * k]
     for _ in range(warmup):  # compile / capture / cuDNN autotune
@@ -75,20 +86,32 @@ def bench_kind(kind: str, args, device: torch.device, dtype: torch.dtype) -> lis
     z = torch.randn(1, model.config.z_dim, num_latent, h, w, device=device, generator=g, dtype=dtype)
     rows, fps = [], {}
     with torch.inference_mode():
-        # diffusers: full clip (raw latents; the normalization is a per-channel affine map, negligible)
-        model.decode(z[:, :, :1 + k])  # warm-up
-        frames = 1 + 4 * (num_latent - 1)
-        fps["diffusers"] = frames / _timed(lambda: model.decode(z), device, args.repeats)
-        for variant in args.variants:
-            if "graph" in variant and device.type != "cuda":
-                continue
-            fps[variant] = bench_ours(model, z, k, variant, device, dtype, args.warmup, args.chunks)
+        if args.diffusers:  # full clip (raw latents; the normalization is a per-channel affine map, negligible)
+            model.decode(z[:, :, :1 + k])  # warm-up
+            frames = 1 + 4 * (num_latent - 1)
+            fps["diffusers"] = frames / _timed(lambda: model.decode(z), device, args.repeats)
+        for conv in args.conv:
+            for variant in args.variants:
+                if "graph" in variant and device.type != "cuda":
+                    continue
+                name = variant if conv == "bf16" else f"{variant}+{conv}"
+                fps[name] = bench_ours(model, z, k, variant, device, dtype, args.warmup, args.chunks, conv, args.tiny)
         if args.psnr:
             ref = StreamingVAEDecoder(model, device=device, dtype=torch.float32)
             low = StreamingVAEDecoder(model, device=device, dtype=dtype)
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 ref
             kk = min(k, 3)  # float32 activations of an 8-frame 704p chunk would need ~2x the bf16 memory
-            p = min(psnr(low.decode(z[:, :, s:s + kk]), ref.decode(z[:, :, s:s + kk].float())) for s in (0, kk))
+            p8 = None
+            if "fp8" in args.conv:
+                fp8 = StreamingVAEDecoder(model, device=device, dtype=dtype, conv_precision="fp8",
+                                          fp8_select=_fp8_select(args.tiny))
+                outs = [(low.decode(z[:, :, s:s + kk]), ref.decode(z[:, :, s:s + kk].float()),
+                         fp8.decode(z[:, :, s:s + kk])) for s in (0, kk)]
+                p = min(psnr(lo, r) for lo, r, _ in outs)
+                p8 = (min(psnr(f, lo) for lo, _, f in outs), min(psnr(f, r) for _, r, f in outs))
+                del fp8, outs
+            else:
+                p = min(psnr(low.decode(z[:, :, s:s + kk]), ref.decode(z[:, :, s:s + kk].float())) for s in (0, kk))
             del ref, low
             torch.backends.cudnn.allow_tf32 = True
         enc_fps = None
@@ -97,22 +120,36 @@ def bench_kind(kind: str, args, device: torch.device, dtype: torch.dtype) -> lis
                                w * model.config.scale_factor_spatial, device=device, dtype=dtype) * 2 - 1
             model.encode(video[:, :, :5])
             enc_fps = video.shape[2] / _timed(lambda: model.encode(video), device, args.repeats)
-    best = max((v for v in fps if v != "diffusers"), key=fps.get)
+    ours = [v for v in fps if v != "diffusers"]
+    best = max(ours, key=fps.get)
+    best_bf16 = max((v for v in ours if "+" not in v), key=fps.get, default=None)
     name = f"{kind} vae {label}"
     print(f"\n{name}: chunk {k} latent frames ({4 * k} px frames), {h}x{w} latents, {dtype}, {record_device()}")
-    print(f"  {'decoder':<16}{'FPS':>10}{'x diffusers':>14}")
+    print(f"  {'decoder':<20}{'FPS':>10}{'x diffusers':>14}{'x bf16 same variant':>22}")
     for v, f in fps.items():
-        print(f"  {v:<16}{f:>10.1f}{f / fps['diffusers']:>14.2f}")
+        vs_diff = f"{f / fps['diffusers']:>14.2f}" if "diffusers" in fps else f"{'-':>14}"
+        base = v.split("+")[0]
+        vs_bf16 = f"{f / fps[base]:>22.2f}" if "+" in v and base in fps else f"{'':>22}"
+        print(f"  {v:<20}{f:>10.1f}{vs_diff}{vs_bf16}")
         rows.append(record(args.out, f"{name} decode fps ({v})", "fps", round(f, 2), "frames/s", chunk=k,
                            variant=v, dtype=str(dtype)))
-    rows.append(record(args.out, f"{name} decode fps", "fps", round(fps[best], 2), "frames/s", chunk=k,
-                       variant=best))
-    rows.append(record(args.out, f"{name} decode speedup vs diffusers", "speedup",
-                       round(fps[best] / fps["diffusers"], 3), "x", variant=best,
-                       ours_fps=round(fps[best], 2), diffusers_fps=round(fps["diffusers"], 2)))
+    if best_bf16 is not None:  # the headline rows stay BF16 (comparable with earlier sessions)
+        rows.append(record(args.out, f"{name} decode fps", "fps", round(fps[best_bf16], 2), "frames/s", chunk=k,
+                           variant=best_bf16))
+        if "diffusers" in fps:
+            rows.append(record(args.out, f"{name} decode speedup vs diffusers", "speedup",
+                               round(fps[best_bf16] / fps["diffusers"], 3), "x", variant=best_bf16,
+                               ours_fps=round(fps[best_bf16], 2), diffusers_fps=round(fps["diffusers"], 2)))
+    if best != best_bf16:
+        rows.append(record(args.out, f"{name} decode fps (best, any conv format)", "fps", round(fps[best], 2),
+                           "frames/s", chunk=k, variant=best))
     if args.psnr:
         print(f"  bf16 vs float32 PSNR: {p:.1f} dB (random weights, first + second chunk)")
         rows.append(record(args.out, f"{name} decode bf16 psnr vs fp32", "psnr", round(p, 2), "dB"))
+        if p8 is not None:
+            print(f"  fp8 convs: PSNR {p8[0]:.1f} dB vs bf16, {p8[1]:.1f} dB vs float32 (same chunks)")
+            rows.append(record(args.out, f"{name} decode fp8 psnr vs bf16", "psnr", round(p8[0], 2), "dB"))
+            rows.append(record(args.out, f"{name} decode fp8 psnr vs fp32", "psnr", round(p8[1], 2), "dB"))
     if enc_fps is not None:
         print(f"  diffusers encoder: {enc_fps:.1f} FPS ({1 + 4 * k} frames)")
         rows.append(record(args.out, f"{name} encode fps (diffusers)", "fps", round(enc_fps, 2), "frames/s"))
@@ -139,10 +176,18 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-psnr", dest="psnr", action="store_false", help="skip the bf16-vs-float32 PSNR")
     p.add_argument("--encoder", action="store_true", help="also time the (diffusers) encoder")
+    p.add_argument("--conv", nargs="+", default=["bf16"], choices=["bf16", "fp8"],
+                   help="conv formats to time each variant with (fp8: quant/fp8_conv, sm89+ or TRITON_INTERPRET=1)")
+    p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
+                   help="skip timing diffusers' decode (saves ~10-30 s a kind on a GPU)")
     p.add_argument("--tiny", action="store_true", help="tiny configs at tiny sizes (CPU smoke test)")
     p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "fp8" in args.conv and os.environ.get("TRITON_INTERPRET") == "1":
+        from megatron_longlive.quant.fp8_conv import ops
+
+        ops.INTERPRET_TILE = (512, 32, 16)  # few big programs: the interpreter's cost is per program
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)
