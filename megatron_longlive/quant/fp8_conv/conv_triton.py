@@ -92,7 +92,12 @@ def _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W,
              mask=valid[:, None] & (offs_n[None, :] < COUT))
 
 
-@triton.jit
+# Shape arguments are not specialized (no "== 1" / "% 16" variants): one compile per autotune config serves every
+# conv of the decoder. CP and COUT stay specialized (multiples of 16 in every FP8 conv: vectorized loads, stores).
+_SHAPE_ARGS = ["R", "G", "T", "H", "W", "KT", "KH", "KW", "M_KEY"]
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def conv_kernel(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, M_KEY,
                 HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

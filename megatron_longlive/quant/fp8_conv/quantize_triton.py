@@ -30,7 +30,7 @@ def act_scale_from_bits(amax_ptr):
             tl.where(pos, tl.math.div_rn(tl.full([], 448.0, tl.float32), safe), 1.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _amax_kernel(x_ptr, amax_ptr, numel, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0)
     m = tl.zeros([BLOCK], dtype=tl.float32)
@@ -40,7 +40,7 @@ def _amax_kernel(x_ptr, amax_ptr, numel, BLOCK: tl.constexpr, ITERS: tl.constexp
     tl.atomic_max(amax_ptr, tl.max(m, axis=0).to(tl.int32, bitcast=True), sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS", "G", "T", "H", "W", "PH", "PW"])
 def _quantize_kernel(x_ptr, amax_ptr, buf_ptr, ROWS, G, T, H, W, C, CP, PH, PW,
                      BR: tl.constexpr, BC: tl.constexpr, HW_CAST: tl.constexpr):
     pid_r, pid_c = tl.program_id(0), tl.program_id(1)
