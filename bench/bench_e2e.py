@@ -40,7 +40,7 @@ def _sync(device: torch.device) -> None:
 
 def run_setting(name: str, device: torch.device, dtype: torch.dtype, args) -> list[dict]:
     _, height, width, stride, infer_kw, label = SETTINGS[name]
-    infer = InferConfig(height=height, width=width, attention=args.attention, **infer_kw)
+    infer = InferConfig(height=height, width=width, attention=args.attention, vae_conv=args.vae_conv, **infer_kw)
     model = build_model(name, device, dtype, args.linear)
     engine = StreamingEngine(model, infer, (height // stride, width // stride), kv_cache=args.kv, step=args.step)
     engine.set_prompt(torch.randn(1, model.cfg.text_len, model.cfg.text_dim))
@@ -49,7 +49,7 @@ def run_setting(name: str, device: torch.device, dtype: torch.dtype, args) -> li
     vae = random_autoencoder(VAE_KIND[name], tiny=tiny, device=dec_device, dtype=dtype)
     on_cuda = dec_device.type == "cuda"
     decoder = StreamingVAEDecoder(vae, dec_device, dtype, compile=on_cuda and not args.vae_eager,
-                                  cuda_graph=on_cuda and not args.vae_eager)
+                                  cuda_graph=on_cuda and not args.vae_eager, conv_precision=infer.vae_conv)
     shape = (1, *engine.latent_shape)
     gen = torch.Generator().manual_seed(0)
     frames = {"n": 0}
@@ -108,6 +108,8 @@ def main() -> int:
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "fp8", "triton"),
                    help="infer.attention: self-attention over the KV window (fp8 / triton: the Triton window kernel)")
     p.add_argument("--vae-eager", action="store_true", help="no compile / CUDA graph for the decoder")
+    p.add_argument("--vae-conv", default="bf16", choices=("bf16", "fp8"),
+                   help="infer.vae_conv: the streaming decoder's convs in BF16 or FP8 (quant/fp8_conv)")
     p.add_argument("--decode-device", default=None, help="e.g. cuda:1: measure the dedicated-GPU layout")
     p.add_argument("--chunks", type=int, default=8, help="timed chunks per mode")
     p.add_argument("--device", default=None)
@@ -121,9 +123,10 @@ def main() -> int:
         for r in run_setting(name, device, dtype, args):
             rows.append(r)
             extra = dict(setting=name, decode=r["mode"], step=args.step, linear=args.linear, kv=args.kv,
-                         attention=args.attention,
+                         attention=args.attention, vae_conv=args.vae_conv,
                          dit_alone_fps=round(r["dit_fps"], 2), vae_alone_fps=round(r["vae_fps"], 2))
             attn = "" if args.attention == "sdpa" else f", attention {args.attention}"
+            attn += "" if args.vae_conv == "bf16" else f", vae conv {args.vae_conv}"
             record(args.out, f"{r['label']} e2e fps ({r['mode']} decode, linear {args.linear}{attn})", "fps",
                    round(r["fps"], 2), "frames/s", **extra)
             if r["mode"] == rows[0]["mode"]:
