@@ -115,3 +115,19 @@ def test_infer_config_vae_conv():
     assert InferConfig(vae_conv="fp8").vae_conv == "fp8" and InferConfig().vae_conv == "bf16"
     with pytest.raises(ConfigError, match="infer.vae_conv"):
         InferConfig(vae_conv="int8")
+
+
+def test_compiled_fp8_conv_module_equals_eager(one_thread):
+    """torch.compile (Inductor, fullgraph) through the custom op, the uint8 -> E4M3 weight view and the in-place
+    cache update: bitwise the eager module over two chunks."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(16, 24, (3, 3, 3))
+    conv.slot = 0
+    m = FP8CausalConv3d.from_conv(conv)
+    fn = torch.compile(m, fullgraph=True)
+    eager_cache, compiled_cache = [torch.zeros(1, 16, 2, 4, 5)], [torch.zeros(1, 16, 2, 4, 5)]
+    x = torch.randn(1, 16, 2, 4, 5)
+    with torch.no_grad():
+        for i in range(2):
+            assert torch.equal(fn(x + i, compiled_cache), m(x + i, eager_cache))
+            assert torch.equal(compiled_cache[0], eager_cache[0]) and compiled_cache[0].abs().sum() > 0
