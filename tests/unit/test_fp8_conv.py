@@ -64,6 +64,25 @@ def test_quantizer_bitwise_and_zero_padding(kernel, shape, cout):
         assert int(grid.sum()) == 0
 
 
+@pytest.mark.parametrize("factor", [0.5, 1.0, 3.0])
+def test_static_amax_quantizer_and_conv(factor):
+    """A static bound instead of max |x|: below it the codes are the reference's, above it they saturate."""
+    kernel, shape, cout = CASES[0]
+    x = _data(shape, 6).to(torch.bfloat16)
+    amax = torch.tensor(factor * x.float().abs().max().item())
+    buf, bits = ops.quantize_activation(x, kernel, amax)
+    want, scale = ref.quantize_activation(x, kernel, amax)
+    assert (n := _bytes_differ(buf, want)) == 0, f"{n} bytes differ"
+    assert bits.view(torch.float32) == amax and scale == amax / 448.0
+    if factor < 1:
+        assert (buf.float().abs() == 448).sum() > 0
+    w, b = _weights(cout, shape[1], kernel, 7)
+    w_q, w_s = ref.quantize_weight(w)
+    y = ops.conv3d_fp8(x.float(), w_q, w_s, b, kernel, amax)
+    want_y = ref.conv3d_reference(x.float(), w_q, w_s, b, kernel, amax)
+    assert torch.allclose(y.double(), want_y, rtol=1e-5, atol=1e-5 * want_y.abs().max().item())
+
+
 def test_quantizer_all_zero_input_has_scale_one():
     x = torch.zeros(1, 16, 3, 2, 2)
     buf, amax = ops.quantize_activation(x, (3, 3, 3))

@@ -6,6 +6,13 @@ quantized per call with one dynamic scale (ops.conv3d_fp8). `apply_fp8_convs(net
 `select(name, conv)` picks; the default rule `by_roofline()` keeps the convs where a roofline model predicts no
 gain (1x1x1 shortcuts, post_quant_conv, the 12- or 3-channel conv_out): there the extra quantize pass (5 B per
 input value vs the 2 B cuDNN reads) costs more than the faster MMA saves.
+
+Static input bounds (`norm_silu_bounds`): a conv fed by silu(RMSNorm(x)) (ResidualBlock conv1 / conv2, conv_out)
+has |input| <= max(sqrt(C) * max|gamma|, 0.2785) exactly (F.normalize gives unit vectors over the channels; SiLU
+shrinks positives and is >= -0.2785), so its scale is fixed at load time: no amax pass (3 B per input value
+instead of 5) and its codes do not depend on the chunking. E4M3 keeps its 3-bit relative precision over the 2**15
+below the bound, so a loose bound costs nothing measurable; the other convs (conv_in, time_conv, resample: inputs
+from the residual stream) keep the dynamic per-call amax.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...models.wan.vae_decoder import CausalConv3d
+from ...models.wan.vae_decoder import CausalConv3d, Decoder, ResidualBlock, RMSNorm
 from .ops import conv3d_fp8
 from .reference import quantize_weight
 
@@ -28,23 +35,26 @@ class FP8CausalConv3d(CausalConv3d):
     buffer survives `module.to(dtype)`), weight_scale [Cout] and bias [Cout] in fp32."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel: tuple[int, int, int], scale: int = 1,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, input_amax: float | None = None):
         nn.Module.__init__(self)
         kt, kh, kw = kernel
         cp = -(-in_dim // 16) * 16
         self.register_buffer("weight_q", torch.zeros(out_dim, kt * kh * kw * cp, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_dim, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_dim, dtype=torch.float32, device=device))
+        self.static_input = input_amax is not None  # scale from the static bound, else max |x| per call
+        self.register_buffer("input_amax", torch.tensor(input_amax or 0.0, dtype=torch.float32, device=device))
         self.in_dim, self.out_dim, self.kt, self.padding = in_dim, out_dim, kt, (0, kh // 2, kw // 2)
         self.kernel = (kt, kh, kw)
         self.scale, self.tscale, self.slot = scale, 1, None
 
     @classmethod
     @torch.no_grad()
-    def from_conv(cls, conv: CausalConv3d) -> "FP8CausalConv3d":
-        """Quantize `conv`'s weights (on their device); copies its cache slot and size attributes."""
+    def from_conv(cls, conv: CausalConv3d, input_amax: float | None = None) -> "FP8CausalConv3d":
+        """Quantize `conv`'s weights (on their device); copies its cache slot and size attributes. `input_amax`:
+        a static bound on |input| (see norm_silu_bounds); None = dynamic per-call amax."""
         w = conv.weight
-        m = cls(conv.in_dim, conv.out_dim, tuple(w.shape[2:]), conv.scale, device=w.device)
+        m = cls(conv.in_dim, conv.out_dim, tuple(w.shape[2:]), conv.scale, device=w.device, input_amax=input_amax)
         q, s = quantize_weight(w)
         m.weight_q.copy_(q.view(torch.uint8))
         m.weight_scale.copy_(s)
@@ -54,10 +64,11 @@ class FP8CausalConv3d(CausalConv3d):
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         return conv3d_fp8(x, self.weight_q.view(torch.float8_e4m3fn), self.weight_scale.float(), self.bias.float(),
-                          self.kernel)
+                          self.kernel, self.input_amax if self.static_input else None)
 
     def extra_repr(self) -> str:
-        return f"{self.in_dim}, {self.out_dim}, kernel={self.kernel}, e4m3"
+        amax = f", input amax {self.input_amax.item():.4g} (static)" if self.static_input else ""
+        return f"{self.in_dim}, {self.out_dim}, kernel={self.kernel}, e4m3{amax}"
 
 
 def _kernel(conv: CausalConv3d) -> tuple[int, int, int]:
@@ -68,7 +79,8 @@ def predicted_speedup(conv: CausalConv3d, bf16_flops: float = 640e12, fp8_flops:
                       bandwidth: float = 3.0e12) -> float:
     """Roofline time of the BF16 conv over that of the FP8 conv, per output position: FLOPs 2 * taps * Cin * Cout;
     bytes BF16 2 * Cin + 2 * Cout (read input, write output), FP8 5 * Cin + 2 * Cout (amax read, quantize read,
-    E4M3 write; the taps re-read the E4M3 rows from L2). Defaults: one H100 SXM as measured (cuDNN BF16 convs
+    E4M3 write: the dynamic-scale case, conservative for statically bounded convs; the taps re-read the E4M3 rows
+    from L2). Defaults: one H100 SXM as measured (cuDNN BF16 convs
     ~640 TFLOP/s in bench_vae, FP8 MMA ~1100 TFLOP/s, ~3.0 TB/s)."""
     kt, kh, kw = _kernel(conv)
     flops = 2.0 * kt * kh * kw * conv.in_dim * conv.out_dim
@@ -98,14 +110,37 @@ def check_fp8_device(device: torch.device) -> None:
                          f"Fix: infer.vae_conv=bf16 off CUDA")
 
 
-def apply_fp8_convs(net: nn.Module, select: Select | None = None) -> list[str]:
+SILU_MIN = 0.27846455574  # -min_v silu(v) = -v*sigmoid(v) at v = -1.2785
+BOUND_MARGIN = 1.02        # bf16 rounding of the norm's three products and of SiLU (each <= 2**-8 relative)
+
+
+def norm_silu_bounds(net: nn.Module) -> dict[str, float]:
+    """{conv name: static bound on |input|} for the convs fed by silu(RMSNorm(.)): every ResidualBlock's conv1 /
+    conv2 and the decoder's conv_out. Bound = max(sqrt(C) * max|gamma|, 0.2785) * 1.02."""
+    def bound(norm: RMSNorm) -> float:
+        return max(norm.scale * norm.gamma.detach().abs().max().item(), SILU_MIN) * BOUND_MARGIN
+
+    out = {}
+    for name, m in net.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, ResidualBlock):
+            out[prefix + "conv1"], out[prefix + "conv2"] = bound(m.norm1), bound(m.norm2)
+        elif isinstance(m, Decoder):
+            out[prefix + "conv_out"] = bound(m.norm_out)
+    return out
+
+
+def apply_fp8_convs(net: nn.Module, select: Select | None = None, static_bounds: bool = True) -> list[str]:
     """Swap the CausalConv3d submodules of `net` that `select(name, conv)` picks (default: by_roofline()) for
-    FP8CausalConv3d, in place; returns the swapped names. The BF16 weights of swapped convs are released."""
+    FP8CausalConv3d, in place; returns the swapped names. The BF16 weights of swapped convs are released.
+    static_bounds: convs fed by silu(RMSNorm) get their static input bound (norm_silu_bounds), the rest the
+    dynamic per-call amax; False: all dynamic."""
     select = select or by_roofline()
+    bounds = norm_silu_bounds(net) if static_bounds else {}
     chosen = [(name, m) for name, m in net.named_modules()
               if isinstance(m, CausalConv3d) and not isinstance(m, FP8CausalConv3d) and select(name, m)]
     for name, m in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = net.get_submodule(parent_name) if parent_name else net
-        setattr(parent, child, FP8CausalConv3d.from_conv(m))
+        setattr(parent, child, FP8CausalConv3d.from_conv(m, bounds.get(name)))
     return [name for name, _ in chosen]

@@ -4,9 +4,10 @@
                      their bits order like int32) by one relaxed atomic per program; no host sync.
   `_quantize_kernel` reads x again (2 B/value) and writes every byte of buf [G + N*T*Hp*Wp, Cp] (1 B/value plus
                      the zero border, guard rows and channel padding), so buf needs no memset.
-Bytes per value: 5 (2 + 2 + 1), against 2 for the read cuDNN's BF16 conv does anyway; at 704p and 32 frames the
-full-resolution 256-channel input is ~2 G values: ~3 ms of HBM at 3.35 TB/s, vs ~2.3 ms of FP8 MMA for its 3x3x3
-conv, so the FP8 path only pays for convs with a high FLOP/byte ratio (module.py's selection rule).
+Bytes per value: 5 (2 + 2 + 1; 3 when the caller gives a static amax bound and the first kernel is skipped),
+against 2 for the read cuDNN's BF16 conv does anyway. Wan2.2 at 704p, 32 frames: the full-resolution 256-channel
+conv input is ~1.9 G values, ~3 ms of HBM at 3.35 TB/s (dynamic scale), vs ~23 ms of FP8 MMA for its 3x3x3 conv
+at 1100 TFLOP/s (~40 ms BF16): cheap there, but not for narrow or 1x1x1 convs (module.py's selection rule).
 
 Codes are e4m3_rne(clamp(x * (448 / amax), +-448)) with scale amax / 448: hardware cvt.rn.satfinite on CUDA,
 the explicit nearest-even bit arithmetic under TRITON_INTERPRET (whose own fp8 cast rounds wrongly); bitwise

@@ -90,10 +90,12 @@ def to_e4m3(v: torch.Tensor) -> torch.Tensor:
     return v.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def quantize_activation(x: torch.Tensor, kernel: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, C, T, H, W] -> (buf [G + N*T*Hp*Wp, Cp] E4M3, fp32 0-dim decode scale); see the module docstring."""
+def quantize_activation(x: torch.Tensor, kernel: tuple[int, int, int],
+                        amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, C, T, H, W] -> (buf [G + N*T*Hp*Wp, Cp] E4M3, fp32 0-dim decode scale); see the module docstring.
+    `amax`: a static bound on |x| instead of max |x| (values beyond it saturate at +-448)."""
     lay = layout(x, kernel)
-    scale, inv = act_scale(x.abs().amax())
+    scale, inv = act_scale(x.abs().amax() if amax is None else amax.reshape(()))
     q = to_e4m3(x.float() * inv).permute(0, 2, 3, 4, 1)                      # [n, t, h, w, c]
     q = F.pad(q.view(torch.uint8), (0, lay.cp - lay.c, lay.pw, lay.pw, lay.ph, lay.ph))   # zero bytes = +0.0
     buf = torch.cat([q.new_zeros(lay.guard, lay.cp), q.reshape(-1, lay.cp)])
@@ -125,10 +127,10 @@ def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, cin: int, kernel
 
 
 def conv3d_reference(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                     kernel: tuple[int, int, int]) -> torch.Tensor:
+                     kernel: tuple[int, int, int], amax: torch.Tensor | None = None) -> torch.Tensor:
     """float64 conv of the dequantized operands (x quantized here, as the kernel does): [N, Cout, T - kt + 1, H, W]."""
     lay = layout(x, kernel)
-    buf, scale = quantize_activation(x, kernel)
+    buf, scale = quantize_activation(x, kernel, amax)
     xd = unpad_activation(buf, lay).double() * scale.double()
     wd = dequantize_weight(w_q, w_scale, lay.c, kernel)
     return F.conv3d(xd, wd, None if bias is None else bias.double(), padding=(0, lay.ph, lay.pw))
