@@ -3,9 +3,11 @@
 The shapes are the distinct convs of the real Wan2.2 (or Wan2.1) decoder for a decoder call of `--frames` latent
 frames at `--latent` size (default 4 frames of 44x80 = 1280x704: StreamingVAEDecoder's sub-chunk of an 8-frame
 chunk), temporal convs with their 2 cached frames. Per shape: cuDNN BF16 ms and TFLOP/s, FP8 ms and TFLOP/s for
-the whole op (amax + quantize + GEMM) and for the GEMM alone, the share of the quantize passes, and the relative
-RMS difference FP8 vs BF16. The last line weighs each shape by how often the decoder runs it: the predicted conv
-time of one decoder call, all BF16 vs FP8 where the default rule (module.by_roofline) picks it.
+the whole op with a dynamic scale (amax + quantize + GEMM), ms with a static scale (quantize + GEMM: the convs fed
+by silu(RMSNorm), marked *), TFLOP/s of the GEMM alone, the share of the quantize passes (dynamic), the speedup
+x = bf16 / fp8 as the decoder runs it, and the relative RMS difference FP8 vs BF16. The last line weighs each
+shape by how often the decoder runs it: the conv time of one decoder call, all BF16 vs FP8 where the default
+rule (module.by_roofline) picks it.
 
     python bench/bench_fp8_conv.py                       # one H100, ~1 min
     python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
@@ -87,7 +89,8 @@ def main() -> int:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     print(f"{args.kind} decoder convs, {args.frames} latent frames at {h}x{w} latents, {dev_name}")
     print(f"{'conv':<44}{'n':>3} {'kernel':<8}{'cin':>5}{'cout':>5} {'T,H,W in':<14}"
-          f"{'bf16 ms':>9}{'TF/s':>6}{'fp8 ms':>9}{'TF/s':>6}{'gemm TF/s':>10}{'quant%':>7}{'x':>6}{'rms':>8}")
+          f"{'bf16 ms':>9}{'TF/s':>6}{'fp8 ms':>9}{'TF/s':>6}{'static':>8}{'gemm TF/s':>10}{'quant%':>7}{'x':>6}"
+          f"{'rms':>8}")
     total_bf16 = total_mix = 0.0
     g = torch.Generator(device=device).manual_seed(0)
     for name, count, kernel, cin, cout, shape, fp8_rule in shapes:
@@ -108,6 +111,8 @@ def main() -> int:
             y16 = y8 = None
             t16 = _time(lambda: F.conv3d(x, wt, bias, padding=pad), device, args.reps)
             t8 = _time(lambda: ops.conv3d_fp8(x, w_q, w_s, bias32, kernel), device, args.reps)
+            bound = x.abs().amax().float()
+            t8s = _time(lambda: ops.conv3d_fp8(x, w_q, w_s, bias32, kernel, bound), device, args.reps)
             buf, amax = ops.quantize_activation(x, kernel)
             out = torch.empty((1, cout, lay.t_out, lay.h, lay.w), dtype=x.dtype, device=device,
                               memory_format=torch.channels_last_3d)
@@ -115,11 +120,14 @@ def main() -> int:
                        args.reps)
             buf = out = None
         total_bf16 += count * t16
-        total_mix += count * (t8 if fp8_rule else t16)
+        static = name.endswith(("conv1", "conv2", "conv_out"))   # module.norm_silu_bounds' convs
+        t_dec = t8s if static else t8
+        total_mix += count * (t_dec if fp8_rule else t16)
         thw = ",".join(str(v) for v in shape[2:])
         print(f"{name[-43:]:<44}{count:>3} {'x'.join(map(str, kernel)):<8}{cin:>5}{cout:>5} {thw:<14}"
-              f"{t16:>9.2f}{flops / t16 / 1e9:>6.0f}{t8:>9.2f}{flops / t8 / 1e9:>6.0f}{flops / tg / 1e9:>10.0f}"
-              f"{100 * (t8 - tg) / t8:>7.0f}{t16 / t8:>6.2f}{rms:>8.4f}{'' if fp8_rule else '  (rule: bf16)'}")
+              f"{t16:>9.2f}{flops / t16 / 1e9:>6.0f}{t8:>9.2f}{flops / t8 / 1e9:>6.0f}"
+              f"{t8s:>7.2f}{'*' if static else ' '}{flops / tg / 1e9:>10.0f}"
+              f"{100 * (t8 - tg) / t8:>7.0f}{t16 / t_dec:>6.2f}{rms:>8.4f}{'' if fp8_rule else '  (rule: bf16)'}")
         x = wt = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
