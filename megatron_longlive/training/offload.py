@@ -109,8 +109,12 @@ class BlockInputOffload:
         """Context around one `torch.utils.checkpoint.checkpoint` call whose hidden-state input is `x`: the
         saved copy of `x` goes to host memory; every other saved input (shared tables) is kept as is."""
 
+        # Identify x by address, shape and dtype, never by reference: autograd keeps this hook alive with every
+        # tensor it saved (until the backward), and a closure over x would keep x on the GPU all that time.
+        key = (x.data_ptr(), x.shape, x.dtype)
+
         def pack(t: torch.Tensor):
-            if t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.dtype == x.dtype:
+            if (t.data_ptr(), t.shape, t.dtype) == key:
                 with torch.no_grad():
                     return self._pack(t)
             return t

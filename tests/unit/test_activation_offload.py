@@ -107,3 +107,32 @@ def test_prefetch_restores_in_backward_order():
 def test_offload_needs_activation_checkpointing(tmp_path):
     with pytest.raises(ConfigError, match="offload_activations"):
         _config(tmp_path, offload_activations=True, activation_checkpointing=False)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_block_inputs_are_released_after_the_forward_only_with_offload(tmp_path, offload):
+    """The point of the offload: after the forward no block input is referenced from Python or autograd (the host
+    copy is what the backward reads). Without offload the checkpoint keeps every one of them (the control, so the
+    probe can see a live tensor). A closure over x in the saved-tensor hook once kept them all alive: the GPU peak
+    did not drop (H100, 1.3B LoRA: 14.05 GiB without, 14.42 GiB with offload)."""
+    import gc
+    import weakref
+
+    cfg = _config(tmp_path, offload_activations=offload, lora_rank=4)
+    model = build_model(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(cfg, dataset=random_latent_dataset(cfg, 2), model=model, progress=False)
+    inputs = []
+    for block in model.blocks:
+        def probe(*args, _forward=block.forward, **kwargs):
+            inputs.append(weakref.ref(args[0]))
+            return _forward(*args, **kwargs)
+        block.forward = probe
+    loss, _ = trainer.strategy(trainer.model, next(trainer.loader), trainer.generator)
+    gc.collect()
+    alive = [r() is not None for r in inputs]
+    assert len(alive) == cfg.model.num_layers
+    assert alive == [not offload] * len(alive)
+    loss.backward()                                   # and the backward still finds every input
+    assert trainer.offload is None or trainer.offload.restored_bytes == trainer.offload.offloaded_bytes > 0
