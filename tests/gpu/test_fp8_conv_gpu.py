@@ -64,6 +64,9 @@ def test_fp8_conv_vs_float64_reference(kernel, shape, cout):
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last_3d)
     err = (y.double() - want).abs()
     tol = 2e-6 * bound + want.abs() * 2.0 ** -8
+    print(f"{kernel} {shape}->{cout}: max err / bound {(err / bound).max().item():.3g}, "
+          f"max (err - bf16 rounding) / bound {((err - want.abs() * 2.0 ** -8).clamp_min(0) / bound).max().item():.3g}, "
+          f"max err {err.max().item():.3g}, max |want| {want.abs().max().item():.3g}, max bound {bound.max().item():.3g}")
     assert torch.all(err <= tol), f"worst excess {(err - tol).max().item():.3g}, max err {err.max().item():.3g}"
     assert torch.equal(ops.conv3d_fp8(x, w_q, w_s, bias, kernel), y)         # deterministic
 
