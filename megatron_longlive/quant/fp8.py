@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .constants import FP8_E4M3_MAX
+from .ieee import div_rn
 from .linear_base import QuantLinearBase, bias_grad, pad_tokens
 
 
@@ -25,7 +26,7 @@ def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t [R, C] -> (float8_e4m3fn [R, C], fp32 scales [R, 1]) with t ~= q * scale."""
     tf = t.float()
     amax = tf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, 1.0)
+    scale = torch.where(amax > 0, div_rn(amax, FP8_E4M3_MAX), 1.0)
     inverse = torch.where(amax > 0, torch.full_like(amax, FP8_E4M3_MAX) / amax, 1.0)   # IEEE division, not rcp*448
     return (tf * inverse).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 

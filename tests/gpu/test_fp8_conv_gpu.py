@@ -1,6 +1,6 @@
 """GPU lane, FP8 VAE convs (quant/fp8_conv): the compiled quantizer (hardware E4M3 cast) bitwise equal to the torch
 reference; the autotuned TMA implicit-GEMM conv equal to a float64 conv of the same dequantized E4M3 operands
-(fp32-accumulation tolerance plus one bf16 rounding) at real Wan2.2 decoder shapes; the full Wan2.2 decoder
+(the Hopper FP8 accumulator's tolerance plus one bf16 rounding, and a relative norm error) at real Wan2.2 decoder shapes; the full Wan2.2 decoder
 (random weights) with the default FP8 rule: PSNR vs float32 and vs BF16 above a floor, and its CUDA-graph replay
 bitwise equal to the eager decode.
 
@@ -63,11 +63,19 @@ def test_fp8_conv_vs_float64_reference(kernel, shape, cout):
                      padding=(0, lay.ph, lay.pw))
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last_3d)
     err = (y.double() - want).abs()
-    tol = 2e-6 * bound + want.abs() * 2.0 ** -8
+    # Hopper's FP8 MMA adds into its accumulator with ~14 significant bits (DeepSeek-V3 tech report, 3.3.2; Triton
+    # keeps the whole K loop in it on sm90): measured max (err - bf16 rounding) / bound 2.2e-4..5.8e-4 at these
+    # shapes, so the elementwise budget is 2**-9 of the absolute-product sum (fp32 accumulation would be ~1e-6).
+    # That alone would admit a wrong tap (1/taps of the terms, ~1/sqrt(K) of the bound per element), which the
+    # relative norm error catches: ~sqrt(2 / taps) >= 0.27 for a wrong tap of a 3x3x3 conv vs the noise's ~1e-2.
+    tol = 2.0 ** -9 * bound + want.abs() * 2.0 ** -8
+    rel = ((y.double() - want).norm() / want.norm()).item()
     print(f"{kernel} {shape}->{cout}: max err / bound {(err / bound).max().item():.3g}, "
           f"max (err - bf16 rounding) / bound {((err - want.abs() * 2.0 ** -8).clamp_min(0) / bound).max().item():.3g}, "
-          f"max err {err.max().item():.3g}, max |want| {want.abs().max().item():.3g}, max bound {bound.max().item():.3g}")
+          f"max err {err.max().item():.3g}, max |want| {want.abs().max().item():.3g}, max bound {bound.max().item():.3g}, "
+          f"relative norm error {rel:.3g}")
     assert torch.all(err <= tol), f"worst excess {(err - tol).max().item():.3g}, max err {err.max().item():.3g}"
+    assert rel <= 3e-2, rel
     assert torch.equal(ops.conv3d_fp8(x, w_q, w_s, bias, kernel), y)         # deterministic
 
 

@@ -161,3 +161,39 @@ def test_fake_impl_shapes_and_strides_and_compile_trace():
     fn = torch.compile(lambda t: ops.conv3d_fp8(t, w_q, w_s, None, (3, 3, 3)) * 2.0, backend="aot_eager",
                        fullgraph=True)
     assert torch.equal(fn(x), eager * 2.0)
+
+
+_GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from megatron_longlive.quant.fp8_conv import ops, reference as ref
+
+n, t, h, w, c = 1, 1, 5, 7, 16                           # rows 10 + 63 < one 128-row block: a partial last block
+nbytes = n * t * h * w * c * 4
+page = mmap.PAGESIZE
+size = (nbytes // page + 2) * page
+mm = mmap.mmap(-1, size)
+base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.mprotect(ctypes.c_void_p(base + size - page), page, 0) == 0, ctypes.get_errno()   # PROT_NONE
+flat = torch.frombuffer(mm, dtype=torch.float32, count=nbytes // 4, offset=size - page - nbytes)
+flat.copy_(torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(0)))
+x = flat.view(n, t, h, w, c).permute(0, 4, 1, 2, 3)      # channels_last_3d, ends at the guard page
+assert x.is_contiguous(memory_format=torch.channels_last_3d)
+buf, _ = ops.quantize_activation(x, (1, 3, 3))
+want, _ = ref.quantize_activation(x.clone(), (1, 3, 3))
+assert torch.equal(buf.view(torch.uint8), want.view(torch.uint8))
+print("ok")
+"""
+
+
+def test_quantizer_reads_nothing_past_the_input():
+    """The input ends at a PROT_NONE page: a load past its end (the last row block's tail) kills the process.
+    (On the GPU the same overread was an illegal memory access inside the CUDA-graphed decoder.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-2000:])

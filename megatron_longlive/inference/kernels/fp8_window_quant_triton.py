@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...quant.ieee import div_rn
 from ...quant.nvfp4.kernels.triton_common import e4m3_round
 
 E4M3_MAX = 448.0
@@ -83,7 +84,7 @@ def quantize_v(v: torch.Tensor, interpret: bool, amax: torch.Tensor) -> tuple[to
     bsz, s, h, d = v.shape
     if v.stride(3) != 1:
         v = v.contiguous()
-    scale = torch.where(amax > TINY, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > TINY, div_rn(amax, E4M3_MAX), torch.ones_like(amax))
     out = torch.empty(bsz, h, d, s, dtype=torch.float8_e4m3fn, device=v.device)
     block_s = 32 if interpret else 64
     _quantize_v_kernel[(triton.cdiv(s, block_s), bsz * h)](v, scale, out, s, h, v.stride(0), v.stride(1), v.stride(2),

@@ -45,9 +45,9 @@ def fp8_emulation(q8, q_scale, k8, k_scale, v8, v_scale, tokens_per_chunk: int, 
     kf, vf = (x.float().transpose(1, 2).masked_fill(~ok_all[:, None], 0.0) for x in (k8, v8))  # [B, H, Skv, D]
     row = (q_scale.transpose(1, 2) * (d ** -0.5 * LOG2E))                     # [B, H, Sq]
     col_all = k_scale.transpose(1, 2)                                          # [B, H, Skv]
-    m = torch.full((b, h, sq), float("-inf"))
-    lsum = torch.zeros(b, h, sq)
-    acc = torch.zeros(b, h, sq, d)
+    m = torch.full((b, h, sq), float("-inf"), device=q8.device)
+    lsum = torch.zeros(b, h, sq, device=q8.device)
+    acc = torch.zeros(b, h, sq, d, device=q8.device)
     for start in range(0, skv, block_n):
         sl = slice(start, min(start + block_n, skv))
         ok = ok_all[sl]

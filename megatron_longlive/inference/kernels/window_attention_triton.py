@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...quant.ieee import div_rn
 from ...quant.nvfp4.kernels.triton_common import e4m3_round
 
 MODES = {"bf16": 0, "fp8": 1, "nvfp4": 2}
@@ -442,12 +443,12 @@ def quantize_fp8_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_va
 
     def rows(x):
         s = x.abs().amax(-1, keepdim=True).float()                            # [B, S, H, 1]
-        s = torch.where(s > tiny, s / E4M3_MAX, torch.ones_like(s))
+        s = torch.where(s > tiny, div_rn(s, E4M3_MAX), torch.ones_like(s))
         return (x.float() / s).to(torch.float8_e4m3fn), s[..., 0]
 
     mean, vs = _window_stats(k, v, key_valid, smooth_k)
     q8, qs = rows(q)
     k8, ks = rows(k.float() - mean[:, None] if smooth_k else k)
-    vs = torch.where(vs > tiny, vs / E4M3_MAX, torch.ones_like(vs))            # [B, H, D]
+    vs = torch.where(vs > tiny, div_rn(vs, E4M3_MAX), torch.ones_like(vs))            # [B, H, D]
     v8 = (v.float().permute(0, 2, 3, 1) / vs[..., None]).to(torch.float8_e4m3fn).contiguous()  # [B, H, D, Skv]
     return q8, qs, k8, ks, v8.permute(0, 3, 1, 2), vs

@@ -53,7 +53,8 @@ def _quantize_kernel(x_ptr, amax_ptr, buf_ptr, ROWS, G, T, H, W, C, CP, PH, PW,
     rem = i % (hp * wp)
     h = rem // wp - PH
     w = rem % wp - PW
-    inside = (i >= 0) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    # rows past ROWS (the last block's tail) would map to frames after x's end: masked, never read
+    inside = (i >= 0) & (rows < ROWS) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
     src = (frame.to(tl.int64) * H + h) * W + w               # row of x viewed as [N*T*H*W, C]
     x = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=inside[:, None] & (cols[None, :] < C),
                 other=0.0).to(tl.float32)

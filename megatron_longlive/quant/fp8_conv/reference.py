@@ -21,7 +21,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-E4M3_MAX = 448.0
+from ..constants import E4M3_MAX
+from ..ieee import div_rn
+
 CHANNEL_ALIGN = 16  # channel padding: 16-byte rows of E4M3 (TMA strides) and whole MMA K-steps
 
 
@@ -82,7 +84,7 @@ def act_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = amax.float()
     pos = amax > 0
     one = torch.ones_like(amax)
-    return (torch.where(pos, amax / E4M3_MAX, one),
+    return (torch.where(pos, div_rn(amax, E4M3_MAX), one),
             torch.where(pos, torch.full_like(amax, E4M3_MAX) / torch.where(pos, amax, one), one))
 
 

@@ -34,6 +34,7 @@ import torch
 
 from ..constants import (BLOCK, E2M1_MAX, E2M1_SIGN_BIT, E2M1_VALUES, E4M3_MAX, SR_BITS,
                          TENSOR_SCALE_DENOM)
+from ..ieee import div_rn
 from .hadamard import rht
 
 
@@ -107,7 +108,7 @@ def random_bits(shape, generator: torch.Generator | None = None, device=None) ->
 # ----- scales -----------------------------------------------------------------------------------------
 def tensor_scale(x: torch.Tensor) -> torch.Tensor:
     """FP32 per-tensor decode scale amax / 2688 (step 2)."""
-    return x.float().abs().amax() / TENSOR_SCALE_DENOM
+    return div_rn(x.float().abs().amax(), TENSOR_SCALE_DENOM)
 
 
 def block_scales(bmax: torch.Tensor, s_t: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, rht_signs: torch.Tensor
         if block_2d:
             raise ValueError("NVFP4 quantize: RHT applies to 1x16 blocks only (activations/gradients)")
         xf = rht(xf, rht_signs)
-    s_t = tensor_scale(xf) if amax is None else amax.float().reshape(()) / TENSOR_SCALE_DENOM
+    s_t = tensor_scale(xf) if amax is None else div_rn(amax.float().reshape(()), TENSOR_SCALE_DENOM)
     if block_2d:
         m, k = xf.shape
         tiles = xf.view(m // BLOCK, BLOCK, k // BLOCK, BLOCK)                # [M/16, 16, K/16, 16]
