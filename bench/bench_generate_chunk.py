@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.profiling import top_kernels  # noqa: E402
 from bench.record import record  # noqa: E402
 from megatron_longlive.config import InferConfig, QuantConfig, preset_config  # noqa: E402
 from megatron_longlive.inference.chunk_step import STEP_MODES  # noqa: E402
@@ -68,23 +69,6 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, linear: str
     return model
 
 
-def top_kernels(engine: StreamingEngine, shape, device, n: int = 15) -> list[tuple[str, float, int]]:
-    """(kernel name, ms per chunk, calls) of the n most expensive device kernels over one chunk."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        engine.generate_chunk(torch.randn(shape, device=device))
-        _sync(device)
-    rows = []
-    for e in prof.key_averages():
-        t = e.device_time_total if device.type == "cuda" else e.self_cpu_time_total
-        if device.type == "cuda" and e.device_type.name != "CUDA":
-            continue
-        rows.append((e.key, t / 1e3, e.count))
-    return sorted(rows, key=lambda r: -r[1])[:n]
-
-
 def bench_variant(model: WanDiT, name: str, step: str, kv: str, device, timed: int, profile: bool,
                   attention: str = "sdpa") -> dict:
     _, height, width, stride, infer_kw, _ = SETTINGS[name]
@@ -107,7 +91,9 @@ def bench_variant(model: WanDiT, name: str, step: str, kv: str, device, timed: i
             last = engine.generate_chunk(noise)
             _sync(device)
             times.append(time.perf_counter() - t0)
-        kernels = top_kernels(engine, shape, device) if profile else []
+        kernels = []
+        if profile:
+            kernels = top_kernels(lambda: engine.generate_chunk(torch.randn(shape, device=device)), device)
     sec = sorted(times)[len(times) // 2]   # median
     frames = 4 * infer.chunk_frames
     out = dict(ms=sec * 1e3, fps=frames / sec, passes=len(infer.denoising_steps) + 1, warm_s=warm_s,

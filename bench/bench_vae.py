@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.profiling import print_kernels, top_kernels  # noqa: E402
 from bench.record import record  # noqa: E402
 from megatron_longlive.models.wan.vae_decoder import StreamingVAEDecoder, random_autoencoder  # noqa: E402
 
@@ -66,7 +67,7 @@ def _fp8_select(tiny: bool):
 
 
 def bench_ours(model, z: torch.Tensor, k: int, variant: str, device, dtype, warmup: int, chunks: int,
-               conv: str = "bf16", tiny: bool = False) -> float:
+               conv: str = "bf16", tiny: bool = False, profile: bool = False) -> float:
     dec = StreamingVAEDecoder(model, device=device, dtype=dtype, compile="compile" in variant,
                               cuda_graph="graph" in variant, conv_precision=conv, fp8_select=_fp8_select(tiny))
     dec.decode(z[:, :, :k])  # the clip's first chunk (eager)
@@ -74,6 +75,9 @@ def bench_ours(model, z: torch.Tensor, k: int, variant: str, device, dtype, warm
     for _ in range(warmup):  # compile / capture / cuDNN autotune
         dec.decode(steady)
     seconds = _timed(lambda: [dec.decode(steady) for _ in range(chunks)], device, 1)
+    if profile:
+        rows = top_kernels(lambda: dec.decode(steady), device, n=20)
+        print_kernels(f"one steady chunk, {variant}, {conv} convs", rows, 1e3 * seconds / chunks)
     dec = None  # free the GPU memory now (a rebinding: the timing lambda closes over the name)
     return chunks * 4 * k / seconds
 
@@ -95,7 +99,8 @@ def bench_kind(kind: str, args, device: torch.device, dtype: torch.dtype) -> lis
                 if "graph" in variant and device.type != "cuda":
                     continue
                 name = variant if conv == "bf16" else f"{variant}+{conv}"
-                fps[name] = bench_ours(model, z, k, variant, device, dtype, args.warmup, args.chunks, conv, args.tiny)
+                fps[name] = bench_ours(model, z, k, variant, device, dtype, args.warmup, args.chunks, conv, args.tiny,
+                                       args.profile)
         if args.psnr:
             ref = StreamingVAEDecoder(model, device=device, dtype=torch.float32)
             low = StreamingVAEDecoder(model, device=device, dtype=dtype)
@@ -181,6 +186,9 @@ def main() -> int:
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
                    help="skip timing diffusers' decode (saves ~10-30 s a kind on a GPU)")
     p.add_argument("--tiny", action="store_true", help="tiny configs at tiny sizes (CPU smoke test)")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top device kernels of one steady chunk per variant (profile a variant without "
+                        "'graph': kernels replayed from a CUDA graph may not be attributed)")
     p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
