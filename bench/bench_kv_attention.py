@@ -192,9 +192,10 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> d
             continue
         if label == "fp8-quant":                     # memory-bound: bytes moved, not FLOPs
             moved = (tpc + 2 * skv) * heads * d * 3 + 2 * skv * heads * d * 2   # bf16 in, e4m3 out + K mean, V amax reads
-            print(f"| {name}{tag} | {tpc} | {skv} | {heads} | {label} | {ms:.3f} | {moved / ms / 1e9:.0f} GB/s | |")
+            gbps = moved / (ms * 1e-3) / 1e9
+            print(f"| {name}{tag} | {tpc} | {skv} | {heads} | {label} | {ms:.3f} | {gbps:.0f} GB/s | |")
             record(a.out, f"{name}{tag} self-attention {label}", "time", ms, "ms", sq=tpc, skv=skv, heads=heads,
-                   head_dim=d, gbps=moved / ms / 1e9)
+                   head_dim=d, gbps=gbps)
             continue
         tflops = flops / ms / 1e9
         print(f"| {name}{tag} | {tpc} | {skv} | {heads} | {label} | {ms:.3f} | {tflops:.0f} | "
