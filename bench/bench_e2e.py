@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_generate_chunk import SETTINGS, build_model  # noqa: E402
+from bench.bench_generate_chunk import LINEARS, SETTINGS, build_model  # noqa: E402
 from bench.record import record  # noqa: E402
 from megatron_longlive.config import InferConfig  # noqa: E402
 from megatron_longlive.inference.async_decode import AsyncDecodeConfig, AsyncDecoder  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> int:
     p.add_argument("--settings", nargs="+", default=None, choices=sorted(SETTINGS))
     p.add_argument("--modes", nargs="+", default=["sync", "stream"], choices=("sync", "stream", "device"))
     p.add_argument("--step", default="auto", help="DiT chunk step (inference/chunk_step.py); auto = fastest")
-    p.add_argument("--linear", default="bf16", choices=("bf16", "fp8"))
+    p.add_argument("--linear", default="bf16", choices=LINEARS, help="fp8-fast: fp8 with quant.fp8_fast_accum")
     p.add_argument("--kv", default="bf16", choices=("bf16", "nvfp4"))
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "fp8", "triton"),
                    help="infer.attention: self-attention over the KV window (fp8 / triton: the Triton window kernel)")

@@ -65,6 +65,7 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
     dev = torch.device(a.device)
     lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
     fp8 = FP8Linear.from_linear(lin, emulate=False)
+    fp8_fast = FP8Linear.from_linear(lin, emulate=False, fast_accum=True)    # quant.fp8_fast_accum
     x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
     w = lin.weight.detach()
@@ -114,6 +115,7 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
 
     times = {"bf16": cuda_time_ms(step(lin), a.warmup, a.iters),
              "fp8": cuda_time_ms(step(fp8), a.warmup, a.iters),
+             "fp8 fast-accum fprop": cuda_time_ms(step(fp8_fast), a.warmup, a.iters),
              "fp8 gemm-only": cuda_time_ms(gemms(False), a.warmup, a.iters),
              "fp8 gemm-only fast-accum": cuda_time_ms(gemms(True), a.warmup, a.iters),
              "fp8 quantize x+w+dy": cuda_time_ms(quantize, a.warmup, a.iters),
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     print(f"device copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); tokens {a.tokens}")
     print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'fp8 ms':>8} {'speedup':>8} {'gemm ms':>8} {'fast ms':>8} "
           f"{'quant ms':>9} {'floor ms':>9} {'other ms':>9} {'best':>6} {'fp8 TF/s':>9} {'gemm TF/s':>10} "
-          f"{'blk ms':>7} {'blk best':>8}")
+          f"{'blk ms':>7} {'blk best':>8} {'fast-fprop':>10}")
     for model, pairs in shapes.items():
         for k, n in pairs:
             t = bench_shape(a.tokens, k, n, a, bandwidth)
@@ -156,13 +158,16 @@ def main(argv=None) -> int:
             print(f"{model:6} {f'{k}->{n}':>13} {t['bf16']:8.3f} {t['fp8']:8.3f} {speedup:7.2f}x "
                   f"{t['fp8 gemm-only']:8.3f} {t['fp8 gemm-only fast-accum']:8.3f} {t['fp8 quantize x+w+dy']:9.3f} "
                   f"{t['fp8 quantize floor']:9.3f} {other:9.3f} {best:5.2f}x {tf['fp8']:9.0f} "
-                  f"{tf['fp8 gemm-only']:10.0f} {t['fp8 gemm-only blockwise 1x128']:7.3f} {blk_best:7.2f}x")
+                  f"{tf['fp8 gemm-only']:10.0f} {t['fp8 gemm-only blockwise 1x128']:7.3f} {blk_best:7.2f}x "
+                  f"{t['bf16'] / t['fp8 fast-accum fprop']:9.2f}x")
             name = f"linear {model} {a.tokens}x{k}->{n} fwd+dgrad+wgrad"
             for key in (key for key in t if t[key] == t[key]):           # NaN: not measured here
                 record(a.out, f"{name} {key}", "time", round(t[key], 4), "ms")
                 if key in tf:
                     record(a.out, f"{name} {key}", "throughput", round(tf[key], 1), "TFLOP/s")
             record(a.out, name, "fp8 speedup over bf16", round(speedup, 3), "x")
+            record(a.out, name, "fp8 fast-accum fprop speedup over bf16", round(t["bf16"] / t["fp8 fast-accum fprop"], 3),
+                   "x")
             record(a.out, name, "fp8 best speedup at the quantization byte floor", round(best, 3), "x")
             if blk_best == blk_best:
                 record(a.out, name, "fp8 blockwise best speedup at its byte floor", round(blk_best, 3), "x")

@@ -7,7 +7,8 @@ Settings (the cache is filled to its full window before timing, so every timed c
   wan2.2-ti2v-5b     1280x704, chunk 8, window 32 (sink 8), 2 steps          - GPU, bf16
 FPS = pixel frames per chunk (4 x latent frames, the VAE's temporal stride) / seconds per chunk.
 Variants (all combinations run): --steps (eager, compile, cuda_graph, compile+cuda_graph: inference/chunk_step.py),
---linear (bf16, fp8: frozen E4M3 weights, activation quantization fused by compile), --kv (bf16, nvfp4),
+--linear (bf16, fp8: frozen E4M3 weights, activation quantization fused by compile; fp8-fast: the same with
+quant.fp8_fast_accum, the tensor cores' fast accumulator), --kv (bf16, nvfp4),
 --attention (infer.attention: sdpa; fp8 = E4M3 Triton window attention over the BF16 cache; triton = the Triton
 window kernel over the cache's own storage - BF16, or NVFP4 fused).
 Every variant's last chunk is compared with the eager bf16 one from the same noise (max abs diff, PSNR).
@@ -56,6 +57,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+LINEARS = ("bf16", "fp8", "fp8-fast")
+
+
+def linear_config(linear: str) -> QuantConfig:
+    """A --linear choice -> its QuantConfig (fp8-fast = fp8 with quant.fp8_fast_accum)."""
+    return QuantConfig(linear=linear.removesuffix("-fast"), fp8_fast_accum=linear.endswith("-fast"))
+
+
 def build_model(name: str, device: torch.device, dtype: torch.dtype, linear: str) -> WanDiT:
     cfg = preset_config(SETTINGS[name][0])
     torch.manual_seed(0)
@@ -64,7 +73,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, linear: str
         model.init_weights()
         torch.nn.init.normal_(model.head.head.weight, std=0.02)   # Wan's init zeroes the head: outputs would all be 0
     model = model.to(dtype).eval()
-    convert_linears(model, QuantConfig(linear=linear))
+    convert_linears(model, linear_config(linear))
     freeze_for_inference(model)
     return model
 
@@ -116,7 +125,7 @@ def main() -> int:
     p.add_argument("--settings", nargs="+", default=None, choices=sorted(SETTINGS),
                    help="default: tiny on CPU; the two full-size settings on CUDA")
     p.add_argument("--steps", nargs="+", default=["eager"], choices=STEP_MODES, help="chunk-step modes to time")
-    p.add_argument("--linear", nargs="+", default=["bf16"], choices=("bf16", "fp8"), help="linear precisions")
+    p.add_argument("--linear", nargs="+", default=["bf16"], choices=LINEARS, help="linear precisions")
     p.add_argument("--kv", nargs="+", default=["bf16"], choices=("bf16", "nvfp4"), help="KV-cache kinds")
     p.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "fp8", "triton"),
                    help="infer.attention values (self-attention over the KV window)")
@@ -164,10 +173,10 @@ def main() -> int:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\n{'setting':<19}{'step':<20}{'linear':<8}{'kv':<7}{'attn':<7}{'passes':>7}{'q tok':>7}{'kv tok':>8}{'cache GiB':>10}"
+    print(f"\n{'setting':<19}{'step':<20}{'linear':<9}{'kv':<7}{'attn':<7}{'passes':>7}{'q tok':>7}{'kv tok':>8}{'cache GiB':>10}"
           f"{'ms/chunk':>10}{'DiT FPS':>9}{'PSNR vs 1st':>12}")
     for r in rows:
-        print(f"{r['setting']:<19}{r['step']:<20}{r['linear']:<8}{r['kv']:<7}{r['attention']:<7}{r['passes']:>7}{r['tokens_per_chunk']:>7}"
+        print(f"{r['setting']:<19}{r['step']:<20}{r['linear']:<9}{r['kv']:<7}{r['attention']:<7}{r['passes']:>7}{r['tokens_per_chunk']:>7}"
               f"{r['kv_tokens']:>8}{r['cache_gib']:>10.3f}{r['ms']:>10.2f}{r['fps']:>9.1f}{r['psnr']:>12.1f}")
     return 0
 

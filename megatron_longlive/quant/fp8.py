@@ -55,14 +55,17 @@ def use_scaled_mm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_gemm(qa, sa, qb, sb, emulate: bool, out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_gemm(qa, sa, qb, sb, emulate: bool, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+             fast_accum: bool = False) -> torch.Tensor:
     """(qa * sa) [M, K] @ ((qb * sb) [N, K])^T (+ bias [N]) for row-major E4M3 operands with rowwise scales.
-    scaled-mm: bias added in the GEMM epilogue (as bf16), output written once in bf16."""
+    scaled-mm: bias added in the GEMM epilogue (as bf16), output written once in bf16; fast_accum: the tensor
+    cores' own accumulator over the whole K (the emulation always accumulates exactly)."""
     if emulate:
         y = dequantize_rowwise(qa, sa) @ dequantize_rowwise(qb, sb).t()
         return (y if bias is None else y + bias.float()).to(out_dtype)
     bias = None if bias is None else bias.to(torch.bfloat16)
-    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), bias=bias, out_dtype=torch.bfloat16).to(out_dtype)
+    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), bias=bias, out_dtype=torch.bfloat16,
+                            use_fast_accum=fast_accum).to(out_dtype)
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -70,11 +73,11 @@ class FP8LinearFunction(torch.autograd.Function):
     y is returned in out_dtype; dx in x's dtype, dW in W's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, emulate: bool, out_dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, emulate: bool, out_dtype: torch.dtype, fast_accum: bool = False):
         lead, k = x.shape[:-1], x.shape[-1]
         qx, sx, qx_t, sx_t = quantize_both(x.reshape(-1, k))                 # [M, K], [K, M16]
         qw, sw, qw_t, sw_t = quantize_both(weight)                           # [N, K], [K, N]
-        y = fp8_gemm(qx, sx, qw, sw, emulate, out_dtype, bias)               # [M, N]
+        y = fp8_gemm(qx, sx, qw, sw, emulate, out_dtype, bias, fast_accum)   # [M, N]
         ctx.save_for_backward(qx_t, sx_t, qw_t, sw_t)
         ctx.emulate, ctx.has_bias, ctx.x_meta = emulate, bias is not None, (x.shape, x.dtype, weight.dtype)
         return y.view(*lead, -1)
@@ -92,11 +95,11 @@ class FP8LinearFunction(torch.autograd.Function):
             dx = fp8_gemm(qdy, sdy, qw_t, sw_t, ctx.emulate, x_dtype).view(x_shape)          # [M, K]
         if ctx.needs_input_grad[1]:
             dw = fp8_gemm(qdy_t, sdy_t, qx_t, sx_t, ctx.emulate, w_dtype)                  # [N, K]
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def fp8_inference_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
-                         emulate: bool) -> torch.Tensor:
+                         emulate: bool, fast_accum: bool = False) -> torch.Tensor:
     """y = x W^T + b with frozen E4M3 weights (qw [N, K], sw [N, 1]) and x quantized row by row on the fly.
 
     The activation quantization is plain torch ops on purpose: under `torch.compile` Inductor fuses it
@@ -108,12 +111,14 @@ def fp8_inference_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bi
         y = fp8_gemm(qx, sx, qw, sw, True, torch.float32)
         y = y if bias is None else y + bias.float()
     else:
-        y = torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), bias=bias, out_dtype=torch.bfloat16)
+        y = torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), bias=bias, out_dtype=torch.bfloat16,
+                             use_fast_accum=fast_accum)
     return y.to(x.dtype).view(*lead, -1)
 
 
 class FP8Linear(QuantLinearBase):
     """nn.Linear with E4M3 rowwise-scaled GEMMs. emulate: None = scaled-mm where native (CUDA sm89+).
+    fast_accum: the forward GEMM accumulates in the tensor cores' fast accumulator (QuantConfig.fp8_fast_accum).
 
     `freeze()` quantizes the weight once for inference: afterwards no-grad forwards use the frozen E4M3
     weight and quantize only the activation (`fp8_inference_linear`); training forwards are unchanged."""
@@ -121,16 +126,16 @@ class FP8Linear(QuantLinearBase):
     kind = "FP8 (torch._scaled_mm)"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, emulate: bool | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, fast_accum: bool = False):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.emulate = emulate
+        self.emulate, self.fast_accum = emulate, fast_accum
         self.register_buffer("qweight", None, persistent=False)    # set by freeze()
         self.register_buffer("wscale", None, persistent=False)
 
     @classmethod
-    def from_linear(cls, linear, emulate: bool | None = None) -> "FP8Linear":
+    def from_linear(cls, linear, emulate: bool | None = None, fast_accum: bool = False) -> "FP8Linear":
         """Wrap an existing linear, sharing its parameters."""
-        return cls._wrap(linear, emulate=emulate)
+        return cls._wrap(linear, emulate=emulate, fast_accum=fast_accum)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -142,10 +147,10 @@ class FP8Linear(QuantLinearBase):
         emulate = self.emulate if self.emulate is not None else not use_scaled_mm(x.device)
         if self.qweight is not None and not torch.is_grad_enabled():
             bias = None if self.bias is None else self.bias.to(torch.float32 if emulate else torch.bfloat16)
-            return fp8_inference_linear(x, self.qweight, self.wscale, bias, emulate)
+            return fp8_inference_linear(x, self.qweight, self.wscale, bias, emulate, self.fast_accum)
         # like nn.Linear under autocast: the output in the autocast dtype (bf16 activations between layers,
         # not the fp32 of a norm's output); the function's own math runs with autocast off (exact emulation)
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
-            return FP8LinearFunction.apply(x, self.weight, self.bias, emulate, out_dtype)
+            return FP8LinearFunction.apply(x, self.weight, self.bias, emulate, out_dtype, self.fast_accum)

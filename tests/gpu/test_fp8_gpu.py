@@ -71,3 +71,9 @@ def test_fp8_linear_cuda_equals_cpu_emulation():
         # same E4M3 operands bit for bit; only fp32 accumulation order and bf16 rounding of outputs differ
         err = ((a.float().cpu() - b.float()).norm() / b.float().norm()).item()
         assert err < 1e-2, (name, err)
+    # quant.fp8_fast_accum: the forward GEMM in the tensor cores' own accumulator (~14 bits on Hopper, K = 1536)
+    quick = FP8Linear.from_linear(copy.deepcopy(lin).cuda(), emulate=False, fast_accum=True)
+    with torch.no_grad():
+        err = ((quick(x.cuda()).float().cpu() - ye.float()).norm() / ye.float().norm()).item()
+    print(f"fast-accum fprop vs exact emulation: relative error {err:.3g}")
+    assert err < 2e-2, err
