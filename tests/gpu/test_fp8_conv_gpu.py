@@ -88,7 +88,8 @@ def test_wan22_decoder_fp8_psnr_and_cuda_graph():
     z = torch.randn(1, 48, 5, 16, 24, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     chunks = [z[:, :, :1], z[:, :, 1:3], z[:, :, 3:5]]
     with torch.inference_mode():
-        f32 = torch.cat([StreamingVAEDecoder(model, "cuda", torch.float32).decode(c) for c in chunks], 2)
+        f32_dec = StreamingVAEDecoder(model, "cuda", torch.float32)     # one decoder: one clip, chunk by chunk
+        f32 = torch.cat([f32_dec.decode(c) for c in chunks], 2)
     with torch.inference_mode():
         bf16_dec = StreamingVAEDecoder(model, "cuda", torch.bfloat16)
         bf16 = torch.cat([bf16_dec.decode(c) for c in chunks], 2)
