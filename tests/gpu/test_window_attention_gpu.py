@@ -5,7 +5,8 @@ chunk step.
 - bf16 mode vs float64 attention of the same BF16 K/V, and vs cuDNN SDPA: <= 1e-2 relative;
 - nvfp4 mode vs float64 attention of the dequantized packed window: <= 1e-2; an empty region (garbage) is skipped;
 - fp8 mode vs float64 attention of the unquantized BF16 inputs: <= 8e-2 (CPU interpreter measured 4-5%), and vs the
-  torch emulation of the same FP8 math: <= 1e-3 (exp2 differs in the last bits, which may flip a rare E4M3 rounding);
+  torch emulation of the same FP8 math (fp32 accumulation): <= 1.5e-2 - Hopper's FP8 MMA accumulates with ~14 bits
+  (H100 measured 5.4-5.8e-3; the interpreter 7e-8), while a dropped 64-key tile would move the output by ~6%;
 - the fused FP8 quantizer on CUDA is bitwise the torch quantizer;
 - tiny model: compile+cuda_graph == eager with infer.attention=fp8 and triton (one capture; the autotuner runs in
   the warm-up before capture).
@@ -66,7 +67,8 @@ def test_bf16_and_fp8_modes(model, empty_region):
     pinned = window_attention(q8, k8, v8, tpc, valid, mode="fp8", q_scale=qs, k_scale=ks, v_scale=vs,
                               out_dtype=torch.float32, block_m=128, block_n=64)
     emu = fp8_emulation(q8, qs, k8, ks, v8, vs, tpc, valid, block_n=64)
-    assert _rel(pinned, emu) <= 1e-3, _rel(pinned, emu)
+    print(f"{model} fp8 kernel vs its fp32-accumulating emulation: {_rel(pinned, emu):.3e}")
+    assert _rel(pinned, emu) <= 1.5e-2, _rel(pinned, emu)
 
 
 @pytest.mark.parametrize("model", list(GEOMETRY))
