@@ -7,8 +7,8 @@ Settings (the cache is filled to its full window before timing, so every timed c
   wan2.2-ti2v-5b     1280x704, chunk 8, window 32 (sink 8), 2 steps          - GPU, bf16
 FPS = pixel frames per chunk (4 x latent frames, the VAE's temporal stride) / seconds per chunk.
 Variants (all combinations run): --steps (eager, compile, cuda_graph, compile+cuda_graph: inference/chunk_step.py),
---linear (bf16, fp8: frozen E4M3 weights, activation quantization fused by compile; fp8-fast: the same with
-quant.fp8_fast_accum, the tensor cores' fast accumulator), --kv (bf16, nvfp4),
+--linear (bf16, fp8: frozen E4M3 weights, activation quantization fused by compile, fp32-promoting GEMMs; fp8-fast:
+the same with quant.fp8_fast_accum, the tensor cores' fast accumulator - the config default), --kv (bf16, nvfp4),
 --attention (infer.attention: sdpa; fp8 = E4M3 Triton window attention over the BF16 cache; triton = the Triton
 window kernel over the cache's own storage - BF16, or NVFP4 fused).
 Every variant's last chunk is compared with the eager bf16 one from the same noise (max abs diff, PSNR).
@@ -61,7 +61,8 @@ LINEARS = ("bf16", "fp8", "fp8-fast")
 
 
 def linear_config(linear: str) -> QuantConfig:
-    """A --linear choice -> its QuantConfig (fp8-fast = fp8 with quant.fp8_fast_accum)."""
+    """A --linear choice -> its QuantConfig (fp8 = every GEMM promoting to fp32, as recorded before
+    quant.fp8_fast_accum became the default; fp8-fast = the default fast-accumulating forward GEMMs)."""
     return QuantConfig(linear=linear.removesuffix("-fast"), fp8_fast_accum=linear.endswith("-fast"))
 
 

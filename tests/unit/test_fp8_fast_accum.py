@@ -65,4 +65,6 @@ def test_config_reaches_inference_and_training_linears(flags):
     assert flags == [True, True]
     built = build_linear_provider(cfg).linear("blocks.0.ffn.0", 32, 64)
     assert isinstance(built, FP8Linear) and built.fast_accum
-    assert not build_linear_provider(QuantConfig(linear="fp8")).linear("blocks.0.ffn.0", 32, 64).fast_accum
+    assert build_linear_provider(QuantConfig(linear="fp8")).linear("blocks.0.ffn.0", 32, 64).fast_accum   # default
+    precise = QuantConfig(linear="fp8", fp8_fast_accum=False)
+    assert not build_linear_provider(precise).linear("blocks.0.ffn.0", 32, 64).fast_accum
