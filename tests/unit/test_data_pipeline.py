@@ -75,7 +75,14 @@ def test_round_trip_equals_direct_encoding(tmp_path, models):
                 assert item["latents"].dtype == torch.float32
                 assert (item["latents"] - ref).abs().max().item() <= 1e-6
             else:
-                assert torch.equal(item["latents"].view(torch.int16), ref.bfloat16().view(torch.int16))
+                # the encoder may differ from the direct path by float32 rounding (<= 1e-6, as above), which
+                # can move a value across a bf16 rounding boundary: the store must hold a bf16 rounding of
+                # some value within that tolerance, i.e. lie between the roundings of ref -/+ 1e-6
+                got = item["latents"]
+                assert got.dtype == torch.bfloat16
+                lo, hi = (ref - 1e-6).bfloat16(), (ref + 1e-6).bfloat16()
+                assert bool(((got >= lo) & (got <= hi)).all())
+                assert (got.float() == ref.bfloat16().float()).float().mean().item() > 0.99
             caps = [s["caption"] for s in e["shots"]]
             assert item["captions"] == caps
             assert torch.equal(item["texts"].float(), te.encode(caps).to(item["texts"].dtype).float())
