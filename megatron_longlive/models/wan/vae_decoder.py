@@ -446,11 +446,6 @@ class StreamingVAEDecoder:
         if self.state is not None:
             self.state.reset()
 
-    def largest_activation(self, batch: int, height: int, width: int, latent_frames: int) -> int:
-        """Elements of the largest conv input/output when decoding `latent_frames` at once (cache included)."""
-        return max(batch * max(m.in_dim, m.out_dim) * (m.tscale * latent_frames + (m.kt - 1))
-                   * height * m.scale * width * m.scale for m in self.modules() if isinstance(m, CausalConv3d))
-
     def pixel_frames(self, latent_frames: int, first: bool) -> int:
         return self.net.pixel_frames(latent_frames, first)
 
