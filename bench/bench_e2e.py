@@ -105,7 +105,7 @@ def main() -> int:
     p.add_argument("--step", default="auto", help="DiT chunk step (inference/chunk_step.py); auto = fastest")
     p.add_argument("--linear", default="bf16", choices=LINEARS, help="fp8-fast: fp8 with quant.fp8_fast_accum")
     p.add_argument("--kv", default="bf16", choices=("bf16", "nvfp4"))
-    p.add_argument("--attention", default="sdpa", choices=("sdpa", "fp8", "triton"),
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "fp8", "triton", "cudnn-fp8"),
                    help="infer.attention: self-attention over the KV window (fp8 / triton: the Triton window kernel)")
     p.add_argument("--vae-eager", action="store_true", help="no compile / CUDA graph for the decoder")
     p.add_argument("--vae-conv", default="bf16", choices=("bf16", "fp8"),

@@ -128,7 +128,7 @@ def main() -> int:
     p.add_argument("--steps", nargs="+", default=["eager"], choices=STEP_MODES, help="chunk-step modes to time")
     p.add_argument("--linear", nargs="+", default=["bf16"], choices=LINEARS, help="linear precisions")
     p.add_argument("--kv", nargs="+", default=["bf16"], choices=("bf16", "nvfp4"), help="KV-cache kinds")
-    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "fp8", "triton"),
+    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "fp8", "triton", "cudnn-fp8"),
                    help="infer.attention values (self-attention over the KV window)")
     p.add_argument("--profile", action="store_true", help="print the top kernels of one chunk per variant")
     p.add_argument("--device", default=None)

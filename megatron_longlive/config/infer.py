@@ -63,7 +63,9 @@ class InferConfig(ConfigBase):
     """Self-attention over the KV window (issue 9): sdpa (the model's core: cuDNN on a GPU; the NVFP4 cache hands it
     dequantized K/V), fp8 (BF16 cache: q, K, V quantized to E4M3 per call, FP8 tensor-core Triton kernel;
     ~2-5% relative error per attention call), triton (the Triton kernel over the cache's own storage: BF16 K/V, or
-    the packed NVFP4 pages fused). fp8 and triton need CUDA (or TRITON_INTERPRET=1); cross-attention stays SDPA."""
+    the packed NVFP4 pages fused), cudnn-fp8 (BF16 cache plus an E4M3 shadow written once per chunk, static q/K
+    scales from the qk norms, cuDNN's FP8 flash attention; Hopper+ with nvidia-cudnn-frontend, an exact emulation
+    on the CPU). fp8 and triton need CUDA (or TRITON_INTERPRET=1); cross-attention stays SDPA."""
     streaming_decode: bool = True
     """Decode each chunk as soon as it is generated (causal streaming VAE decoder, compiled + CUDA-graphed on a GPU)
     and append its frames to the mp4 while later chunks generate; false: decode the whole video at the end."""
@@ -81,8 +83,8 @@ class InferConfig(ConfigBase):
         if self.chunk_step not in ("auto", "eager", "compile", "cuda_graph", "compile+cuda_graph"):
             raise self.error("chunk_step", f"unknown mode {self.chunk_step!r}",
                              "use auto, eager, compile, cuda_graph or compile+cuda_graph")
-        if self.attention not in ("sdpa", "fp8", "triton"):
-            raise self.error("attention", f"unknown mode {self.attention!r}", "use sdpa, fp8 or triton")
+        if self.attention not in ("sdpa", "fp8", "triton", "cudnn-fp8"):
+            raise self.error("attention", f"unknown mode {self.attention!r}", "use sdpa, fp8, triton or cudnn-fp8")
         if self.decode_mode not in ("auto", "stream", "thread", "sync", "device"):
             raise self.error("decode_mode", f"unknown mode {self.decode_mode!r}", "use auto, stream, thread, sync or device")
         if self.vae_conv not in ("bf16", "fp8"):

@@ -57,11 +57,12 @@ from torch import nn
 
 from ..config import InferConfig
 from ..inference.engine import StreamingEngine
+from ..inference.fp8_kv_cache import with_static_bounds
 from ..inference.kv_cache import KVCache
 from ..models.wan.model import WanDiT
 from ..models.wan.sp_plan import WAN_SP_PLAN
 from ..quant.constants import BLOCK
-from ..quant.nvfp4.kv_cache import NVFP4KVCache, PackedKV, quantize_chunk
+from ..quant.nvfp4.kv_cache import NVFP4KVCache, PackedKV, build_kv_cache, quantize_chunk
 from ..quant.nvfp4.reference import NVFP4Quantized
 from .sp_plan import SPPlan
 from .ulysses import UlyssesAttention, heads_to_seq, seq_to_heads
@@ -279,8 +280,8 @@ class SPStreamingEngine(StreamingEngine):
         latent_shape = self.latent_shape if keep_latents else None
         args = (self.layout, cfg.num_layers, self.rows, heads, cfg.head_dim, latent_shape,
                 self.dtype, self.device)
-        if kind == "bf16":
-            return KVCache(*args, attention=self.infer.attention)
+        if kind == "bf16":     # heads sharded; static q/K bounds and per-head V scales quantize as one rank does
+            return with_static_bounds(build_kv_cache(kind, *args, attention=self.infer.attention), self.model)
         if kind == "nvfp4":
             return ShardedNVFP4KVCache(self.group, *args, attention=self.kv_attention)
         raise ValueError(f"quant.kv_cache={kind!r}: choose 'bf16' or 'nvfp4'")

@@ -33,6 +33,7 @@ from ..models.wan.model import WanDiT
 from ..models.wan.rope import grid_positions
 from ..training.schedule import shift_sigma, sigma_to_timestep
 from .chunk_step import ChunkStep
+from .fp8_kv_cache import with_static_bounds
 from .kv_cache import CacheLayout, KVCache
 from .sinks import SinkRule, chunk_role, normalize_shot_starts, visible_chunks
 
@@ -90,9 +91,10 @@ class StreamingEngine:
         from ..quant.nvfp4.kv_cache import build_kv_cache  # imported here: that module imports this package
 
         cfg = self.model.cfg
-        return build_kv_cache(kind, self.layout, cfg.num_layers, self.rows, cfg.num_heads, cfg.head_dim,
-                              self.latent_shape if keep_latents else None, self.dtype, self.device,
-                              attention=self.infer.attention)
+        cache = build_kv_cache(kind, self.layout, cfg.num_layers, self.rows, cfg.num_heads, cfg.head_dim,
+                               self.latent_shape if keep_latents else None, self.dtype, self.device,
+                               attention=self.infer.attention)
+        return with_static_bounds(cache, self.model)
 
     def _forward_tokens(self, tokens: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, mask=None,
                         need_output: bool = True) -> torch.Tensor | None:

@@ -306,27 +306,30 @@ def test_sp_inference_fused_nvfp4_attention_matches_dequant(reference):
         assert err <= 1e-3, f"rank {r}: relative error {err:.2e}"
 
 
-def _fp8_attention_worker(rank: int, world: int) -> torch.Tensor:
+def _fp8_attention_worker(rank: int, world: int, mode: str) -> torch.Tensor:
     from megatron_longlive.distributed.grid import init_grid
     from megatron_longlive.distributed.sp_inference import SPStreamingEngine
 
     groups = init_grid(1, world, CFG.num_heads)
-    infer = dataclasses.replace(INFER, attention="fp8")
+    infer = dataclasses.replace(INFER, attention=mode)
     return run_scenario(SPStreamingEngine(make_model(), infer, (H, W), groups.sp, batch=BATCH))
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sp_inference_fp8_window_attention_matches_one_rank():
-    """infer.attention=fp8 (BF16 cache, E4M3 Triton window attention; TRITON_INTERPRET=1 on CPU) under SP=2: every
-    scale is per head (q, K per token and head, V per head and channel, the K mean per head), so the head-sharded
-    run quantizes as the one-rank run does; latents within 1e-3 relative (E4M3 roundings may flip where the
-    K/V entering them differ by float32 rounding; measured: equal, 0.0)."""
+@pytest.mark.parametrize("mode", ["fp8", "cudnn-fp8"])
+def test_sp_inference_fp8_window_attention_matches_one_rank(mode):
+    """infer.attention=fp8 (BF16 cache, E4M3 Triton window attention; TRITON_INTERPRET=1 on CPU) and cudnn-fp8
+    (the cache's E4M3 shadow; its exact emulation on CPU) under SP=2: every scale is per head or global (fp8: q, K
+    per token and head, V per head and channel, the K mean per head; cudnn-fp8: static q/K scales from the full
+    qk-norm gains, V per head), so the head-sharded run quantizes as the one-rank run does; latents within 1e-3
+    relative (E4M3 roundings may flip where the K/V entering them differ by float32 rounding; measured: fp8 equal,
+    0.0; cudnn-fp8 5.6e-7, the emulation's batched fp32 products)."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the window kernel needs CUDA or TRITON_INTERPRET=1")
-    ref = run_scenario(StreamingEngine(make_model(), dataclasses.replace(INFER, attention="fp8"), (H, W),
+    ref = run_scenario(StreamingEngine(make_model(), dataclasses.replace(INFER, attention=mode), (H, W),
                                        batch=BATCH))
-    for r, got in enumerate(spawn(_fp8_attention_worker, 2)):
+    for r, got in enumerate(spawn(_fp8_attention_worker, 2, mode)):
         err = float((got - ref).norm() / ref.norm())
         print(f"rank {r}: relative error {err:.2e}")
         assert err <= 1e-3, f"rank {r}: relative error {err:.2e}"

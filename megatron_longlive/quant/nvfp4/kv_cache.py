@@ -228,17 +228,23 @@ def build_kv_cache(kind: str, layout: CacheLayout, num_layers: int, batch: int, 
                    device: torch.device | str | None = None, attention: str = "sdpa") -> KVCache:
     """`quant.kv_cache` -> the cache: 'bf16' (K/V in the model dtype) or 'nvfp4'. attention (`infer.attention`):
     sdpa (the model's core; the NVFP4 cache dequantizes), triton (Triton window kernel over the cache's own
-    storage: BF16, or packed NVFP4 = 'fused') or fp8 (BF16 cache only: E4M3 per call). 'dequant'/'fused' name the
+    storage: BF16, or packed NVFP4 = 'fused'), fp8 (BF16 cache only: E4M3 per call) or cudnn-fp8 (BF16 cache with an
+    E4M3 shadow, inference/fp8_kv_cache.py). 'dequant'/'fused' name the
     NVFP4 modes directly."""
     if kind == "bf16":
         if attention in ("dequant", "fused"):
-            raise ValueError(f"attention={attention!r} is an NVFP4-cache mode; the BF16 cache takes sdpa, triton or fp8")
+            raise ValueError(f"attention={attention!r} is an NVFP4-cache mode; the BF16 cache takes sdpa, triton, fp8 "
+                             "or cudnn-fp8")
+        if attention == "cudnn-fp8":
+            from ...inference.fp8_kv_cache import FP8WindowKVCache
+
+            return FP8WindowKVCache(layout, num_layers, batch, num_heads, head_dim, latent_shape, dtype, device)
         return KVCache(layout, num_layers, batch, num_heads, head_dim, latent_shape, dtype, device, attention)
     if kind == "nvfp4":
         modes = {"sdpa": "dequant", "triton": "fused", "dequant": "dequant", "fused": "fused"}
         if attention not in modes:
             raise ValueError(f"infer.attention={attention!r} with quant.kv_cache=nvfp4: use sdpa or triton "
-                             "(fp8 quantizes a BF16 window; the NVFP4 cache has its own fused kernel)")
+                             "(fp8 / cudnn-fp8 quantize a BF16 window; the NVFP4 cache has its own fused kernel)")
         return NVFP4KVCache(layout, num_layers, batch, num_heads, head_dim, latent_shape, dtype, device,
                             modes[attention])
     raise ValueError(f"quant.kv_cache={kind!r}: choose 'bf16' or 'nvfp4'")
