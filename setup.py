@@ -40,7 +40,9 @@ setup(
         # DALI (424 MB wheel, ~13 s to install) runs its CPU video decoder without a GPU: tests/unit/test_data_dali_cpu.py
         "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "httpx", "playwright",
                 "nvidia-dali-cuda120; sys_platform == 'linux'"],
-        "gpu": ["triton>=3.2", "transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "gpu": ["triton>=3.2", "transformer-engine[pytorch]", "nvidia-dali-cuda120", "nvidia-cudnn-frontend>=1.16,<1.23"],
+        # infer.attention=cudnn-fp8 (Hopper+); 1.16-1.22 carry no hard dependencies (later ones pull cutlass-dsl)
+        "cudnn": ["nvidia-cudnn-frontend>=1.16,<1.23"],
         "triton": ["triton==3.6.0"],
         "mpi": ["mpi4py"],
     },

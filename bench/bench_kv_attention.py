@@ -5,7 +5,9 @@ older split-P NVFP4-KV kernel - plus the KV cache memory of BF16 vs NVFP4.
 Variants (--variants): cudnn, flash (SDPA backends, BF16 K/V); bf16-triton (window kernel, BF16 K/V); fp8-triton
 (window kernel on pre-quantized E4M3 q/K/V: the kernel alone), fp8-triton+quant (the fused quantizer of q, K, V
 plus the kernel: what infer.attention=fp8 costs per call), fp8-quant (the quantizer alone); nvfp4-triton (window
-kernel over the packed NVFP4 window: the NVFP4 cache's fused mode); nvfp4-old, nvfp4-old-split (the older kernel,
+kernel over the packed NVFP4 window: the NVFP4 cache's fused mode); cudnn-fp8 (infer.attention=cudnn-fp8 per
+call: q's E4M3 pass, cuDNN's FP8 kernel over the E4M3 shadow, V's per-head scales), cudnn-fp8-kernel (the cuDNN
+FP8 kernel alone; needs nvidia-cudnn-frontend); nvfp4-old, nvfp4-old-split (the older kernel,
 tiles from --tiles). Every window-kernel variant prints its error vs the cuDNN output on the same BF16 K/V
 (relative Frobenius and max |diff| / max |ref|); the window kernel is autotuned (first call, not timed).
 
@@ -76,7 +78,8 @@ def sdpa_ms(q, k, v, backend, warmup, iters) -> float | None:
         return None
 
 
-NEW = ("bf16-triton", "fp8-triton", "fp8-triton+quant", "fp8-quant", "nvfp4-triton")
+NEW = ("bf16-triton", "fp8-triton", "fp8-triton+quant", "fp8-quant", "nvfp4-triton", "cudnn-fp8", "cudnn-fp8-kernel")
+NO_ERROR = ("fp8-quant", "cudnn-fp8-kernel")     # outputs not comparable with the attention (codes, V-code units)
 VARIANTS = ("cudnn", "flash", *NEW, "nvfp4-old", "nvfp4-old-split")
 
 
@@ -107,11 +110,35 @@ def window_variants(q, k, v, kv, tpc: int, variants) -> dict:
             fns["fp8-triton+quant"] = fp8_with_quant
         if "fp8-quant" in variants:
             fns["fp8-quant"] = lambda: quantize_fp8(q, k, v)
+    if {"cudnn-fp8", "cudnn-fp8-kernel"} & set(variants):
+        fns.update(cudnn_fp8_variants(q, k, v, tpc, variants))
     if "nvfp4-triton" in variants:
         fns["nvfp4-triton"] = lambda: window_attention(q, kv.k_codes, kv.v_codes, tpc, mode="nvfp4",
                                                        k_scale=kv.k_scales, v_scale=kv.v_scales, k_ts=kv.k_ts,
                                                        v_ts=kv.v_ts)
     return fns
+
+
+def cudnn_fp8_variants(q, k, v, tpc: int, variants) -> dict:
+    """infer.attention=cudnn-fp8 per call (cudnn-fp8: q's E4M3 pass + cuDNN's FP8 kernel over the cache's E4M3
+    shadow + the per-head V scales; the shadow is written once per chunk, outside the call) and the kernel alone.
+    The static q/K scales here are the data's amax * 1.02 (the engine derives them from the qk-norm gains)."""
+    from megatron_longlive.inference.fp8_kv_cache import V_MARGIN
+    from megatron_longlive.inference.kernels.cudnn_fp8_attention import cudnn_fp8_attention
+    from megatron_longlive.inference.kernels.fp8_head_quant_triton import quantize_per_head
+    from megatron_longlive.inference.window_attention import FP8Window, WindowKV
+
+    h, d = q.shape[2], q.shape[3]
+    qs, ks = ((x.abs().amax().float() * 1.02 / 448).reshape(()) for x in (q, k))
+    vs = v.abs().amax(dim=(0, 1, 3)).float() * V_MARGIN / 448
+    k8 = quantize_per_head(k[None], ks.reshape(1, 1).expand(1, h))[0]
+    v8 = quantize_per_head(v[None], vs[None])[0]
+    regions = torch.ones(k.shape[1] // tpc, dtype=torch.bool, device=q.device)
+    win = WindowKV(k, v, regions, tpc, "cudnn-fp8", True, FP8Window(k8, v8, qs, ks, vs))
+    q8 = quantize_per_head(q[None], qs.reshape(1, 1).expand(1, h))[0]
+    fns = {"cudnn-fp8": lambda: win.attend(q),
+           "cudnn-fp8-kernel": lambda: cudnn_fp8_attention(q8, k8, v8, qs, ks, d ** -0.5)}
+    return {label: fn for label, fn in fns.items() if label in variants}
 
 
 def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> dict:
@@ -149,11 +176,12 @@ def run_setting(name, tpc, chunks, heads, d, layers, a, tag="", tiles=None) -> d
             print(f"  {label}: failed ({type(e).__name__}: {str(e)[:120]})")
             continue
         rows[label] = ms
-        tuned = getattr(wat._autotuned, "best_config", None) if label != "fp8-quant" else None
+        tuned = getattr(wat._autotuned, "best_config", None) if label not in NO_ERROR and "cudnn" not in label \
+            else None
         if tuned is not None:
             fn()                                         # the autotuner's best_config is the last call's
             print(f"  {label}: autotuned {wat._autotuned.best_config}")
-        if sdpa_out is not None and label != "fp8-quant":
+        if sdpa_out is not None and label not in NO_ERROR:
             rel, mx = _errors(out, sdpa_out)
             print(f"  {label}: vs sdpa cudnn: relative error {rel:.2e}, max |diff| / max |ref| {mx:.2e}")
             record(a.out, f"{name}{tag} window attention {label}", "rel err vs sdpa cudnn", rel, "ratio", skv=skv,

@@ -8,8 +8,8 @@ chunk step.
   torch emulation of the same FP8 math (fp32 accumulation): <= 1.5e-2 - Hopper's FP8 MMA accumulates with ~14 bits
   (H100 measured 5.4-5.8e-3; the interpreter 7e-8), while a dropped 64-key tile would move the output by ~6%;
 - the fused FP8 quantizer on CUDA is bitwise the torch quantizer;
-- tiny model: compile+cuda_graph == eager with infer.attention=fp8 and triton (one capture; the autotuner runs in
-  the warm-up before capture).
+- tiny model: compile+cuda_graph == eager with infer.attention=fp8, triton and cudnn-fp8 (one capture; the
+  autotuner and cuDNN's plan build run in the warm-up before capture).
 
 Run through `device`: python -m pytest -q -m gpu tests/gpu/test_window_attention_gpu.py
 """
@@ -134,8 +134,13 @@ def _stream(model, step, attention, chunks=7):
     return torch.cat(out, dim=2), engine
 
 
-@pytest.mark.parametrize("attention", ["fp8", "triton"])
+@pytest.mark.parametrize("attention", ["fp8", "triton", "cudnn-fp8"])
 def test_compile_cuda_graph_equals_eager_with_window_attention(tiny, attention):
+    if attention == "cudnn-fp8":
+        from megatron_longlive.inference.kernels.cudnn_fp8_attention import unavailable_reason
+
+        if unavailable_reason("cuda"):
+            pytest.skip(unavailable_reason("cuda"))
     eager, _ = _stream(tiny, "eager", attention)
     sdpa, _ = _stream(tiny, "eager", "sdpa")
     fast, engine = _stream(tiny, "compile+cuda_graph", attention)

@@ -230,3 +230,35 @@ def test_engine_generation_with_cudnn_fp8_attention_stays_close_to_sdpa(tiny_mod
     psnr = _psnr(out["cudnn-fp8"], out["sdpa"])
     print(f"latents PSNR cudnn-fp8 (emulated) vs sdpa: {psnr:.1f} dB")
     assert psnr >= 50, psnr
+
+
+def test_engine_shot_switch_with_recache_and_an_empty_shot_sink(tiny_model):
+    """The GPU lane's scenario on the CPU: a shot sink, 7 chunks, a new shot with recache at chunk 5 (the shot sink
+    is empty for one chunk: BF16 fallback; the recache re-quantizes K and V from BF16). Close to sdpa throughout."""
+    from megatron_longlive.config import InferConfig
+    from megatron_longlive.inference.engine import StreamingEngine
+
+    outs = {}
+    for mode in ("sdpa", "cudnn-fp8"):
+        g = torch.Generator().manual_seed(0)
+        infer = InferConfig(height=64, width=64, chunk_frames=1, window_frames=4, sink_frames=1, shot_sink_frames=1,
+                            attention=mode)
+        text = torch.randn(1, tiny_model.cfg.text_len, tiny_model.cfg.text_dim, generator=g)
+        engine = StreamingEngine(tiny_model, infer, (8, 8))
+        engine.set_prompt(text)
+        out = []
+        with torch.no_grad():
+            for c in range(7):
+                if c == 5:
+                    engine.set_prompt(0.5 * text, recache=True, new_shot=True)
+                out.append(engine.generate_chunk(torch.randn(1, *engine.latent_shape, generator=g)))
+        outs[mode] = torch.cat(out, dim=2)
+        if mode == "cudnn-fp8":
+            cache = engine.cache
+            for s in [s for s, c in enumerate(cache.slot_chunk) if c is not None]:
+                tok = cache.layout.tokens(s)
+                assert _same(cache.k8[:, :, tok], quantize_per_head_torch(
+                    cache.k[:, :, tok], cache.k_scale[:, None].expand(-1, cache.v_scale.shape[1]))) == 0
+    psnr = _psnr(outs["cudnn-fp8"], outs["sdpa"])
+    print(f"shot switch + recache, cudnn-fp8 (emulated) vs sdpa: {psnr:.1f} dB")
+    assert psnr >= 50, psnr
