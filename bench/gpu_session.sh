@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU measurements still pending, in priority order, for one lent H100/H200 (../.library/device/README.md).
+#
+#   here (PyPI reachable):  bash bench/gpu_session.sh prepare
+#       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
+#          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
+#   on the device:          run command="bash bench/gpu_session.sh run 1500" carry=[".whl"]
+#       -> installs the wheels, then runs the steps below until 1500 s are spent (each with its own limit, the
+#          last ones are skipped when the budget runs out); logs, steps.txt and results.jsonl come back in $OUT.
+#
+# Append the returned results.jsonl lines to bench/results.jsonl (with `command` pointing at bench/results.jsonl)
+# and the tables to bench/RESULTS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=("megatron-core==0.16.1" "zarr==3.1.6" "numcodecs" "donfig" "crc32c" "google-crc32c" "diffusers==0.42.1"
+        "av==19.0.2" "nvidia-cudnn-frontend==1.16.0")
+
+prepare() {
+    mkdir -p .whl
+    for w in "${WHEELS[@]}"; do
+        pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "$w"
+    done
+    du -sh .whl && ls .whl
+}
+
+step() {   # step NAME LIMIT_S cmd...: run cmd with min(LIMIT_S, time left), log to $OUT/NAME.log
+    local name=$1 limit=$2; shift 2
+    local left=$(( DEADLINE - $(date +%s) ))
+    if (( left < 30 )); then echo "skipped $name (budget spent)" | tee -a "$OUT/steps.txt"; return; fi
+    (( limit > left )) && limit=$left
+    echo "== $name (limit ${limit}s): $*"
+    local t0=$(date +%s)
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/steps.txt"
+    tail -n 30 "$OUT/$name.log"
+}
+
+run() {
+    local budget=${1:-1500}
+    DEADLINE=$(( $(date +%s) + budget ))
+    OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+    local res="$OUT/results.jsonl"
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+    pip install -q --no-deps .whl/*.whl > "$OUT/install.log" 2>&1; pip install -q --no-deps -e . >> "$OUT/install.log" 2>&1
+    python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/device.txt"
+    # 1. infer.attention=cudnn-fp8 (issue 9): correctness first, then the per-call and per-chunk speed
+    step cudnn_fp8_tests 240 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
+        tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
+    step kv_attention 180 python bench/bench_kv_attention.py --no-growing \
+        --variants cudnn cudnn-fp8 cudnn-fp8-kernel fp8-triton --out "$res"
+    step dit_fps 420 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b \
+        --steps compile+cuda_graph --linear fp8-fast --attention sdpa cudnn-fp8 --chunks 3 --out "$res"
+    # 2. the FP8-conv VAE decoder's missing end-to-end gain (issue 10): top kernels of one steady chunk
+    step vae_profile 300 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv bf16 fp8 \
+        --chunks 2 --warmup 1 --no-diffusers --no-psnr --profile --out "$res"
+    # 3. end to end with every fast path (issue 10 targets 32 / 45 / 25 FPS)
+    step e2e 420 python bench/bench_e2e.py --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --modes stream \
+        --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv bf16 --out "$res"
+    # 4. training step rows of one run (issue 6) and the megatron-core DDP GPU tests
+    step train_step 240 python bench/bench_train_step.py --preset wan2.1-1.3b \
+        --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
+    step mcore_ddp 300 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    run) shift; run "$@" ;;
+    *) echo "usage: bash bench/gpu_session.sh prepare | run [BUDGET_S]"; exit 2 ;;
+esac
