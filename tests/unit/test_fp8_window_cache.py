@@ -6,8 +6,8 @@ Budgets (relative Frobenius error, random N(0,1) data):
 - quantizer: Triton (interpreter) == torch reference bitwise; torch reference == nearest-even E4M3 from float64;
 - attention of the shadow vs float64 attention of the unquantized window: <= 8e-2 (E4M3 q, K, V and P; measured
   4.95e-2), and vs float64 attention of the dequantized codes (P's E4M3 rounding only): <= 3e-2 (measured 1.87e-2);
-- engine latents, cudnn-fp8 vs sdpa (tiny model, 4 chunks): PSNR >= 50 dB (measured 81.4 dB; the Triton fp8 mode
-  with per-token scales measured 82 dB in test_window_attention.py).
+- engine latents, cudnn-fp8 vs sdpa through a shot switch with recache: PSNR >= 50 dB (measured 83.5 dB; the plain
+  4-chunk stream is in test_window_attention.py: 81.4 dB).
 """
 from __future__ import annotations
 
@@ -212,24 +212,6 @@ def test_errors_name_the_fix(tiny_model):
 def _psnr(a, b) -> float:
     mse = (a - b).pow(2).mean().item()
     return float("inf") if mse == 0 else 10 * math.log10(b.abs().max().item() ** 2 / mse)
-
-
-def test_engine_generation_with_cudnn_fp8_attention_stays_close_to_sdpa(tiny_model):
-    from megatron_longlive.config import InferConfig
-    from megatron_longlive.inference.engine import StreamingEngine, stream_latents
-
-    text = torch.randn(1, tiny_model.cfg.text_len, tiny_model.cfg.text_dim, generator=torch.Generator().manual_seed(3))
-    out = {}
-    for mode in ("sdpa", "cudnn-fp8"):
-        infer = InferConfig(chunk_frames=1, sink_frames=1, window_frames=3, denoising_steps=[1000, 500],
-                            attention=mode)
-        engine = StreamingEngine(tiny_model, infer, (8, 8), batch=1)
-        with torch.no_grad():
-            out[mode] = torch.cat(list(stream_latents(engine, 4, lambda c: text if c == 0 else None, seed=1,
-                                                      progress=False)), dim=2)
-    psnr = _psnr(out["cudnn-fp8"], out["sdpa"])
-    print(f"latents PSNR cudnn-fp8 (emulated) vs sdpa: {psnr:.1f} dB")
-    assert psnr >= 50, psnr
 
 
 def test_engine_shot_switch_with_recache_and_an_empty_shot_sink(tiny_model):
