@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "string, as Wan). Guidance is on when infer.guidance_scale != 1, e.g. "
                              "--set infer.guidance_scale=5; it runs one forward of twice the batch per step.")
     parser.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
-                        help="Few-step LoRA (peft-format dir from `longlive distill`), merged into the weights; "
+                        help="Few-step LoRA (a peft-format adapter dir, or a `longlive distill` output dir: its "
+                             "newest step_*/generator), merged into the weights; "
                              "pair it with its short schedule, e.g. --set infer.denoising_steps=[1000,500].")
     parser.add_argument("--out", default=None, help="Output mp4 (default: infer.output).")
     parser.add_argument("--latents-out", default=None, help="Also save the latents (.pt or .safetensors).")
@@ -102,12 +103,16 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model = load_dit(cfg, args.checkpoint, device, dtype)
     if args.lora:
+        from ..training.lora import resolve_adapter_dir
         from ..training.lora_switch import load_with_adapter
 
-        if not os.path.isdir(args.lora):
-            raise FileNotFoundError(f"--lora {args.lora}: not a directory. Fix: pass the adapter directory written "
-                                    f"by `longlive distill` (step_*/generator).")
-        load_with_adapter(model, args.lora, merge=True)
+        try:
+            adapter = resolve_adapter_dir(args.lora)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--lora {e}") from None
+        if main and adapter != args.lora:
+            print(f"--lora {args.lora}: using the adapter {adapter}")
+        load_with_adapter(model, adapter, merge=True)
     if device.type == "cuda":     # the streaming decoder runs beside the DiT (side stream), in the DiT's dtype
         vae.model.to(device, dtype)
     out = args.out or cfg.infer.output

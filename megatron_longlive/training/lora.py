@@ -110,6 +110,27 @@ def write_adapter_files(directory: str, tensors: dict[str, torch.Tensor], rank: 
         json.dump(config, f, indent=2)
 
 
+def resolve_adapter_dir(path: str) -> str:
+    """The peft adapter directory `path` names: itself, its `generator/` (one distill step), or the newest
+    `step_*/generator/` of a `longlive distill` output directory. FileNotFoundError with the fix otherwise."""
+    def has_adapter(d: str) -> bool:
+        return os.path.isfile(os.path.join(d, ADAPTER_CONFIG))
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory. Fix: pass an adapter directory (adapter_config.json + "
+                                f"{ADAPTER_WEIGHTS}) or a `longlive distill` output directory.")
+    if has_adapter(path):
+        return path
+    if has_adapter(os.path.join(path, "generator")):
+        return os.path.join(path, "generator")
+    steps = sorted(d for d in os.listdir(path) if d.startswith("step_") and has_adapter(os.path.join(path, d, "generator")))
+    if steps:
+        return os.path.join(path, steps[-1], "generator")
+    raise FileNotFoundError(f"{path}: no LoRA adapter here ({ADAPTER_CONFIG} in it, in generator/, or in "
+                            f"step_*/generator/). Fix: point at the adapter written by `longlive distill` or by peft's "
+                            f"save_pretrained.")
+
+
 def read_adapter_files(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, adapter tensors) of a peft LoRA directory; clear error if a file is missing."""
     cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)

@@ -40,3 +40,29 @@ def test_generate_with_lora_equals_merged_checkpoint(tmp_path, tiny_cfg):
 def test_generate_with_missing_lora_dir_fails_clearly(tmp_path, capsys):
     assert main(["generate", "--lora", str(tmp_path / "nope"), "--out", str(tmp_path / "x.mp4"), *GEN]) == 2
     assert "--lora" in capsys.readouterr().err
+
+
+def test_lora_resolves_a_distill_output_directory(tmp_path, tiny_cfg):
+    """--lora accepts what `longlive distill` writes: its output dir (newest step_*/generator), one step dir
+    (generator/), or the adapter dir itself; a dir without an adapter names the three places it looked."""
+    import os
+
+    import pytest
+
+    from megatron_longlive.training.lora import resolve_adapter_dir
+
+    model = tiny_dit(tiny_cfg, head_std=0.02)
+    add_adapter(model, "fewstep", ["self_attn.q"], rank=2)
+    out = tmp_path / "distill"
+    for step in ("step_000010", "step_000020"):
+        for role in ("generator", "critic"):
+            save_named_adapter(model, "fewstep", str(out / step / role), ["self_attn.q"])
+    newest = str(out / "step_000020" / "generator")
+    assert resolve_adapter_dir(str(out)) == newest
+    assert resolve_adapter_dir(str(out / "step_000010")) == str(out / "step_000010" / "generator")
+    assert resolve_adapter_dir(newest) == newest
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="step_\\*/generator"):
+        resolve_adapter_dir(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        resolve_adapter_dir(str(tmp_path / "nope"))
