@@ -33,6 +33,8 @@ _LOCK = threading.Lock()
 
 
 def _cudnn():
+    if torch.cuda.is_available():
+        torch.backends.cudnn.version()     # load torch's libcudnn first: the frontend then dlopens that same library
     return importlib.import_module("cudnn")
 
 
