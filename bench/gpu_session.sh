@@ -56,6 +56,7 @@ run() {
     # 2. the FP8-conv VAE decoder's missing end-to-end gain (issue 10): top kernels of one steady chunk
     step vae_profile 300 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv bf16 fp8 \
         --chunks 2 --warmup 1 --no-diffusers --no-psnr --profile --out "$res"
+    step fp8_conv_wan21 150 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3  # Wan2.1: 96-ch tiles?
     # 3. end to end with every fast path (issue 10 targets 32 / 45 / 25 FPS)
     step e2e 420 python bench/bench_e2e.py --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --modes stream \
         --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv bf16 --out "$res"
