@@ -12,6 +12,7 @@ import json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megatron_longlive.quant.fp8_conv.conv_triton import CONFIGS, conv_kernel as fn
+out_configs = len(CONFIGS)
 from megatron_longlive.quant.fp8_conv import quantize_triton as Q
 target = GPUTarget("cuda", 90, 32)
 out = {}
@@ -39,6 +40,7 @@ for name, qfn, qsig, qc in [
                  "div_approx": len(re.findall(r"div\.(?:approx|full)", ptx)),
                  "e4m3_cvt": len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)),
                  "atom": len(re.findall(r"atom\.", ptx))}
+out["n_configs"] = out_configs
 print(json.dumps(out))
 """
 
@@ -49,7 +51,8 @@ def test_fp8_conv_compiles_for_sm90_on_fp8_tensor_cores():
     amax, quant = out.pop("amax"), out.pop("quant")
     assert amax["cubin"] and amax["atom"] == 1, amax
     assert quant["cubin"] and quant["div_rn"] == 1 and quant["div_approx"] == 0 and quant["e4m3_cvt"] > 0, quant
-    assert len(out) == 12
+    n_configs = out.pop("n_configs")
+    assert n_configs >= 6 and len(out) == 2 * n_configs
     for name, info in out.items():
         assert info["cubin"] and info["mma"] and all(m.endswith(".f32.e4m3.e4m3") for m in info["mma"]), (name, info)
         assert (info["tma"] > 0) == name.endswith("tma"), (name, info)
