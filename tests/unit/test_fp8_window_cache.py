@@ -244,3 +244,28 @@ def test_engine_shot_switch_with_recache_and_an_empty_shot_sink(tiny_model):
     psnr = _psnr(outs["cudnn-fp8"], outs["sdpa"])
     print(f"shot switch + recache, cudnn-fp8 (emulated) vs sdpa: {psnr:.1f} dB")
     assert psnr >= 50, psnr
+
+
+COMPILE_SCRIPT = r"""
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from megatron_longlive.inference.kernels.fp8_head_quant_triton import _quantize_heads_kernel as fn
+sig = {n: "i32" for n in fn.arg_names}
+sig.update(x_ptr="*bf16", out_ptr="*fp8e4nv", scale_ptr="*fp32", D="constexpr", BLOCK_R="constexpr",
+           INTERPRET="constexpr")
+kk = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(D=128, BLOCK_R=64, INTERPRET=False)),
+                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+ptx = kk.asm["ptx"]
+print(json.dumps({"cubin": "cubin" in kk.asm, "div_rn": len(re.findall(r"div\.rn\.f32", ptx)),
+                  "div_approx": len(re.findall(r"div\.(?:approx|full)", ptx)),
+                  "e4m3_cvt": len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx))}))
+"""
+
+
+@pytest.mark.slow
+def test_quantizer_compiles_for_sm90_with_ieee_division_and_the_hardware_cast():
+    from process_helpers import compile_report
+
+    out = compile_report(COMPILE_SCRIPT, timeout=600)
+    assert out["cubin"] and out["div_rn"] > 0 and out["div_approx"] == 0 and out["e4m3_cvt"] > 0, out
