@@ -169,7 +169,8 @@ def test_fused_fp8_quantizer_bitwise_equals_torch(d):
 
 
 @pytest.mark.slow
-def test_compiled_chunk_step_with_window_attention_equals_eager(tiny_model):
+@pytest.mark.parametrize("attention", ["triton", "cudnn-fp8"])
+def test_compiled_chunk_step_with_window_attention_equals_eager(tiny_model, attention):
     """The cache hook (compiler-disabled) hands the compiled block a WindowKV whose attend (compiler-disabled too)
     runs the kernel: compile == eager, and the block still compiles to few graphs (no per-layer recompiles)."""
     from torch._dynamo.utils import counters
@@ -180,7 +181,7 @@ def test_compiled_chunk_step_with_window_attention_equals_eager(tiny_model):
     def stream(step):
         g = torch.Generator().manual_seed(0)
         infer = InferConfig(height=64, width=64, chunk_frames=1, window_frames=3, sink_frames=1,
-                            denoising_steps=[1000, 500], attention="triton")
+                            denoising_steps=[1000, 500], attention=attention)
         engine = StreamingEngine(tiny_model, infer, (8, 8), step=step)
         engine.set_prompt(torch.randn(1, tiny_model.cfg.text_len, tiny_model.cfg.text_dim, generator=g))
         with torch.no_grad():
