@@ -5,8 +5,9 @@
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
 #   on the device:          run command="bash bench/gpu_session.sh run 1500" carry=[".whl"]
-#       -> installs the wheels, then runs the steps below until 1500 s are spent (each with its own limit, the
-#          last ones are skipped when the budget runs out); logs, steps.txt and results.jsonl come back in $OUT.
+#       -> installs the wheels (into /tmp/site, as the device README says), then runs the steps below until 1500 s
+#          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
+#          steps.txt and results.jsonl come back in $OUT.
 #
 # Append the returned results.jsonl lines to bench/results.jsonl (with `command` pointing at bench/results.jsonl)
 # and the tables to bench/RESULTS.md.
@@ -25,17 +26,26 @@ prepare() {
     du -sh .whl && ls .whl
 }
 
-step() {   # step NAME LIMIT_S cmd...: run cmd with min(LIMIT_S, time left), log to $OUT/NAME.log
+# $OUT gets three files (at most 8 come back): log.txt (every step's output, in order), steps.txt, results.jsonl
+step() {   # step NAME LIMIT_S cmd...: run cmd with min(LIMIT_S, time left), its output appended to $OUT/log.txt
     local name=$1 limit=$2; shift 2
     local left=$(( DEADLINE - $(date +%s) ))
     if (( left < 30 )); then echo "skipped $name (budget spent)" | tee -a "$OUT/steps.txt"; return; fi
     (( limit > left )) && limit=$left
-    echo "== $name (limit ${limit}s): $*"
-    local t0=$(date +%s)
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "===== $name (limit ${limit}s): $*" | tee -a "$OUT/log.txt"
+    local t0; t0=$(date +%s)
+    PYTHONUNBUFFERED=1 timeout "$limit" "$@" >> "$OUT/log.txt" 2>&1
     local rc=$?
-    echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/steps.txt"
-    tail -n 30 "$OUT/$name.log"
+    echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/steps.txt" "$OUT/log.txt"
+}
+
+install_wheels() {   # the device README's recipe: wheels into /tmp/site, the checkout itself on PYTHONPATH
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl "$@" >> "$OUT/log.txt" 2>&1 || { echo "wheel install failed" | tee -a "$OUT/steps.txt"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/log.txt"
+    python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())" \
+        | tee -a "$OUT/log.txt"
 }
 
 run() {
@@ -43,9 +53,7 @@ run() {
     DEADLINE=$(( $(date +%s) + budget ))
     OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
     local res="$OUT/results.jsonl"
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-    pip install -q --no-deps .whl/*.whl > "$OUT/install.log" 2>&1; pip install -q --no-deps -e . >> "$OUT/install.log" 2>&1
-    python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/device.txt"
+    install_wheels
     # 1. infer.attention=cudnn-fp8 (issue 9): correctness first, then the per-call and per-chunk speed
     step cudnn_fp8_tests 240 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
         tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
@@ -66,8 +74,38 @@ run() {
     step mcore_ddp 300 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py
 }
 
+# DALI's GPU decoder (issue 7): its wheel (~424 MB) exceeds what one call may carry (64 MiB), so it travels in
+# parts over consecutive calls on the same warm machine (it is given back after 30 s idle: call again at once).
+#   here:       bash bench/gpu_session.sh prepare-dali        -> .dali/part_aa, part_ab, ... (55 MiB each) + NAME
+#   device:     one call per part, each carrying that part (and NAME with the first):
+#                 run command="true" carry=[".dali/NAME", ".dali/part_aa"]; run command="true" carry=[".dali/part_ab"]; ...
+#               then: run command="bash bench/gpu_session.sh run-dali 600" carry=[".whl"]
+prepare_dali() {
+    rm -rf .dali && mkdir -p .dali
+    pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        --platform manylinux2014_x86_64 -d .dali nvidia-dali-cuda120
+    local whl; whl=$(ls .dali/*.whl)
+    basename "$whl" > .dali/NAME
+    split -b 55M "$whl" .dali/part_ && rm "$whl"     # + the ~3 MB checkout: under the 64 MiB a call carries
+    ls -la .dali
+}
+
+run_dali() {
+    local budget=${1:-600}
+    DEADLINE=$(( $(date +%s) + budget ))
+    OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+    local name; name=$(cat .dali/NAME)
+    cat .dali/part_* > "/tmp/$name" && ls -la "/tmp/$name" | tee -a "$OUT/log.txt"
+    install_wheels "/tmp/$name"
+    step dali_tests 300 python -m pytest -q -m gpu -s tests/gpu/test_data_dali.py
+    step dali_bench 240 python bench/bench_data.py --height 480 --width 832 --frames 81 --vae random --device cuda \
+        --dtype bfloat16 --out "$OUT/results.jsonl"
+}
+
 case "${1:-}" in
     prepare) prepare ;;
     run) shift; run "$@" ;;
-    *) echo "usage: bash bench/gpu_session.sh prepare | run [BUDGET_S]"; exit 2 ;;
+    prepare-dali) prepare_dali ;;
+    run-dali) shift; run_dali "$@" ;;
+    *) echo "usage: bash bench/gpu_session.sh prepare | run [BUDGET_S] | prepare-dali | run-dali [BUDGET_S]"; exit 2 ;;
 esac
