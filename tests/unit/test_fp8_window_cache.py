@@ -208,6 +208,12 @@ def test_errors_name_the_fix(tiny_model):
 
     with pytest.raises(ValueError, match="cudnn-fp8"):
         InferConfig(attention="cudnn")
+    from megatron_longlive.inference.kernels.cudnn_fp8_attention import cudnn_fp8_attention, unavailable_reason
+
+    assert "not a CUDA device" in unavailable_reason("cpu")
+    x8 = torch.zeros(1, T, H, D, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="CUDA float8_e4m3fn"):
+        cudnn_fp8_attention(x8, x8, x8, torch.ones(()), torch.ones(()), D ** -0.5)
 
 
 def _psnr(a, b) -> float:
