@@ -58,6 +58,11 @@ def with_static_bounds(cache: KVCache, model: torch.nn.Module) -> KVCache:
     return cache
 
 
+def _absmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """max |x| over dims in fp32, one reduction without an |x| temporary (the window of all layers is GBs)."""
+    return torch.linalg.vector_norm(x, ord=float("inf"), dim=dims).float()
+
+
 def _scale(amax: torch.Tensor) -> torch.Tensor:
     """amax / 448 (IEEE), 1 where amax is ~0 (all-zero data keeps zero codes under any scale)."""
     return torch.where(amax > TINY, div_rn(amax, E4M3_MAX), torch.ones_like(amax))
@@ -109,7 +114,7 @@ class FP8WindowKVCache(KVCache):
         amax = torch.zeros_like(self.v_scale)
         for s in slots:
             tok = self.layout.tokens(s)
-            amax = torch.maximum(amax, self.v[:, :, tok].abs().amax(dim=(1, 2, 4)).float())
+            amax = torch.maximum(amax, _absmax(self.v[:, :, tok], dims=(1, 2, 4)))
         self.v_scale.copy_(_scale(amax * V_MARGIN))
         k_scale = self.k_scale[:, None].expand(-1, self.v_scale.shape[1])
         for s in slots:
@@ -140,7 +145,7 @@ class FP8WindowKVCache(KVCache):
         if self._stored_slots():
             v_scale = self.v_scale[layer]
         else:                                                  # nothing stored yet: the chunk's own amax
-            v_scale = _scale(v.abs().amax(dim=(0, 1, 2, 4)).float())
+            v_scale = _scale(_absmax(v, dims=(0, 1, 2, 4)))
         quantize_per_head(k, self.k_scale[cur, None].expand(1, heads), out=self.k8[cur, :, :tpc])
         quantize_per_head(v, v_scale[None], out=self.v8[cur, :, :tpc])
         window.fp8 = FP8Window(self.k8[layer, :, :end], self.v8[layer, :, :end], self.q_scale[layer],
