@@ -38,12 +38,12 @@ def _sync(device: torch.device) -> None:
         dist.barrier()
 
 
-def bench(model, name: str, kv: str, sp_group, device, timed: int) -> dict:
+def bench(model, name: str, kv: str, sp_group, device, timed: int, step: str = "eager") -> dict:
     _, height, width, stride, infer_kw, _ = SETTINGS[name]
     infer = InferConfig(height=height, width=width, **infer_kw)
     extra = {"kv_attention": "fused"} if kv == "nvfp4-fused" else {}    # SP engine only
     engine = build_engine(model, infer, (height // stride, width // stride), sp_group, batch=1,
-                          kv_cache=kv.removesuffix("-fused"), **extra)
+                          kv_cache=kv.removesuffix("-fused"), step=step, **extra)
     text_gen = torch.Generator().manual_seed(1)
     engine.set_prompt(torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=text_gen))
     shape = (1, *engine.latent_shape)
@@ -83,6 +83,9 @@ def main() -> int:
                    help="KV-cache kinds; nvfp4-fused: the fused NVFP4-KV Triton attention (SP > 1 only)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--chunks", type=int, default=5, help="timed chunks (median reported)")
+    p.add_argument("--step", default="eager", choices=("eager", "compile", "auto"),
+                   help="chunk passes: eager, or compiled blocks (SP passes capture no CUDA graphs; auto = "
+                        "compile+cuda_graph on one GPU, compile under SP)")
     p.add_argument("--out", default=None, help="append JSON lines here (rank 0; e.g. bench/results.jsonl)")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -102,7 +105,7 @@ def main() -> int:
             if kv == "nvfp4-fused" and groups is None:
                 print("nvfp4-fused: skipped at SP=1 (the one-rank engine attends dequantized K/V)")
                 continue
-            r = bench(model, name, kv, groups.sp if groups else None, device, args.chunks)
+            r = bench(model, name, kv, groups.sp if groups else None, device, args.chunks, args.step)
             r.update(setting=name, kv=kv)
             rows.append(r)
             if main_rank:

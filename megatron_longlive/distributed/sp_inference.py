@@ -42,7 +42,9 @@ codes as quantizing after it. The recache forward attends full-precision K/V, so
 
 Entry points: `build_engine` (one rank or SP), `init_sp_inference` (`longlive generate` under torchrun with
 parallel.sp_size > 1: one process per SP rank, rank 0 writes the mp4), bench/bench_sp_inference.py.
-Not covered: TP inside the SP engine, compiled / CUDA-graphed chunk steps (SP passes run eager).
+Compiled chunk passes (step=compile): the blocks run through the chunk step's compiled function, graph-breaking at
+the cached Ulysses core (collectives, cache hook and attention stay eager, as the one-rank hook does). Not
+covered: TP inside the SP engine, CUDA-graph capture of SP passes (the all-to-alls; step=*cuda_graph* runs as compile).
 """
 from __future__ import annotations
 
@@ -117,6 +119,12 @@ class CachedUlyssesAttention(UlyssesAttention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
         if self.cache is None:
             return super().forward(q, k, v, mask)
+        return self._cached_forward(q, k, v, mask)
+
+    @torch.compiler.disable
+    def _cached_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+        """Collectives, cache bookkeeping and the attention: run eagerly, so a compiled block graph-breaks here
+        (as the one-rank engine's cache hook does) and its norms, projections and FFN still compile."""
         if q.shape[2] % self.sp_size:
             raise ValueError(f"SP inference: {q.shape[2]} heads are not divisible by sp_size={self.sp_size}. "
                              f"Fix: choose parallel.sp_size dividing model.num_heads")
@@ -268,8 +276,10 @@ class SPStreamingEngine(StreamingEngine):
             raise ValueError(f"parallel.sp_size={self.sp_size} must divide model.num_heads={heads} (each rank "
                              f"caches H/N heads). Fix: choose a divisor of {heads}")
         super().__init__(model, infer, latent_size, batch, keep_latents, kv_cache, **kwargs)
-        if self.step.mode != "eager":
-            warnings.warn(f"SP inference runs eager chunk passes; step={self.step.mode!r} is ignored")
+        if "cuda_graph" in self.step.mode:
+            warnings.warn(f"SP inference compiles its chunk passes but captures no CUDA graphs (the all-to-alls "
+                          f"between ranks run outside the compiled blocks); step={self.step.mode!r} runs as "
+                          f"{'compile' if 'compile' in self.step.mode else 'eager'}")
         self.tokens_per_chunk = math.prod(self.grid)
         split_tokens(self.tokens_per_chunk, self.sp_size, self.sp_rank)   # validates T % N now, not mid-stream
         self.cores = wrap_cached_ulysses(model, plan, group)
@@ -294,9 +304,14 @@ class SPStreamingEngine(StreamingEngine):
         t_local = local_timesteps(t, self.grid[1] * self.grid[2], part)
         for core in self.cores:
             core.cache = self.cache
+        # compiled blocks (step compile / compile+cuda_graph) for the steady chunk passes, as ChunkStep does:
+        # one compiled shape once the window is full; the filling passes and recache passes run eagerly
+        end, needs_mask = self.cache.context_signature()
+        steady = mask is None and not needs_mask and end == self.layout.num_tokens
+        run_block = self.step.compiled_block if steady else None
         try:
             out = self.model.forward_tokens(tokens[:, part], t_local, self.context_kv, positions[part], mask,
-                                            kv_cache=None)                # [B, S/N, p*C]
+                                            kv_cache=None, run_block=run_block)   # [B, S/N, p*C]
         finally:
             for core in self.cores:
                 core.cache = None

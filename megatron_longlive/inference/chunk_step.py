@@ -64,6 +64,11 @@ class ChunkStep:
         self._ctx_source: list | None = None    # the context_kv object last copied into it
         self.captures = 0                       # graphs captured so far (tests/benchmarks read it)
 
+    @property
+    def compiled_block(self):
+        """The compiled `call_block` every block of a compiled pass runs through (None unless mode compiles)."""
+        return self._block
+
     def _eager(self, tokens, t, context_kv, positions, run_block=None):
         return self.model.forward_tokens(tokens, t, context_kv, positions, kv_cache=self.cache, run_block=run_block)
 
