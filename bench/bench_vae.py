@@ -126,6 +126,9 @@ def bench_kind(kind: str, args, device: torch.device, dtype: torch.dtype) -> lis
             model.encode(video[:, :, :5])
             enc_fps = video.shape[2] / _timed(lambda: model.encode(video), device, args.repeats)
     ours = [v for v in fps if v != "diffusers"]
+    if not ours:
+        print(f"{kind}: none of the variants {args.variants} runs on {device} (CUDA-graph variants need CUDA)")
+        return []
     best = max(ours, key=fps.get)
     best_bf16 = max((v for v in ours if "+" not in v), key=fps.get, default=None)
     name = f"{kind} vae {label}"
