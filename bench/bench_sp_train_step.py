@@ -2,7 +2,8 @@
 
 Runs the real trainer with `longlive train`'s parallel strategy (grid, Ulysses SP plan, gradient
 all-reduce) on random latents; rank 0 prints a per-rank table and appends JSON lines (bench/record.py)
-to --out. GPU (one process per GPU; SP = world size unless --sp is given, DP = the rest):
+to --out: step time, peak memory, and the all-to-all share of one extra profiled step (NCCL all-to-all kernel
+time / step time on CUDA; with the NCCL_* settings of the run, e.g. NCCL_NVLS_ENABLE=0 for multicast off). GPU (one process per GPU; SP = world size unless --sp is given, DP = the rest):
 
   torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --latent-frames 24 48 96 --layout balanced --out bench/results.jsonl
   torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --latent-frames 24 48 96 --layout naive --out bench/results.jsonl
@@ -49,15 +50,38 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_length(a, frames: int, sp: int, run_dir: str) -> tuple[float, float, int]:
-    """Median step seconds, this rank's peak GiB, tokens per rank for one clip length."""
+A2A = r"alltoall|all_to_all|SendRecv|AllToAll"   # the c10d op (gloo: blocking, self time) / NCCL's kernels (CUDA)
+
+
+def all_to_all_share(trainer, device: torch.device) -> tuple[float, float]:
+    """(all-to-all ms, step ms) of one profiled step: NCCL all-to-all kernel time on CUDA, the blocking c10d
+    all-to-all op's own time on CPU (gloo). The step time includes the profiler's overhead."""
+    from bench.profiling import matching_ms, top_kernels
+
+    box = {}
+
+    def step():
+        t0 = time.perf_counter()
+        trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        box["ms"] = 1e3 * (time.perf_counter() - t0)
+
+    dist.barrier()
+    rows = top_kernels(step, device, n=None)
+    return matching_ms(rows, A2A), box["ms"]
+
+
+def run_length(a, frames: int, sp: int, run_dir: str) -> tuple[float, float, int, float, float]:
+    """Median step seconds, this rank's peak GiB, tokens per rank, and (all-to-all ms, step ms) of one profiled
+    step for one clip length."""
     cuda = torch.cuda.is_available()
     cfg = build_config({
         "model": {"preset": a.preset},
         "parallel": {"sp_size": sp, "sp_layout": a.layout},
         "data": {"source": "zarr", "path": os.path.join(run_dir, "none"), "height": a.height, "width": a.width,
                  "num_frames": 1 + 4 * (frames - 1)},
-        "train": {"output_dir": run_dir, "max_steps": a.warmup + a.steps, "save_interval": 10**9,
+        "train": {"output_dir": run_dir, "max_steps": a.warmup + a.steps + 1, "save_interval": 10**9,
                   "wandb_mode": "disabled", "chunk_frames": a.chunk_frames, "precision": a.precision,
                   "activation_checkpointing": cuda and not a.no_activation_checkpointing, "warmup_steps": 1,
                   "lr": 1e-5}})
@@ -78,10 +102,11 @@ def run_length(a, frames: int, sp: int, run_dir: str) -> tuple[float, float, int
             times.append(time.perf_counter() - t0)
             tokens = round(m["tokens_per_s"] * m["step_time"])
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    a2a_ms, prof_ms = all_to_all_share(trainer, torch.device("cuda" if cuda else "cpu"))
     del trainer, parallel
     if cuda:
         torch.cuda.empty_cache()
-    return statistics.median(times), peak, tokens
+    return statistics.median(times), peak, tokens, a2a_ms, prof_ms
 
 
 def main(argv=None) -> int:
@@ -91,9 +116,9 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for frames in a.latent_frames:
-            step_s, peak, tokens = run_length(a, frames, sp, os.path.join(tmp, f"f{frames}"))
+            step_s, peak, tokens, a2a_ms, prof_ms = run_length(a, frames, sp, os.path.join(tmp, f"f{frames}"))
             per_rank = [None] * dist.get_world_size()
-            dist.all_gather_object(per_rank, (step_s, peak, tokens))
+            dist.all_gather_object(per_rank, (step_s, peak, tokens, a2a_ms, prof_ms))
             if dist.get_rank() == 0:
                 name = (f"{a.preset} TF step {frames}x{a.height}x{a.width} chunk{a.chunk_frames} sp{sp} {a.layout} "
                         f"world{dist.get_world_size()} {a.precision}")
@@ -103,10 +128,16 @@ def main(argv=None) -> int:
                                    per_rank_peak_gib=[round(r[1], 2) for r in per_rank],
                                    tokens_per_rank=per_rank[0][2]))
                 rows.append(record(a.out, name, "peak_memory_max", round(max(r[1] for r in per_rank), 2), "GiB"))
+                shares = [r[3] / r[4] for r in per_rank]
+                nccl = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM_MEM"))}
+                rows.append(record(a.out, name, "all_to_all_share", round(max(shares), 4), "ratio",
+                                   per_rank_share=[round(x, 4) for x in shares],
+                                   per_rank_all_to_all_ms=[round(r[3], 2) for r in per_rank],
+                                   per_rank_profiled_step_ms=[round(r[4], 2) for r in per_rank], nccl_env=nccl))
     if dist.get_rank() == 0:
         print(f"{'name':<78} {'metric':<16} {'value':>10} unit   per rank")
         for r in rows:
-            extra = r.get("per_rank_ms") or ""
+            extra = r.get("per_rank_ms") or r.get("per_rank_share") or ""
             print(f"{r['name']:<78} {r['metric']:<16} {r['value']:>10} {r['unit']:<6} {extra}")
     dist.destroy_process_group()
     return 0

@@ -6,8 +6,9 @@ from typing import Callable
 import torch
 
 
-def top_kernels(fn: Callable[[], object], device: torch.device, n: int = 15) -> list[tuple[str, float, int]]:
-    """(kernel name, ms, calls) of the n most expensive device kernels of one `fn()` (CPU ops on a CPU)."""
+def top_kernels(fn: Callable[[], object], device: torch.device, n: int | None = 15) -> list[tuple[str, float, int]]:
+    """(kernel name, ms, calls) of the n (None: all) most expensive device kernels of one `fn()` (CPU ops on a
+    CPU: self time)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -22,6 +23,13 @@ def top_kernels(fn: Callable[[], object], device: torch.device, n: int = 15) -> 
             continue
         rows.append((e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count))
     return sorted(rows, key=lambda r: -r[1])[:n]
+
+
+def matching_ms(rows: list[tuple[str, float, int]], pattern: str) -> float:
+    """Total ms of the `top_kernels(..., n=None)` rows whose name matches the regex `pattern` (case-insensitive)."""
+    import re
+
+    return sum(ms for name, ms, _ in rows if re.search(pattern, name, re.IGNORECASE))
 
 
 def print_kernels(title: str, rows: list[tuple[str, float, int]], total_ms: float | None = None) -> None:
