@@ -8,6 +8,7 @@ time / step time on CUDA; with the NCCL_* settings of the run, e.g. NCCL_NVLS_EN
   torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --latent-frames 24 48 96 --layout balanced --out bench/results.jsonl
   torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --latent-frames 24 48 96 --layout naive --out bench/results.jsonl
   torchrun --nproc_per_node 1 bench/bench_sp_train_step.py --latent-frames 24 48 96 --out bench/results.jsonl   # SP=1
+  torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --latent-frames 24 48 96 --quant fp8 --out bench/results.jsonl
 
 CPU smoke test: torchrun --nproc_per_node 2 bench/bench_sp_train_step.py --preset tiny --latent-frames 4 --height 64 --width 64 --chunk-frames 1
 """
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--sp", type=int, default=0, help="SP degree (0: the world size)")
     p.add_argument("--layout", choices=["balanced", "naive"], default="balanced")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--quant", choices=["bf16", "fp8", "nvfp4_emulated"], default="bf16",
+                   help="quant.linear: the training linears (fp8: E4M3 GEMMs on Hopper; nvfp4_emulated: exact NVFP4 "
+                        "numerics anywhere, not a speed path)")
     p.add_argument("--no-activation-checkpointing", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
@@ -79,6 +83,7 @@ def run_length(a, frames: int, sp: int, run_dir: str) -> tuple[float, float, int
     cfg = build_config({
         "model": {"preset": a.preset},
         "parallel": {"sp_size": sp, "sp_layout": a.layout},
+        "quant": {"linear": a.quant},
         "data": {"source": "zarr", "path": os.path.join(run_dir, "none"), "height": a.height, "width": a.width,
                  "num_frames": 1 + 4 * (frames - 1)},
         "train": {"output_dir": run_dir, "max_steps": a.warmup + a.steps + 1, "save_interval": 10**9,
@@ -120,8 +125,9 @@ def main(argv=None) -> int:
             per_rank = [None] * dist.get_world_size()
             dist.all_gather_object(per_rank, (step_s, peak, tokens, a2a_ms, prof_ms))
             if dist.get_rank() == 0:
+                quant = "" if a.quant == "bf16" else f" linear {a.quant}"
                 name = (f"{a.preset} TF step {frames}x{a.height}x{a.width} chunk{a.chunk_frames} sp{sp} {a.layout} "
-                        f"world{dist.get_world_size()} {a.precision}")
+                        f"world{dist.get_world_size()} {a.precision}{quant}")
                 worst = max(r[0] for r in per_rank)
                 rows.append(record(a.out, name, "step_time", round(worst * 1e3, 2), "ms",
                                    per_rank_ms=[round(r[0] * 1e3, 2) for r in per_rank],
