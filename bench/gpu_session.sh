@@ -74,6 +74,31 @@ run() {
     step mcore_ddp 300 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py
 }
 
+# Issues 13 and 14 on a machine of N GPUs (a multi-GPU kind): NCCL equality first, then the tables.
+#   run command="bash bench/gpu_session.sh run-multi 1500" carry=[".whl"] kind=nvidia-h100-x4 (or -x2 / -x8)
+run_multi() {
+    local budget=${1:-1500}
+    DEADLINE=$(( $(date +%s) + budget ))
+    OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+    install_wheels
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1        # NVLink multicast off (KINDS.md)
+    local n; n=$(nvidia-smi -L | wc -l)
+    # SP sizes dividing both settings' heads (12, 24) and chunk tokens (4680, 7040): 2 or 4
+    local sp_all=$(( n >= 4 ? 4 : 2 )) sp=$(( n >= 5 ? 4 : (n >= 3 ? 2 : 1) ))   # sp: leaves one GPU for the VAE
+    local res="$OUT/results.jsonl" trs="bench/bench_sp_train_step.py --latent-frames 24 48 96 --out $OUT/results.jsonl"
+    step nccl_equality 420 python -m pytest -q -m gpu -s tests/gpu/test_sp_gpu.py tests/gpu/test_sp_inference_gpu.py
+    # 13: Balanced SP vs naive vs none, BF16 and FP8, seconds per step, peak memory, all-to-all share
+    step train_sp1 300 torchrun --nproc-per-node 1 $trs
+    step train_balanced 300 torchrun --nproc-per-node "$sp_all" $trs --layout balanced
+    step train_naive 300 torchrun --nproc-per-node "$sp_all" $trs --layout naive
+    step train_balanced_fp8 300 torchrun --nproc-per-node "$sp_all" $trs --layout balanced --quant fp8
+    # 14: SP inference DiT FPS (BF16 vs NVFP4 KV, bytes on the wire), then e2e with a dedicated VAE GPU + latency
+    step sp_inference 420 torchrun --nproc-per-node "$sp_all" bench/bench_sp_inference.py --step compile \
+        --kv bf16 nvfp4 nvfp4-fused --out "$res"
+    step sp_e2e 420 torchrun --nproc-per-node "$sp" bench/bench_e2e.py --step compile --modes stream device \
+        --decode-device "cuda:$sp" --linear fp8-fast --out "$res"
+}
+
 # DALI's GPU decoder (issue 7): its wheel (~424 MB) exceeds what one call may carry (64 MiB), so it travels in
 # parts over consecutive calls on the same warm machine (it is given back after 30 s idle: call again at once).
 #   here:       bash bench/gpu_session.sh prepare-dali        -> .dali/part_aa, part_ab, ... (55 MiB each) + NAME
@@ -107,5 +132,7 @@ case "${1:-}" in
     run) shift; run "$@" ;;
     prepare-dali) prepare_dali ;;
     run-dali) shift; run_dali "$@" ;;
-    *) echo "usage: bash bench/gpu_session.sh prepare | run [BUDGET_S] | prepare-dali | run-dali [BUDGET_S]"; exit 2 ;;
+    run-multi) shift; run_multi "$@" ;;
+    *) echo "usage: bash bench/gpu_session.sh prepare | run [BUDGET_S] | run-multi [BUDGET_S] | prepare-dali |" \
+            "run-dali [BUDGET_S]"; exit 2 ;;
 esac
