@@ -30,10 +30,11 @@ from megatron_longlive.models.wan.vae import WanVAE
 H = W = 8
 TOL = dict(rtol=0, atol=1e-5)
 pytestmark = pytest.mark.usefixtures("one_thread")
-FIT_STEPS = 120
-# Measured 2026-11-25 (2-core CPU, slow lane): the tiny Wan2.1 VAE fitted FIT_STEPS steps to the 32x32 test image
-# and 3 variants reconstructs it at 20.75 dB (VAE round trip); the first generated frame of image-to-video is
-# that round trip: 20.75 dB vs the image; text-only generation's first frame: 12.49 dB. Thresholds keep margins.
+FIT_STEPS = 200
+# The tiny Wan2.1 VAE fitted FIT_STEPS steps to the 32x32 test image and 3 variants; the first generated frame of
+# image-to-video is its round trip. Measured 2026-11-25 with 120 steps: 20.75 dB vs the image (text-only first
+# frame 12.49 dB); on 2026-12-06 (torch 2.13 CPU) the same 120 steps gave only 17.70 dB (7.79), so 200 steps:
+# 25.49 dB (text-only 9.54 dB). Thresholds keep margins.
 MIN_I2V_PSNR = 18.0
 MAX_T2V_PSNR = 15.5
 
