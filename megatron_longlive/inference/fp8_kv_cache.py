@@ -23,9 +23,8 @@ import math
 
 import torch
 
-from ..quant.ieee import div_rn
 from .kernels.fp8_head_quant_triton import quantize_per_head
-from .kernels.fp8_window_quant_triton import E4M3_MAX, TINY
+from .kernels.fp8_window_quant_triton import e4m3_scale
 from .kv_cache import CacheLayout, KVCache
 from .window_attention import FP8Window
 
@@ -63,11 +62,6 @@ def _absmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return torch.linalg.vector_norm(x, ord=float("inf"), dim=dims).float()
 
 
-def _scale(amax: torch.Tensor) -> torch.Tensor:
-    """amax / 448 (IEEE), 1 where amax is ~0 (all-zero data keeps zero codes under any scale)."""
-    return torch.where(amax > TINY, div_rn(amax, E4M3_MAX), torch.ones_like(amax))
-
-
 class FP8WindowKVCache(KVCache):
     """KVCache (BF16 K/V, the source of truth) + E4M3 copies k8/v8 of the same layout and their scales."""
 
@@ -98,8 +92,8 @@ class FP8WindowKVCache(KVCache):
             if bound.shape != (self.num_layers,) or not bool((bound > 0).all()):
                 raise ValueError(f"set_qk_bounds: {name} bounds must be {self.num_layers} positive values, got "
                                  f"{tuple(bound.shape)}")
-        self.q_scale.copy_(_scale(q_bound.float().to(self.q_scale.device)))
-        self.k_scale.copy_(_scale(k_bound.float().to(self.k_scale.device)))
+        self.q_scale.copy_(e4m3_scale(q_bound.float().to(self.q_scale.device)))
+        self.k_scale.copy_(e4m3_scale(k_bound.float().to(self.k_scale.device)))
         self._bounds_set = True
 
     # ----- the stored chunks' codes ------------------------------------------------------------------------------
@@ -115,7 +109,7 @@ class FP8WindowKVCache(KVCache):
         for s in slots:
             tok = self.layout.tokens(s)
             amax = torch.maximum(amax, _absmax(self.v[:, :, tok], dims=(1, 2, 4)))
-        self.v_scale.copy_(_scale(amax * V_MARGIN))
+        self.v_scale.copy_(e4m3_scale(amax * V_MARGIN))
         k_scale = self.k_scale[:, None].expand(-1, self.v_scale.shape[1])
         for s in slots:
             tok = self.layout.tokens(s)
@@ -145,7 +139,7 @@ class FP8WindowKVCache(KVCache):
         if self._stored_slots():
             v_scale = self.v_scale[layer]
         else:                                                  # nothing stored yet: the chunk's own amax
-            v_scale = _scale(_absmax(v, dims=(0, 1, 2, 4)))
+            v_scale = e4m3_scale(_absmax(v, dims=(0, 1, 2, 4)))
         quantize_per_head(k, self.k_scale[cur, None].expand(1, heads), out=self.k8[cur, :, :tpc])
         quantize_per_head(v, v_scale[None], out=self.v8[cur, :, :tpc])
         window.fp8 = FP8Window(self.k8[layer, :, :end], self.v8[layer, :, :end], self.q_scale[layer],

@@ -22,6 +22,12 @@ _E4M3_MAX = tl.constexpr(E4M3_MAX)     # (Triton kernels read globals only as co
 _TINY = tl.constexpr(TINY)
 
 
+def e4m3_scale(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 (IEEE division, as the kernels' div_rn), 1 where amax is below the smallest normal fp32 (an
+    all-zero row keeps zero codes under any scale)."""
+    return torch.where(amax > TINY, div_rn(amax, E4M3_MAX), torch.ones_like(amax))
+
+
 @triton.jit
 def _to_e4m3(y, INTERPRET: tl.constexpr):
     """fp32 in [-448, 448] -> float8e4nv, nearest even (the interpreter's own cast is wrong across binades)."""
@@ -84,7 +90,7 @@ def quantize_v(v: torch.Tensor, interpret: bool, amax: torch.Tensor) -> tuple[to
     bsz, s, h, d = v.shape
     if v.stride(3) != 1:
         v = v.contiguous()
-    scale = torch.where(amax > TINY, div_rn(amax, E4M3_MAX), torch.ones_like(amax))
+    scale = e4m3_scale(amax)
     out = torch.empty(bsz, h, d, s, dtype=torch.float8_e4m3fn, device=v.device)
     block_s = 32 if interpret else 64
     _quantize_v_kernel[(triton.cdiv(s, block_s), bsz * h)](v, scale, out, s, h, v.stride(0), v.stride(1), v.stride(2),

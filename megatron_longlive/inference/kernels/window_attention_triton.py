@@ -40,11 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ...quant.ieee import div_rn
 from ...quant.nvfp4.kernels.triton_common import e4m3_round
+from .fp8_window_quant_triton import e4m3_scale
 
 MODES = {"bf16": 0, "fp8": 1, "nvfp4": 2}
-E4M3_MAX = 448.0
 P_SCALE = 256.0
 LOG2E = 1.4426950408889634
 
@@ -439,16 +438,15 @@ def quantize_fp8_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_va
     [B, Skv, H, D] view of [B, H, D, Skv] memory (module docstring).
     Plain torch, the reference of the fused Triton quantizer (several passes per tensor: CPU and tests);
     an all-zero row gets scale 1."""
-    tiny = torch.finfo(torch.float32).tiny
 
     def rows(x):
         s = x.abs().amax(-1, keepdim=True).float()                            # [B, S, H, 1]
-        s = torch.where(s > tiny, div_rn(s, E4M3_MAX), torch.ones_like(s))
+        s = e4m3_scale(s)
         return (x.float() / s).to(torch.float8_e4m3fn), s[..., 0]
 
     mean, vs = _window_stats(k, v, key_valid, smooth_k)
     q8, qs = rows(q)
     k8, ks = rows(k.float() - mean[:, None] if smooth_k else k)
-    vs = torch.where(vs > tiny, div_rn(vs, E4M3_MAX), torch.ones_like(vs))            # [B, H, D]
+    vs = e4m3_scale(vs)                                                        # [B, H, D]
     v8 = (v.float().permute(0, 2, 3, 1) / vs[..., None]).to(torch.float8_e4m3fn).contiguous()  # [B, H, D, Skv]
     return q8, qs, k8, ks, v8.permute(0, 3, 1, 2), vs
