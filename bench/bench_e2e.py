@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,11 +42,6 @@ VAE_KIND = {"tiny": "wan2.1", "wan2.1-1.3b": "wan2.1", "wan2.1-1.3b-2step": "wan
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    xs = sorted(values)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
 def run_setting(name: str, device: torch.device, dtype: torch.dtype, args, sp_group=None, main: bool = True
@@ -124,7 +120,8 @@ def run_setting(name: str, device: torch.device, dtype: torch.dtype, args, sp_gr
         rows.append(dict(setting=name, label=label, mode=mode, fps=frames["n"] / elapsed,
                          dit_fps=frames_per_chunk / dit_s, vae_fps=frames_per_chunk / vae_s,
                          dedicated_estimate=frames_per_chunk / max(dit_s, vae_s),
-                         chunk_latency_p50_ms=_percentile(latency, 50), chunk_latency_p99_ms=_percentile(latency, 99)))
+                         chunk_latency_p50_ms=float(np.percentile(latency, 50)),
+                         chunk_latency_p99_ms=float(np.percentile(latency, 99))))
     # a new stream from a warm process: the first chunk runs its passes eagerly while the cache fills
     with torch.no_grad():
         engine.reset()
