@@ -304,11 +304,10 @@ class SPStreamingEngine(StreamingEngine):
         t_local = local_timesteps(t, self.grid[1] * self.grid[2], part)
         for core in self.cores:
             core.cache = self.cache
-        # compiled blocks (step compile / compile+cuda_graph) for the steady chunk passes, as ChunkStep does:
-        # one compiled shape once the window is full; the filling passes and recache passes run eagerly
-        end, needs_mask = self.cache.context_signature()
-        steady = mask is None and not needs_mask and end == self.layout.num_tokens
-        run_block = self.step.compiled_block if steady else None
+        # compiled blocks (step compile / compile+cuda_graph) for the steady chunk passes, as ChunkStep runs
+        # them; the filling passes and the recache passes (mask) run eagerly
+        block = self.step.compiled_block
+        run_block = block if block is not None and mask is None and self.step.steady() else None
         try:
             out = self.model.forward_tokens(tokens[:, part], t_local, self.context_kv, positions[part], mask,
                                             kv_cache=None, run_block=run_block)   # [B, S/N, p*C]

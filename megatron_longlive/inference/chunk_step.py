@@ -72,14 +72,19 @@ class ChunkStep:
     def _eager(self, tokens, t, context_kv, positions, run_block=None):
         return self.model.forward_tokens(tokens, t, context_kv, positions, kv_cache=self.cache, run_block=run_block)
 
+    def steady(self) -> bool:
+        """True when the next chunk pass has the one compiled shape: every region full, no mask (the passes
+        while the cache fills, or with an empty region, run eagerly)."""
+        end, needs_mask = self.cache.context_signature()
+        return not needs_mask and end == self.cache.layout.num_tokens
+
     def __call__(self, tokens: torch.Tensor, t: torch.Tensor, context_kv: list, positions: torch.Tensor
                  ) -> torch.Tensor:
-        end, needs_mask = self.cache.context_signature()
-        if needs_mask or self.mode == "eager" or end != self.cache.layout.num_tokens:
+        if self.mode == "eager" or not self.steady():
             return self._eager(tokens, t, context_kv, positions)
         if self.mode == "compile":
             return self._eager(tokens, t, context_kv, positions, self._block)
-        return self._replay((end, tuple(tokens.shape)), tokens, t, context_kv, positions)
+        return self._replay((self.cache.layout.num_tokens, tuple(tokens.shape)), tokens, t, context_kv, positions)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------------
     def _static_context(self, context_kv: list) -> list:
