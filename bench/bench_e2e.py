@@ -34,6 +34,7 @@ from bench.record import record  # noqa: E402
 from megatron_longlive.config import InferConfig, ParallelConfig, preset_config  # noqa: E402
 from megatron_longlive.distributed.sp_inference import build_engine, init_sp_inference  # noqa: E402
 from megatron_longlive.inference.async_decode import AsyncDecodeConfig, AsyncDecoder  # noqa: E402
+from megatron_longlive.inference.window_attention import WINDOW_MODES  # noqa: E402
 from megatron_longlive.models.wan.vae_decoder import StreamingVAEDecoder, random_autoencoder  # noqa: E402
 
 VAE_KIND = {"tiny": "wan2.1", "wan2.1-1.3b": "wan2.1", "wan2.1-1.3b-2step": "wan2.1", "wan2.2-ti2v-5b": "wan2.2"}
@@ -149,7 +150,7 @@ def main() -> int:
     p.add_argument("--step", default="auto", help="DiT chunk step (inference/chunk_step.py); auto = fastest")
     p.add_argument("--linear", default="bf16", choices=LINEARS, help="fp8-fast: fp8 with quant.fp8_fast_accum")
     p.add_argument("--kv", default="bf16", choices=("bf16", "nvfp4"))
-    p.add_argument("--attention", default="sdpa", choices=("sdpa", "fp8", "triton", "cudnn-fp8"),
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", *WINDOW_MODES),
                    help="infer.attention: self-attention over the KV window (fp8 / triton: the Triton window kernel)")
     p.add_argument("--vae-eager", action="store_true", help="no compile / CUDA graph for the decoder")
     p.add_argument("--vae-conv", default="bf16", choices=("bf16", "fp8"),

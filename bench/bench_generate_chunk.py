@@ -36,6 +36,7 @@ from bench.record import record  # noqa: E402
 from megatron_longlive.config import InferConfig, QuantConfig, preset_config  # noqa: E402
 from megatron_longlive.inference.chunk_step import STEP_MODES  # noqa: E402
 from megatron_longlive.inference.engine import StreamingEngine  # noqa: E402
+from megatron_longlive.inference.window_attention import WINDOW_MODES  # noqa: E402
 from megatron_longlive.quant.providers import convert_linears, freeze_for_inference  # noqa: E402
 from megatron_longlive.models.wan import WanDiT  # noqa: E402
 
@@ -128,7 +129,7 @@ def main() -> int:
     p.add_argument("--steps", nargs="+", default=["eager"], choices=STEP_MODES, help="chunk-step modes to time")
     p.add_argument("--linear", nargs="+", default=["bf16"], choices=LINEARS, help="linear precisions")
     p.add_argument("--kv", nargs="+", default=["bf16"], choices=("bf16", "nvfp4"), help="KV-cache kinds")
-    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "fp8", "triton", "cudnn-fp8"),
+    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", *WINDOW_MODES),
                    help="infer.attention values (self-attention over the KV window)")
     p.add_argument("--profile", action="store_true", help="print the top kernels of one chunk per variant")
     p.add_argument("--device", default=None)
@@ -174,10 +175,10 @@ def main() -> int:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\n{'setting':<19}{'step':<20}{'linear':<9}{'kv':<7}{'attn':<7}{'passes':>7}{'q tok':>7}{'kv tok':>8}{'cache GiB':>10}"
+    print(f"\n{'setting':<19}{'step':<20}{'linear':<9}{'kv':<7}{'attn':<10}{'passes':>7}{'q tok':>7}{'kv tok':>8}{'cache GiB':>10}"
           f"{'ms/chunk':>10}{'DiT FPS':>9}{'PSNR vs 1st':>12}")
     for r in rows:
-        print(f"{r['setting']:<19}{r['step']:<20}{r['linear']:<9}{r['kv']:<7}{r['attention']:<7}{r['passes']:>7}{r['tokens_per_chunk']:>7}"
+        print(f"{r['setting']:<19}{r['step']:<20}{r['linear']:<9}{r['kv']:<7}{r['attention']:<10}{r['passes']:>7}{r['tokens_per_chunk']:>7}"
               f"{r['kv_tokens']:>8}{r['cache_gib']:>10.3f}{r['ms']:>10.2f}{r['fps']:>9.1f}{r['psnr']:>12.1f}")
     return 0
 
