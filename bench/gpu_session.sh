@@ -4,8 +4,8 @@
 #   here (PyPI reachable):  bash bench/gpu_session.sh prepare
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
-#   on the device:          run command="bash bench/gpu_session.sh run 1500" carry=[".whl"]
-#       -> installs the wheels (into /tmp/site, as the device README says), then runs the steps below until 1500 s
+#   on the device:          run command="bash bench/gpu_session.sh run 560 attn" carry=[".whl"] (then e2e, train)
+#       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
 #          steps.txt and results.jsonl come back in $OUT.
 #
@@ -48,30 +48,39 @@ install_wheels() {   # the device README's recipe: wheels into /tmp/site, the ch
         | tee -a "$OUT/log.txt"
 }
 
+# One call may run 600 s at most (device README), so the steps come in groups of about 550 s each; call the groups
+# back to back on the warm machine (it is given back after 30 s idle):
+#   run command="bash bench/gpu_session.sh run 560 attn" ...; then "run 560 e2e"; then "run 560 train"
 run() {
-    local budget=${1:-1500}
+    local budget=${1:-560}; shift || true
+    local groups=("${@:-attn e2e train}"); groups=(${groups[*]})
     DEADLINE=$(( $(date +%s) + budget ))
     OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-    local res="$OUT/results.jsonl"
+    local res="$OUT/results.jsonl" g
     install_wheels
-    # 1. infer.attention=cudnn-fp8 (issue 9): correctness first, then the per-call and per-chunk speed
-    step cudnn_fp8_tests 240 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
-        tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
-    step kv_attention 180 python bench/bench_kv_attention.py --no-growing \
-        --variants cudnn cudnn-fp8 cudnn-fp8-kernel fp8-triton --out "$res"
-    step dit_fps 420 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b \
-        --steps compile+cuda_graph --linear fp8-fast --attention sdpa cudnn-fp8 --chunks 3 --out "$res"
-    # 2. the FP8-conv VAE decoder's missing end-to-end gain (issue 10): top kernels of one steady chunk
-    step vae_profile 300 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv bf16 fp8 \
-        --chunks 2 --warmup 1 --no-diffusers --no-psnr --profile --out "$res"
-    step fp8_conv_wan21 150 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3  # Wan2.1: 96-ch tiles?
-    # 3. end to end with every fast path (issue 10 targets 32 / 45 / 25 FPS)
-    step e2e 420 python bench/bench_e2e.py --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --modes stream \
-        --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv bf16 --out "$res"
-    # 4. training step rows of one run (issue 6) and the megatron-core DDP GPU tests
-    step train_step 240 python bench/bench_train_step.py --preset wan2.1-1.3b \
-        --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
-    step mcore_ddp 300 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py
+    for g in "${groups[@]}"; do
+        case $g in
+        attn)   # infer.attention=cudnn-fp8 (issue 9): correctness first, then the per-call and per-chunk speed
+            step cudnn_fp8_tests 150 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
+                tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
+            step kv_attention 90 python bench/bench_kv_attention.py --no-growing \
+                --variants cudnn cudnn-fp8 cudnn-fp8-kernel fp8-triton --out "$res"
+            step dit_fps 420 python bench/bench_generate_chunk.py \
+                --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --steps compile+cuda_graph --linear fp8-fast \
+                --attention sdpa cudnn-fp8 --chunks 3 --out "$res" ;;
+        e2e)    # issue 10 targets 32 / 45 / 25 FPS with every fast path, then the FP8-conv decoder's missing gain
+            step e2e 360 python bench/bench_e2e.py --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b \
+                --modes stream --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv bf16 --out "$res"
+            step vae_profile 200 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv bf16 fp8 \
+                --chunks 2 --warmup 1 --no-diffusers --no-psnr --profile --out "$res" ;;
+        train)  # training step rows of one run (issue 6), Wan2.1 96-channel FP8 conv tiles, megatron-core DDP on GPU
+            step train_step 240 python bench/bench_train_step.py --preset wan2.1-1.3b \
+                --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
+            step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
+            step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
+        *) echo "unknown group $g (attn | e2e | train)"; exit 2 ;;
+        esac
+    done
 }
 
 # Issues 13 and 14 on a machine of N GPUs (a multi-GPU kind): NCCL equality first, then the tables.
