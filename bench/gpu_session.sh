@@ -69,8 +69,12 @@ run() {
                 --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --steps compile+cuda_graph --linear fp8-fast \
                 --attention sdpa cudnn-fp8 --chunks 3 --out "$res" ;;
         e2e)    # issue 10 targets 32 / 45 / 25 FPS with every fast path, then the FP8-conv decoder's missing gain
-            step e2e 360 python bench/bench_e2e.py --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b \
-                --modes stream --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv bf16 --out "$res"
+            # one setting per process: the three in one process ran out of memory (CUDA-graph pools), 2026-12-06
+            for s in wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b; do
+                PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "e2e_$s" 150 python bench/bench_e2e.py \
+                    --settings "$s" --modes stream --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv fp8 \
+                    --out "$res"
+            done
             step vae_profile 200 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv bf16 fp8 \
                 --chunks 2 --warmup 1 --no-diffusers --no-psnr --profile --out "$res" ;;
         train)  # training step rows of one run (issue 6), Wan2.1 96-channel FP8 conv tiles, megatron-core DDP on GPU
