@@ -150,7 +150,8 @@ def conv3d_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         raise ValueError(f"fp8 conv: input must be [N, C, T, H, W], got {tuple(x.shape)}")
     # The quantizer reads channels-last rows. Asked for here, outside the op, the compiler sees the layout and has
     # the producing kernel write it (for aten convs Inductor does this itself; for a custom op it keeps whatever
-    # layout tracing gave, and the op's own .contiguous() then ran as a separate copy: 88 ms of a 892 ms Wan2.2
-    # chunk on the H100, 2026-12-06). A no-op when x is channels-last already.
+    # layout tracing gave, and the op's own .contiguous() then runs as a separate copy: the likely source of the
+    # 16 eager copies, 88 ms of an 892 ms Wan2.2 chunk, in the H100 profile of 2026-12-06). A no-op when x is
+    # channels-last already.
     x = x.contiguous(memory_format=torch.channels_last_3d)
     return torch.ops.megatron_longlive.fp8_conv3d(x, w_q, w_scale, bias, *kernel, amax)
