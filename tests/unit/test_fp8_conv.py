@@ -166,7 +166,7 @@ def test_fake_impl_shapes_and_strides_and_compile_trace():
 def test_compiler_sees_the_channels_last_input_layout(monkeypatch):
     """The op needs channels-last rows. Fed a contiguous (NCDHW) producer under torch.compile, the traced graph
     must ask for that layout before the op (so Inductor writes it in the producing kernel) instead of leaving the
-    conversion to an eager copy inside the op (the likely source of 16 copies of 5.5 ms per Wan2.2 decode on the H100)."""
+    conversion to an eager copy inside the op (the likely source of 16 copies of 5.5 ms per Wan2.2 decode, H100)."""
     from torch._dynamo.backends.common import aot_autograd
 
     w_q, w_s = ref.quantize_weight(torch.randn(12, 20, 3, 3, 3))
