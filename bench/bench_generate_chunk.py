@@ -10,7 +10,8 @@ Variants (all combinations run): --steps (eager, compile, cuda_graph, compile+cu
 --linear (bf16, fp8: frozen E4M3 weights, activation quantization fused by compile, fp32-promoting GEMMs; fp8-fast:
 the same with quant.fp8_fast_accum, the tensor cores' fast accumulator - the config default), --kv (bf16, nvfp4),
 --attention (infer.attention: sdpa; fp8 = E4M3 Triton window attention over the BF16 cache; triton = the Triton
-window kernel over the cache's own storage - BF16, or NVFP4 fused).
+window kernel over the cache's own storage - BF16, or NVFP4 fused; cudnn-fp8 = cuDNN's FP8 kernel over an E4M3
+shadow, split-KV where auto_splits picks it; cudnn-fp8-nosplit = the same in one key part).
 Every variant's last chunk is compared with the eager bf16 one from the same noise (max abs diff, PSNR).
 
     python bench/bench_generate_chunk.py --settings tiny --out bench/results.jsonl
@@ -58,13 +59,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-LINEARS = ("bf16", "fp8", "fp8-fast")
+LINEARS = ("bf16", "fp8", "fp8-fast", "fp8-fast-ffn2-bf16")
+FFN2 = "blocks.*.ffn.2"
 
 
 def linear_config(linear: str) -> QuantConfig:
     """A --linear choice -> its QuantConfig (fp8 = every GEMM promoting to fp32, as recorded before
-    quant.fp8_fast_accum became the default; fp8-fast = the default fast-accumulating forward GEMMs)."""
-    return QuantConfig(linear=linear.removesuffix("-fast"), fp8_fast_accum=linear.endswith("-fast"))
+    quant.fp8_fast_accum became the default; fp8-fast = the default fast-accumulating forward GEMMs;
+    fp8-fast-ffn2-bf16 = the same with the FFN's second linear kept in BF16 (quant.keep_high_precision): its FP8
+    input would be the GELU output, whose row-amax quantization costs more than the FP8 GEMM saves at 1.3B)."""
+    cfg = QuantConfig(linear=linear.split("-")[0], fp8_fast_accum="-fast" in linear)
+    if linear.endswith("-ffn2-bf16"):
+        cfg.keep_high_precision = [*cfg.keep_high_precision, FFN2]
+    return cfg
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, linear: str) -> WanDiT:
@@ -83,6 +90,10 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, linear: str
 def bench_variant(model: WanDiT, name: str, step: str, kv: str, device, timed: int, profile: bool,
                   attention: str = "sdpa") -> dict:
     _, height, width, stride, infer_kw, _ = SETTINGS[name]
+    from megatron_longlive.inference.kernels import cudnn_fp8_attention as cfa
+
+    cfa.kv_splits_override = 1 if attention == "cudnn-fp8-nosplit" else None
+    attention = attention.removesuffix("-nosplit")
     infer = InferConfig(height=height, width=width, attention=attention, **infer_kw)
     engine = StreamingEngine(model, infer, (height // stride, width // stride), batch=1, kv_cache=kv, step=step)
     engine.set_prompt(torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=torch.Generator().manual_seed(1)))
@@ -129,8 +140,9 @@ def main() -> int:
     p.add_argument("--steps", nargs="+", default=["eager"], choices=STEP_MODES, help="chunk-step modes to time")
     p.add_argument("--linear", nargs="+", default=["bf16"], choices=LINEARS, help="linear precisions")
     p.add_argument("--kv", nargs="+", default=["bf16"], choices=("bf16", "nvfp4"), help="KV-cache kinds")
-    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", *WINDOW_MODES),
-                   help="infer.attention values (self-attention over the KV window)")
+    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", *WINDOW_MODES, "cudnn-fp8-nosplit"),
+                   help="infer.attention values (self-attention over the KV window); cudnn-fp8-nosplit: cudnn-fp8 "
+                        "with the keys in one part (no split-KV launch)")
     p.add_argument("--profile", action="store_true", help="print the top kernels of one chunk per variant")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -175,10 +187,10 @@ def main() -> int:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\n{'setting':<19}{'step':<20}{'linear':<9}{'kv':<7}{'attn':<10}{'passes':>7}{'q tok':>7}{'kv tok':>8}{'cache GiB':>10}"
+    print(f"\n{'setting':<19}{'step':<20}{'linear':<20}{'kv':<7}{'attn':<10}{'passes':>7}{'q tok':>7}{'kv tok':>8}{'cache GiB':>10}"
           f"{'ms/chunk':>10}{'DiT FPS':>9}{'PSNR vs 1st':>12}")
     for r in rows:
-        print(f"{r['setting']:<19}{r['step']:<20}{r['linear']:<9}{r['kv']:<7}{r['attention']:<10}{r['passes']:>7}{r['tokens_per_chunk']:>7}"
+        print(f"{r['setting']:<19}{r['step']:<20}{r['linear']:<20}{r['kv']:<7}{r['attention']:<10}{r['passes']:>7}{r['tokens_per_chunk']:>7}"
               f"{r['kv_tokens']:>8}{r['cache_gib']:>10.3f}{r['ms']:>10.2f}{r['fps']:>9.1f}{r['psnr']:>12.1f}")
     return 0
 

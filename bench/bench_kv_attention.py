@@ -7,7 +7,9 @@ Variants (--variants): cudnn, flash (SDPA backends, BF16 K/V); bf16-triton (wind
 plus the kernel: what infer.attention=fp8 costs per call), fp8-quant (the quantizer alone); nvfp4-triton (window
 kernel over the packed NVFP4 window: the NVFP4 cache's fused mode); cudnn-fp8 (infer.attention=cudnn-fp8 per
 call: q's E4M3 pass, cuDNN's FP8 kernel over the E4M3 shadow, V's per-head scales), cudnn-fp8-kernel (the cuDNN
-FP8 kernel alone; needs nvidia-cudnn-frontend); nvfp4-old, nvfp4-old-split (the older kernel,
+FP8 kernel and its output pass; needs nvidia-cudnn-frontend), both with the keys cut in parts where auto_splits
+finds that the query tiles fill the SMs' waves better, and cudnn-fp8-nosplit, cudnn-fp8-kernel-nosplit (one key
+part); nvfp4-old, nvfp4-old-split (the older kernel,
 tiles from --tiles). Every window-kernel variant prints its error vs the cuDNN output on the same BF16 K/V
 (relative Frobenius and max |diff| / max |ref|); the window kernel is autotuned (first call, not timed).
 
@@ -78,8 +80,9 @@ def sdpa_ms(q, k, v, backend, warmup, iters) -> float | None:
         return None
 
 
-NEW = ("bf16-triton", "fp8-triton", "fp8-triton+quant", "fp8-quant", "nvfp4-triton", "cudnn-fp8", "cudnn-fp8-kernel")
-NO_ERROR = ("fp8-quant", "cudnn-fp8-kernel")     # outputs not comparable with the attention (codes, V-code units)
+CUDNN_FP8 = ("cudnn-fp8", "cudnn-fp8-kernel", "cudnn-fp8-nosplit", "cudnn-fp8-kernel-nosplit")
+NEW = ("bf16-triton", "fp8-triton", "fp8-triton+quant", "fp8-quant", "nvfp4-triton", *CUDNN_FP8)
+NO_ERROR = ("fp8-quant", "cudnn-fp8-kernel", "cudnn-fp8-kernel-nosplit")     # outputs not comparable with the attention (codes, V-code units)
 VARIANTS = ("cudnn", "flash", *NEW, "nvfp4-old", "nvfp4-old-split")
 
 
@@ -110,7 +113,7 @@ def window_variants(q, k, v, kv, tpc: int, variants) -> dict:
             fns["fp8-triton+quant"] = fp8_with_quant
         if "fp8-quant" in variants:
             fns["fp8-quant"] = lambda: quantize_fp8(q, k, v)
-    if {"cudnn-fp8", "cudnn-fp8-kernel"} & set(variants):
+    if set(CUDNN_FP8) & set(variants):
         fns.update(cudnn_fp8_variants(q, k, v, tpc, variants))
     if "nvfp4-triton" in variants:
         fns["nvfp4-triton"] = lambda: window_attention(q, kv.k_codes, kv.v_codes, tpc, mode="nvfp4",
@@ -124,6 +127,7 @@ def cudnn_fp8_variants(q, k, v, tpc: int, variants) -> dict:
     shadow + the per-head V scales; the shadow is written once per chunk, outside the call) and the kernel alone.
     The static q/K scales here are the data's amax * 1.02 (the engine derives them from the qk-norm gains)."""
     from megatron_longlive.inference.fp8_kv_cache import V_MARGIN
+    from megatron_longlive.inference.kernels import cudnn_fp8_attention as cfa
     from megatron_longlive.inference.kernels.cudnn_fp8_attention import cudnn_fp8_attention
     from megatron_longlive.inference.kernels.fp8_head_quant_triton import quantize_per_head
     from megatron_longlive.inference.window_attention import FP8Window, WindowKV
@@ -136,8 +140,21 @@ def cudnn_fp8_variants(q, k, v, tpc: int, variants) -> dict:
     regions = torch.ones(k.shape[1] // tpc, dtype=torch.bool, device=q.device)
     win = WindowKV(k, v, regions, tpc, "cudnn-fp8", True, FP8Window(k8, v8, qs, ks, vs))
     q8 = quantize_per_head(q[None], qs.reshape(1, 1).expand(1, h))[0]
+    def one_part(fn):
+        def run():
+            cfa.kv_splits_override = 1
+            try:
+                return fn()
+            finally:
+                cfa.kv_splits_override = None
+        return run
+
     fns = {"cudnn-fp8": lambda: win.attend(q),
            "cudnn-fp8-kernel": lambda: cudnn_fp8_attention(q8, k8, v8, qs, ks, d ** -0.5)}
+    fns.update({f"{label}-nosplit": one_part(fn) for label, fn in list(fns.items())})
+    if q.is_cuda:
+        print(f"  cudnn-fp8: auto_splits -> {cfa.auto_splits(*q.shape[:3], k.shape[1], cfa._sm_count(q.device))} "
+              f"key part(s)")
     return {label: fn for label, fn in fns.items() if label in variants}
 
 

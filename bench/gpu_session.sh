@@ -68,6 +68,15 @@ run() {
             step dit_fps 420 python bench/bench_generate_chunk.py \
                 --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --steps compile+cuda_graph --linear fp8-fast \
                 --attention sdpa cudnn-fp8 --chunks 3 --out "$res" ;;
+        split)  # session 10 (issue 9): split-KV cuDNN FP8 attention (tests, one layer, the chunk) and the BF16
+                # FFN2 option on the 1.3B settings
+            step cudnn_fp8_tests 150 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
+                tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
+            step kv_attention 90 python bench/bench_kv_attention.py --no-growing --variants cudnn cudnn-fp8 \
+                cudnn-fp8-nosplit cudnn-fp8-kernel cudnn-fp8-kernel-nosplit --out "$res"
+            step dit_fps 330 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
+                --steps compile+cuda_graph --linear fp8-fast fp8-fast-ffn2-bf16 \
+                --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --out "$res" ;;
         verify) # session 9: changes made without a GPU (cuDNN FP8 test budgets, FP8-conv channels-last inputs), the
                 # mcore DDP lora failure (its message was cut off), the FP8 decoder's profile after the layout fix
             step cudnn_fp8_tests 150 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
@@ -90,7 +99,7 @@ run() {
                 --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
             step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
             step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
-        *) echo "unknown group $g (verify | attn | e2e | train)"; exit 2 ;;
+        *) echo "unknown group $g (split | verify | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
@@ -138,6 +147,12 @@ prepare_dali() {
         pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
             --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .dali/deps "$w"
     done
+    # DALI's image-codec and compression libraries (53 MB) are carried only if importing DALI needs them: the
+    # video decoder uses NVDEC from the driver
+    mkdir -p .dali/extra
+    pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_27_x86_64 -d .dali/extra "nvidia-nvimgcodec-cu13>=0.9.0,<0.10.0" \
+        "nvidia-libnvcomp-cu13==5.3.0.16"
     local whl; whl=$(ls .dali/*.whl)
     basename "$whl" > .dali/NAME
     sha256sum "$whl" | cut -d' ' -f1 > .dali/SHA256
@@ -156,10 +171,11 @@ run_dali() {
     local name; name=$(cat /tmp/dali/NAME)
     cat /tmp/dali/part_* > "/tmp/$name" && ls -la "/tmp/$name" | tee -a "$OUT/log.txt"
     echo "$(cat /tmp/dali/SHA256)  /tmp/$name" | sha256sum -c | tee -a "$OUT/log.txt" || exit 1
-    if [ -d .whl ]; then install_wheels "/tmp/$name" /tmp/dali/deps/*.whl
+    if [ -d .whl ]; then install_wheels "/tmp/$name" /tmp/dali/deps/*.whl $(ls /tmp/dali/extra/*.whl 2>/dev/null)
     else   # the other wheels are already in /tmp/site from an earlier run on this machine
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-            "/tmp/$name" /tmp/dali/deps/*.whl >> "$OUT/log.txt" 2>&1 || { echo "dali install failed"; exit 1; }
+            "/tmp/$name" /tmp/dali/deps/*.whl $(ls /tmp/dali/extra/*.whl 2>/dev/null) >> "$OUT/log.txt" 2>&1 \
+            || { echo "dali install failed"; exit 1; }
         export PYTHONPATH=/tmp/site:$PWD
     fi
     python -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tee -a "$OUT/log.txt"

@@ -77,10 +77,9 @@ class WindowKV:
         if q.is_cuda:
             from .kernels.cudnn_fp8_attention import cudnn_fp8_attention
 
-            o = cudnn_fp8_attention(q8, w.k8, w.v8, w.q_scale, w.k_scale, d ** -0.5)      # bf16, V-code units
-        else:                       # the same FP8 math in torch (CPU; tests)
-            skv = w.k8.shape[1]
-            o = fp8_emulation(q8, w.q_scale.expand(b, sq, h), w.k8, w.k_scale.expand(b, skv, h), w.v8,
-                              torch.ones(b, h, d, device=q.device), self.tokens_per_chunk)
-        # V's per-head scales, which cuDNN's scalar descale cannot express: in place, fp32 math, one rounding
+            return cudnn_fp8_attention(q8, w.k8, w.v8, w.q_scale, w.k_scale, d ** -0.5, w.v_scale).to(q.dtype)
+        # the same FP8 math in torch (CPU; tests), V's per-head scales applied to its output in fp32, one rounding
+        skv = w.k8.shape[1]
+        o = fp8_emulation(q8, w.q_scale.expand(b, sq, h), w.k8, w.k_scale.expand(b, skv, h), w.v8,
+                          torch.ones(b, h, d, device=q.device), self.tokens_per_chunk)
         return o.mul_(w.v_scale[:, None]).to(q.dtype)

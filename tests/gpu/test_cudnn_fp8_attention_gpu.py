@@ -8,6 +8,8 @@
   Where cuDNN builds only an E4M3 output (cuDNN 9.19 with cudnn-frontend 1.16 on the H100, 2026-12-06), both budgets
   are combined with that output's own rounding error, measured on the emulation (first run, budgets 1.5e-2 / 3e-2
   without it: 2.85e-2 / 3.66e-2 at 1.3B, 2.90e-2 / 3.64e-2 at 5B: an E4M3 rounding is ~2.5e-2 RMS);
+- the same with the keys cut in 2 parts merged by their softmax stats (split_kv_combine_triton): the same budgets
+  (a wrong reading of cuDNN's stats weights the halves wrongly, far outside them);
 - the cache-side call (WindowKV.attend: q's E4M3 pass, the kernel, V's per-head scales) vs cuDNN's BF16 SDPA on the
   unquantized window: <= 8e-2 (CPU emulation measured 5.8e-2 in bench_kv_attention --smoke);
 - a CUDA-graph replay of the call equals the eager call bitwise;
@@ -59,25 +61,27 @@ def _shadow(heads: int, tpc: int, seed: int = 0):
     return q, k, v, q8, k8, v8, qs, ks, vs, win
 
 
+@pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("model", list(GEOMETRY))
-def test_kernel_vs_emulation_and_float64(model):
+def test_kernel_vs_emulation_and_float64(model, splits):
     from megatron_longlive.inference.kernels import cudnn_fp8_attention as cfa
     from megatron_longlive.inference.kernels.window_attention_ref import fp8_emulation, reference_attention
 
     heads, tpc = GEOMETRY[model]
     q, k, v, q8, k8, v8, qs, ks, vs, _ = _shadow(heads, tpc)
-    out = cfa.cudnn_fp8_attention(q8, k8, v8, qs, ks, 128 ** -0.5).float()
+    out = cfa.cudnn_fp8_attention(q8, k8, v8, qs, ks, 128 ** -0.5, splits=splits).float()
     emu = fp8_emulation(q8, qs.expand(1, tpc, heads), k8, ks.expand(1, 4 * tpc, heads), v8,
                         torch.ones(1, heads, 128, device="cuda"), tpc)
     deq = reference_attention(q8.double() * qs.double(), k8.double() * ks.double(), v8.double(), tpc)
-    plan = next(p for key, p in cfa._PLANS.items() if key[2][0] == tuple(q8.shape))
+    plan = next(p for key, p in cfa._PLANS.items() if key[2] == splits and key[3][0] == tuple(q8.shape))
     # An E4M3 output adds its own rounding, measured here on the emulation itself (not on the kernel): the budgets
     # then hold for what the kernel adds on top, combined as independent errors.
     o_round = 0.0
     if plan.out_fp8:
         o_round = _rel((emu * cfa.O_SCALE_FP8).to(torch.float8_e4m3fn).double() / cfa.O_SCALE_FP8, emu)
     e_emu, e_deq = _rel(out, emu), _rel(out, deq)
-    print(f"{model}: cuDNN FP8 ({'fp8' if plan.out_fp8 else 'bf16'} output, its rounding {o_round:.2e}) vs "
+    print(f"{model}, {splits} key part(s){' (q copied)' if plan.q_copy else ''}: cuDNN FP8 "
+          f"({'fp8' if plan.out_fp8 else 'bf16'} output, its rounding {o_round:.2e}) vs "
           f"emulation {e_emu:.2e}, vs float64 of the codes {e_deq:.2e}")
     assert e_emu <= (o_round ** 2 + 2e-2 ** 2) ** 0.5 and e_deq <= (o_round ** 2 + 3e-2 ** 2) ** 0.5
 

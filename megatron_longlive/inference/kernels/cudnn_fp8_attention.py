@@ -6,27 +6,38 @@ FP8 tensor cores are reached through cuDNN's own FP8 kernel.
 
     q8 [B, Sq, H, D], k8 / v8 [B, Skv, H, D]   float8_e4m3fn views (heads and channels contiguous, B/S strided)
     descale_q, descale_k                        fp32 device tensors of one element (q ~ q8 * descale_q, same for K)
-    -> [B, Sq, H, D] bf16: softmax(q k^T * attn_scale) @ v8, in V's code units (V's descale is 1 in the graph:
-       the caller multiplies its per-head V scales into the output, which per-tensor descales cannot express)
+    v_scale                                     fp32 [H], V's per-head scales (v ~ v8 * v_scale[h])
+    -> [B, Sq, H, D] bf16: softmax(q k^T * attn_scale) @ v8 * v_scale (V's descale is 1 in the graph: per-head
+       scales, which its per-tensor descales cannot express, are applied in the pass that reads the output)
 
 P is scaled by P_SCALE (256, as in our Triton FP8 kernel) before its E4M3 cast and divided out again. The output is
 requested in BF16; where the installed cuDNN cannot build that graph the output comes as E4M3 with scale_o = 0.5
 (|O| <= max|v8| <= 448, the half keeps P's rounding from saturating it) and is decoded here.
 
-Plans are built once per (device, shapes, strides, attn_scale) outside CUDA-graph capture (the chunk step warms up
+Split keys: where the query tiles fill the SMs' last wave poorly (the 1.3B chunk: 444 tiles of 128 queries on
+132 SMs, 3.4 waves), the window's keys are cut into `splits` equal parts run as batch entries of one launch (q
+broadcast by a zero batch stride), the kernel returns each part's softmax stats and split_kv_combine_triton merges
+the parts exactly; `auto_splits` picks the count from the wave arithmetic (1 for the 5B: 1320 tiles, 10 waves).
+
+Plans are built once per (device, shapes, strides, attn_scale, splits) outside CUDA-graph capture (the chunk step warms up
 before it captures); execution only launches on the current stream, so it is captured like any kernel. Everything
 this module needs is optional: `unavailable_reason(device)` says what is missing, with the fix.
 """
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 
 import torch
 
+from .split_kv_combine_triton import combine_split_kv
 from .window_attention_triton import P_SCALE
 
 O_SCALE_FP8 = 0.5
+Q_TILE = 128                # queries per cuDNN FP8 tile (the wave arithmetic of auto_splits)
+MAX_SPLITS = 4
+kv_splits_override: int | None = None   # benchmarks: force a split count (None: auto_splits)
 _PLANS: dict[tuple, "_Plan"] = {}
 _HANDLES: dict[int, int] = {}
 _LOCK = threading.Lock()
@@ -75,22 +86,28 @@ def _bhsd(t: torch.Tensor) -> tuple[list[int], list[int]]:
 class _Plan:
     """One built cuDNN FP8 SDPA graph plus the buffers it owns (workspace, constant scales, amax outputs)."""
 
-    def __init__(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, attn_scale: float):
+    def __init__(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, attn_scale: float, splits: int = 1):
         cudnn = _cudnn()
         self.device = q8.device
         self.handle = _handle(self.device)
-        self.out_shape = tuple(q8.shape)
+        self.splits = splits
+        b, sq, h, d = q8.shape
+        self.out_shape = (splits, b, sq, h, d)
         errors = []
-        for out_fp8 in (False, True):              # BF16 output where the backend builds it, else E4M3
+        # q's zero batch stride (no copy) first; a repeated q where the backend refuses it. BF16 output where the
+        # backend builds it, else E4M3.
+        for q_copy, out_fp8 in ((False, False), (False, True), (True, False), (True, True))[: 2 if splits == 1 else 4]:
             try:
-                self._build(cudnn, q8, k8, v8, attn_scale, out_fp8)
-                self.out_fp8 = out_fp8
+                self._build(cudnn, *self._views(q8, k8, v8, q_copy), attn_scale, out_fp8)
+                self.out_fp8, self.q_copy = out_fp8, q_copy
                 break
             except Exception as e:  # noqa: BLE001 - cudnnGraphNotSupportedError or a build RuntimeError
-                errors.append(f"{'fp8' if out_fp8 else 'bf16'} output: {type(e).__name__}: {e}")
+                errors.append(f"{'fp8' if out_fp8 else 'bf16'} output{', q copied' if q_copy else ''}: "
+                              f"{type(e).__name__}: {e}")
         else:
             raise RuntimeError("cuDNN could not build its FP8 attention for q "
-                               f"{tuple(q8.shape)}, kv {tuple(k8.shape)} (backend {cudnn.backend_version()}): "
+                               f"{tuple(q8.shape)}, kv {tuple(k8.shape)} in {splits} key part(s) (backend "
+                               f"{cudnn.backend_version()}): "
                                + "; ".join(errors) + ". Fix: infer.attention=sdpa")
         f32 = dict(dtype=torch.float32, device=self.device)
         self.workspace = torch.empty(max(1, self.graph.get_workspace_size()), dtype=torch.uint8, device=self.device)
@@ -100,6 +117,18 @@ class _Plan:
                        self.t_scale_o: torch.full((1, 1, 1, 1), O_SCALE_FP8 if self.out_fp8 else 1.0, **f32),
                        self.t_amax_s: torch.zeros(1, 1, 1, 1, **f32),
                        self.t_amax_o: torch.zeros(1, 1, 1, 1, **f32)}
+
+    def _views(self, q8, k8, v8, q_copy: bool):
+        """q, k, v as the graph sees them: with P > 1 key parts, batch entry p attends keys [p*S/P, (p+1)*S/P)
+        (b = 1: a view of the window) with q broadcast (stride 0) or copied."""
+        p = self.splits
+        if p == 1:
+            return q8, k8, v8
+        _, skv, h, d = k8.shape
+        part = lambda t: t.as_strided((p, skv // p, h, d), (skv // p * t.stride(1), *t.stride()[1:]),  # noqa: E731
+                                      t.storage_offset())
+        q = q8.expand(p, *q8.shape[1:])
+        return (q.contiguous() if q_copy else q), part(k8), part(v8)
 
     def _build(self, cudnn, q8, k8, v8, attn_scale: float, out_fp8: bool) -> None:
         dt = cudnn.data_type
@@ -111,13 +140,16 @@ class _Plan:
         (self.t_descale_q, self.t_descale_k, self.t_descale_v, self.t_descale_s, self.t_scale_s,
          self.t_scale_o) = (scalar(n) for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s",
                                                 "scale_o"))
-        o, _, amax_s, amax_o = g.sdpa_fp8(q=self.t_q, k=self.t_k, v=self.t_v, descale_q=self.t_descale_q,
+        o, stats, amax_s, amax_o = g.sdpa_fp8(q=self.t_q, k=self.t_k, v=self.t_v, descale_q=self.t_descale_q,
                                           descale_k=self.t_descale_k, descale_v=self.t_descale_v,
                                           descale_s=self.t_descale_s, scale_s=self.t_scale_s,
-                                          scale_o=self.t_scale_o, generate_stats=False, attn_scale=attn_scale)
-        b, sq, h, d = q8.shape
+                                          scale_o=self.t_scale_o, generate_stats=self.splits > 1,
+                                          attn_scale=attn_scale)
+        b, sq, h, d = q8.shape                    # b = splits x batch
         o.set_output(True).set_dim([b, h, sq, d]).set_stride([sq * h * d, d, h * d, 1]) \
             .set_data_type(dt.FP8_E4M3 if out_fp8 else dt.BFLOAT16)
+        if self.splits > 1:                       # the merge's log-sum-exps, [P*B, H, Sq] fp32
+            stats.set_output(True).set_dim([b, h, sq, 1]).set_stride([h * sq, sq, 1, 1]).set_data_type(dt.FLOAT)
         for t in (amax_s, amax_o):
             t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(dt.FLOAT)
         g.validate()
@@ -126,19 +158,25 @@ class _Plan:
         g.check_support()
         g.build_plans()
         self.graph, self.t_o, self.t_amax_s, self.t_amax_o = g, o, amax_s, amax_o
+        self.t_stats = stats if self.splits > 1 else None
 
-    def __call__(self, q8, k8, v8, descale_q: torch.Tensor, descale_k: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q8, k8, v8, descale_q: torch.Tensor, descale_k: torch.Tensor,
+                 v_scale: torch.Tensor) -> torch.Tensor:
+        p, b, sq, h, d = self.out_shape
         out = torch.empty(self.out_shape, dtype=torch.float8_e4m3fn if self.out_fp8 else torch.bfloat16,
-                          device=self.device)                     # [B, Sq, H, D] memory = the declared strides
-        pack = {self.t_q: q8, self.t_k: k8, self.t_v: v8, self.t_o: out,
+                          device=self.device)                     # [P, B, Sq, H, D] memory = the declared strides
+        q, k, v = self._views(q8, k8, v8, self.q_copy)
+        pack = {self.t_q: q, self.t_k: k, self.t_v: v, self.t_o: out,
                 self.t_descale_q: descale_q.reshape(1, 1, 1, 1), self.t_descale_k: descale_k.reshape(1, 1, 1, 1),
                 **self.consts}
+        lse = None
+        if p > 1:
+            lse = torch.empty((p, b, h, sq), dtype=torch.float32, device=self.device)
+            pack[self.t_stats] = lse
         cudnn = _cudnn()
         cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(self.device).cuda_stream)
         self.graph.execute(pack, self.workspace, handle=self.handle)
-        if self.out_fp8:
-            return (out.float() * (1.0 / O_SCALE_FP8)).to(torch.bfloat16)
-        return out
+        return combine_split_kv(out, lse, v_scale, O_SCALE_FP8 if self.out_fp8 else 1.0)
 
 
 def _check(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> None:
@@ -154,12 +192,38 @@ def _check(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> None:
                          f"must share batch, heads and head_dim")
 
 
+def auto_splits(batch: int, sq: int, heads: int, skv: int, sms: int) -> int:
+    """Key parts for one launch: the count (<= MAX_SPLITS, dividing skv) whose query tiles fill the SMs' waves best;
+    a split must gain over 8% of wave time (the merge's pass costs some)."""
+    if batch != 1:            # a batch > 1 window is a prefix of the cache buffer: its key parts are no single view
+        return 1
+    tiles = math.ceil(sq / Q_TILE) * heads
+    cost = lambda p: math.ceil(p * tiles / sms) / p  # noqa: E731 - waves of 1/p-long tiles
+    best = min((p for p in range(1, MAX_SPLITS + 1) if skv % p == 0), key=cost)
+    return best if cost(best) < 0.92 * cost(1) else 1
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @torch.compiler.disable
 def cudnn_fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
-                        descale_k: torch.Tensor, attn_scale: float) -> torch.Tensor:
-    """Attention of E4M3 q8 over E4M3 k8/v8 on cuDNN's FP8 kernel -> bf16 [B, Sq, H, D] in v8's code units."""
+                        descale_k: torch.Tensor, attn_scale: float, v_scale: torch.Tensor | None = None,
+                        splits: int | None = None) -> torch.Tensor:
+    """Attention of E4M3 q8 over E4M3 k8/v8 on cuDNN's FP8 kernel -> bf16 [B, Sq, H, D], times V's per-head scales
+    v_scale [H] (None: in v8's code units). splits: key parts per launch (None: kv_splits_override, else
+    auto_splits)."""
     _check(q8, k8, v8)
-    key = (q8.device, attn_scale, *((tuple(t.shape), t.stride()) for t in (q8, k8, v8)))
+    b, sq, h, d = q8.shape
+    if splits is None:
+        splits = kv_splits_override or auto_splits(b, sq, h, k8.shape[1], _sm_count(q8.device))
+    if splits > 1 and (b != 1 or k8.shape[1] % splits):
+        raise ValueError(f"cudnn_fp8_attention: {splits} key parts need batch 1 and keys divisible by them, got q "
+                         f"{tuple(q8.shape)}, kv {tuple(k8.shape)}")
+    if v_scale is None:
+        v_scale = torch.ones(h, dtype=torch.float32, device=q8.device)
+    key = (q8.device, attn_scale, splits, *((tuple(t.shape), t.stride()) for t in (q8, k8, v8)))
     plan = _PLANS.get(key)
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
@@ -169,6 +233,6 @@ def cudnn_fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, de
         if reason:
             raise RuntimeError(reason)
         with _LOCK:
-            plan = _PLANS.get(key) or _Plan(q8, k8, v8, attn_scale)
+            plan = _PLANS.get(key) or _Plan(q8, k8, v8, attn_scale, splits)
             _PLANS[key] = plan
-    return plan(q8, k8, v8, descale_q, descale_k)
+    return plan(q8, k8, v8, descale_q, descale_k, v_scale.float())
