@@ -36,6 +36,21 @@ class UnsupportedCodec(ValueError):
                          f"{', '.join(CPU_CODECS)}). Fix: data.decoder=dali (GPU, NVDEC) or data.decoder=pyav")
 
 
+# What DALI says when NVDEC on this GPU cannot take the stream (the codec, e.g. AV1 on Hopper: "Codec av1 is not
+# supported by NVDEC on this platform", or a frame below NVDEC's minimum size, 144x144 for HEVC): a property of the
+# hardware, not of the file, so the DALI GPU decoder hands such files to PyAV (cpu_fallback) instead of rejecting.
+NVDEC_LIMITS = ("Failed to create video decoder", "Video is too small")
+
+
+class NvdecCannotDecode(RuntimeError):
+    """NVDEC on this GPU cannot decode the stream (codec or size); `detail` is DALI's message."""
+
+    def __init__(self, path: str, codec: str, detail: str):
+        self.path, self.codec, self.detail = str(path), codec, detail
+        super().__init__(f"{path}: NVDEC on this GPU cannot decode this {codec} stream (DALI: {detail}). Fix: "
+                         "DALIDecoder(cpu_fallback=True) (the default) or data.decoder=pyav")
+
+
 def dali_available(device: str = "gpu") -> bool:
     """True when nvidia.dali imports (and, for device="gpu", CUDA is present)."""
     try:
@@ -84,10 +99,12 @@ class DALIDecoder:
 
     device: "gpu" (NVDEC, DALI operator device "mixed"; needs CUDA) or "cpu" (DALI's CPU decoder:
     VP8, VP9 and MJPEG only; needs no GPU). device_id picks the GPU (default: the current one).
+    cpu_fallback: files NVDEC cannot take on this GPU (NVDEC_LIMITS) are decoded by PyAV instead, with a
+    `pyav_fallback` note on the result; False raises NvdecCannotDecode.
     """
 
     def __init__(self, min_side: int = 16, device_id: int | None = None, truncation_tolerance: float = 0.9,
-                 device: str = "gpu"):
+                 device: str = "gpu", cpu_fallback: bool = True):
         if device not in ("gpu", "cpu"):
             raise ValueError(f"DALIDecoder device={device!r}. Fix: use 'gpu' (NVDEC) or 'cpu' (VP8/VP9/MJPEG only)")
         try:
@@ -100,6 +117,7 @@ class DALIDecoder:
         self.device_id = None if device == "cpu" else torch.cuda.current_device() if device_id is None else device_id
         self.probe = PyAVDecoder(min_side=min_side, truncation_tolerance=truncation_tolerance)
         self.truncation_tolerance = truncation_tolerance
+        self.cpu_fallback = cpu_fallback
         video_op = _video_op()
         op_device = "mixed" if device == "gpu" else "cpu"
 
@@ -132,7 +150,14 @@ class DALIDecoder:
         if self.device == "cpu" and info.codec not in CPU_CODECS:
             raise UnsupportedCodec(path, info.codec)
         bucket = choose_bucket(info.height, info.width, buckets)
-        frames = self._decode_all(path)  # [N, H, W, 3] uint8 (on the GPU for device="gpu")
+        try:
+            frames = self._decode_all(path)  # [N, H, W, 3] uint8 (on the GPU for device="gpu")
+        except NvdecCannotDecode as e:
+            if not self.cpu_fallback:
+                raise NvdecCannotDecode(path, info.codec, e.detail) from None
+            out = self.probe.decode(path, fps, buckets, start_s, max_frames)
+            out.notes.append(("pyav_fallback", f"NVDEC cannot decode this {info.codec} stream ({e.detail})"))
+            return out
         if frames.shape[0] > source_times.size:  # e.g. AVI's empty "repeat" packets decoded as frames
             raise VideoRejected(path, "decode_error", f"DALI decoded {frames.shape[0]} frames from "
                                 f"{source_times.size} non-empty packets: the frame times are unknown")
@@ -164,7 +189,10 @@ class DALIDecoder:
             (out,) = self.pipe.run()
         except RuntimeError as e:
             self.pipe = self._build()  # DALI declares the pipeline invalid after a failed run
-            raise VideoRejected(path, "decode_error", f"DALI: {_dali_error(e)}") from None
+            detail = _dali_error(e)
+            if self.device == "gpu" and any(m in detail for m in NVDEC_LIMITS):
+                raise NvdecCannotDecode(path, "?", detail) from None
+            raise VideoRejected(path, "decode_error", f"DALI: {detail}") from None
         if self.device == "cpu":  # as_array() copies out of DALI's buffers, which the next run reuses
             frames = torch.from_numpy(out.as_array())
         else:

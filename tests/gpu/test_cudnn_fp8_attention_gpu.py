@@ -8,8 +8,9 @@
   Where cuDNN builds only an E4M3 output (cuDNN 9.19 with cudnn-frontend 1.16 on the H100, 2026-12-06), both budgets
   are combined with that output's own rounding error, measured on the emulation (first run, budgets 1.5e-2 / 3e-2
   without it: 2.85e-2 / 3.66e-2 at 1.3B, 2.90e-2 / 3.64e-2 at 5B: an E4M3 rounding is ~2.5e-2 RMS);
-- the same with the keys cut in 2 parts merged by their softmax stats (split_kv_combine_triton): the same budgets
-  (a wrong reading of cuDNN's stats weights the halves wrongly, far outside them);
+- the same with the keys cut in 2 parts merged by their softmax stats (split_kv_combine_triton): the float64
+  budget unchanged, the emulation's widened by the parts' own P rounding (a wrong reading of cuDNN's stats
+  weights the halves wrongly, far outside both);
 - the cache-side call (WindowKV.attend: q's E4M3 pass, the kernel, V's per-head scales) vs cuDNN's BF16 SDPA on the
   unquantized window: <= 8e-2 (CPU emulation measured 5.8e-2 in bench_kv_attention --smoke);
 - a CUDA-graph replay of the call equals the eager call bitwise;
@@ -83,7 +84,12 @@ def test_kernel_vs_emulation_and_float64(model, splits):
     print(f"{model}, {splits} key part(s){' (q copied)' if plan.q_copy else ''}: cuDNN FP8 "
           f"({'fp8' if plan.out_fp8 else 'bf16'} output, its rounding {o_round:.2e}) vs "
           f"emulation {e_emu:.2e}, vs float64 of the codes {e_deq:.2e}")
-    assert e_emu <= (o_round ** 2 + 2e-2 ** 2) ** 0.5 and e_deq <= (o_round ** 2 + 3e-2 ** 2) ** 0.5
+    # The emulation is of the unsplit math: split parts scale P by their own row maxima before its E4M3 cast, one
+    # more independent ~2e-2 rounding difference against it (H200 2026-12-06: 3.48e-2 / 3.51e-2 with 2 parts vs
+    # 2.85e-2 / 2.90e-2 unsplit, while vs float64 the split was no worse: 3.62e-2 / 3.61e-2 vs 3.66e-2 / 3.64e-2).
+    split_round = 2e-2 if splits > 1 else 0.0
+    assert e_emu <= (o_round ** 2 + 2e-2 ** 2 + split_round ** 2) ** 0.5
+    assert e_deq <= (o_round ** 2 + 3e-2 ** 2) ** 0.5
 
 
 @pytest.mark.parametrize("model", list(GEOMETRY))
