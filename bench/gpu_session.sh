@@ -77,6 +77,17 @@ run() {
             step dit_fps 330 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
                 --steps compile+cuda_graph --linear fp8-fast fp8-fast-ffn2-bf16 \
                 --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --out "$res" ;;
+        h100)   # session 10: issue 9's table on an H100 with split-KV (its targets name one H100), then issue 10's e2e
+            step cudnn_fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
+                tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
+            step dit_fps 200 python bench/bench_generate_chunk.py \
+                --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b --steps compile+cuda_graph \
+                --linear fp8-fast --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --profile --out "$res"
+            for s in wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b; do
+                PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "e2e_$s" 150 python bench/bench_e2e.py \
+                    --settings "$s" --modes stream --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv bf16 \
+                    --out "$res"
+            done ;;
         verify) # session 9: changes made without a GPU (cuDNN FP8 test budgets, FP8-conv channels-last inputs), the
                 # mcore DDP lora failure (its message was cut off), the FP8 decoder's profile after the layout fix
             step cudnn_fp8_tests 150 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
@@ -99,7 +110,7 @@ run() {
                 --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
             step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
             step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
-        *) echo "unknown group $g (split | verify | attn | e2e | train)"; exit 2 ;;
+        *) echo "unknown group $g (h100 | split | verify | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
@@ -164,8 +175,8 @@ stash_dali() {   # keep what this call carried (any of .dali/*) in /tmp/dali, wh
     mkdir -p /tmp/dali && cp -r .dali/. /tmp/dali/ && ls -la /tmp/dali
 }
 
-run_dali() {
-    local budget=${1:-560}
+run_dali() {   # run-dali [BUDGET_S] [tests]: "tests" skips the benchmark
+    local budget=${1:-560} only=${2:-}
     DEADLINE=$(( $(date +%s) + budget ))
     OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
     local name; name=$(cat /tmp/dali/NAME)
@@ -180,6 +191,7 @@ run_dali() {
     fi
     python -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tee -a "$OUT/log.txt"
     step dali_tests 240 python -m pytest -q -m gpu -s -rs tests/gpu/test_data_dali.py
+    [ "$only" = tests ] && return
     step dali_bench 240 python bench/bench_data.py --height 480 --width 832 --frames 81 --vae random --device cuda \
         --dtype bfloat16 --out "$OUT/results.jsonl"
 }
