@@ -83,6 +83,7 @@ run() {
             step dit_fps 200 python bench/bench_generate_chunk.py \
                 --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b --steps compile+cuda_graph \
                 --linear fp8-fast --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --profile --out "$res"
+            step mcore_ddp_lora 120 python -m pytest -q -m gpu -x --tb=long tests/gpu/test_mcore_ddp_gpu.py -k lora
             for s in wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b; do
                 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "e2e_$s" 150 python bench/bench_e2e.py \
                     --settings "$s" --modes stream --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv bf16 \
