@@ -42,6 +42,11 @@ class UnsupportedCodec(ValueError):
 NVDEC_LIMITS = ("Failed to create video decoder", "Video is too small")
 
 
+def is_nvdec_limit(dali_message: str) -> bool:
+    """True when DALI's error says NVDEC on this GPU cannot take the stream (not that the file is bad)."""
+    return any(m in dali_message for m in NVDEC_LIMITS)
+
+
 class NvdecCannotDecode(RuntimeError):
     """NVDEC on this GPU cannot decode the stream (codec or size); `detail` is DALI's message."""
 
@@ -190,7 +195,7 @@ class DALIDecoder:
         except RuntimeError as e:
             self.pipe = self._build()  # DALI declares the pipeline invalid after a failed run
             detail = _dali_error(e)
-            if self.device == "gpu" and any(m in detail for m in NVDEC_LIMITS):
+            if self.device == "gpu" and is_nvdec_limit(detail):
                 raise NvdecCannotDecode(path, "?", detail) from None
             raise VideoRejected(path, "decode_error", f"DALI: {detail}") from None
         if self.device == "cpu":  # as_array() copies out of DALI's buffers, which the next run reuses

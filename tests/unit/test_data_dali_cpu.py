@@ -124,3 +124,15 @@ def test_dali_failure_is_named_and_the_next_file_decodes(tmp_path, dali_cpu):
     assert e.value.reason == "decode_error" and "Critical error" not in e.value.detail, e.value.detail
     np.testing.assert_array_equal(dali_cpu.decode(vp9, fps=8, buckets=[(32, 32)]).frames,
                                   get_decoder("dali-cpu").decode(vp9, fps=8, buckets=[(32, 32)]).frames)
+
+
+def test_nvdec_limits_are_told_from_bad_files():
+    """DALI's messages (H200, DALI 2.4.0, 2026-12-06) for streams NVDEC cannot take go to the PyAV fallback; a
+    decode failure of a bad file stays a rejection (the GPU test checks the fallback's frames)."""
+    from dataloaders.decode_dali import is_nvdec_limit
+
+    assert is_nvdec_limit('Assert on "frames_decoders_[s]->IsValid()" failed: Failed to create video decoder for '
+                          '"memory file"')                                         # AV1 on Hopper's NVDEC
+    assert is_nvdec_limit('Assert on "width >= caps.nMinWidth && height >= caps.nMinHeight" failed: Video is too '
+                          'small in at least one dimension. Provided: 128x128 vs supported:144x144')   # HEVC 128x128
+    assert not is_nvdec_limit("Error while decoding frame: Invalid data found when processing input")
