@@ -77,6 +77,12 @@ run() {
             step dit_fps 330 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
                 --steps compile+cuda_graph --linear fp8-fast fp8-fast-ffn2-bf16 \
                 --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --out "$res" ;;
+        h100min) # session 10, little device time left: issue 9's 1.3B rows on an H100 with and without split-KV
+            step dit_fps 200 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
+                --steps compile+cuda_graph --linear fp8-fast --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 \
+                --out "$res"
+            step cudnn_fp8_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py
+            step mcore_ddp_lora 120 python -m pytest -q -m gpu -x --tb=long tests/gpu/test_mcore_ddp_gpu.py -k lora ;;
         h100)   # session 10: issue 9's table on an H100 with split-KV (its targets name one H100), then issue 10's e2e
             step cudnn_fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
                 tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
@@ -111,7 +117,7 @@ run() {
                 --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
             step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
             step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
-        *) echo "unknown group $g (h100 | split | verify | attn | e2e | train)"; exit 2 ;;
+        *) echo "unknown group $g (h100min | h100 | split | verify | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
