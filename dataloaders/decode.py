@@ -37,7 +37,7 @@ NOTES = {
     "high_bit_depth": "more than 8 bits per sample; converted to 8-bit RGB",
     "variable_frame_rate": "irregular timestamps; frames sampled by pts",
     "timestamp_gap": "a pts step over 4x the median (dropped or missing packets); the previous frame is held",
-    "pyav_fallback": "the DALI GPU decoder handed the file to PyAV: NVDEC on this GPU cannot decode it",
+    "pyav_fallback": "the DALI decoder handed the file to PyAV: it cannot decode this stream (codec or size)",
 }
 
 

@@ -104,12 +104,14 @@ class DALIDecoder:
 
     device: "gpu" (NVDEC, DALI operator device "mixed"; needs CUDA) or "cpu" (DALI's CPU decoder:
     VP8, VP9 and MJPEG only; needs no GPU). device_id picks the GPU (default: the current one).
-    cpu_fallback: files NVDEC cannot take on this GPU (NVDEC_LIMITS) are decoded by PyAV instead, with a
-    `pyav_fallback` note on the result; False raises NvdecCannotDecode.
+    cpu_fallback: files the decoder cannot take are decoded by PyAV instead, with a `pyav_fallback` note on the
+    result - on the GPU the streams NVDEC cannot take (NVDEC_LIMITS), on the CPU codecs outside CPU_CODECS.
+    None (default): on for the GPU (a hardware limit met file by file), off for the CPU (choosing DALI's CPU
+    decoder for H.264 is a configuration error: UnsupportedCodec); False on the GPU raises NvdecCannotDecode.
     """
 
     def __init__(self, min_side: int = 16, device_id: int | None = None, truncation_tolerance: float = 0.9,
-                 device: str = "gpu", cpu_fallback: bool = True):
+                 device: str = "gpu", cpu_fallback: bool | None = None):
         if device not in ("gpu", "cpu"):
             raise ValueError(f"DALIDecoder device={device!r}. Fix: use 'gpu' (NVDEC) or 'cpu' (VP8/VP9/MJPEG only)")
         try:
@@ -122,7 +124,7 @@ class DALIDecoder:
         self.device_id = None if device == "cpu" else torch.cuda.current_device() if device_id is None else device_id
         self.probe = PyAVDecoder(min_side=min_side, truncation_tolerance=truncation_tolerance)
         self.truncation_tolerance = truncation_tolerance
-        self.cpu_fallback = cpu_fallback
+        self.cpu_fallback = device == "gpu" if cpu_fallback is None else cpu_fallback
         video_op = _video_op()
         op_device = "mixed" if device == "gpu" else "cpu"
 
@@ -153,16 +155,18 @@ class DALIDecoder:
                max_frames: int | None = None) -> DecodedVideo:
         source_times, info = self._source_times(path)
         if self.device == "cpu" and info.codec not in CPU_CODECS:
-            raise UnsupportedCodec(path, info.codec)
+            if not self.cpu_fallback:
+                raise UnsupportedCodec(path, info.codec)
+            return self._pyav(path, fps, buckets, start_s, max_frames,
+                              f"DALI's CPU decoder reads {', '.join(CPU_CODECS)}, not {info.codec}")
         bucket = choose_bucket(info.height, info.width, buckets)
         try:
             frames = self._decode_all(path)  # [N, H, W, 3] uint8 (on the GPU for device="gpu")
         except NvdecCannotDecode as e:
             if not self.cpu_fallback:
                 raise NvdecCannotDecode(path, info.codec, e.detail) from None
-            out = self.probe.decode(path, fps, buckets, start_s, max_frames)
-            out.notes.append(("pyav_fallback", f"NVDEC cannot decode this {info.codec} stream ({e.detail})"))
-            return out
+            return self._pyav(path, fps, buckets, start_s, max_frames,
+                              f"NVDEC cannot decode this {info.codec} stream ({e.detail})")
         if frames.shape[0] > source_times.size:  # e.g. AVI's empty "repeat" packets decoded as frames
             raise VideoRejected(path, "decode_error", f"DALI decoded {frames.shape[0]} frames from "
                                 f"{source_times.size} non-empty packets: the frame times are unknown")
@@ -184,6 +188,12 @@ class DALIDecoder:
         out_frames = resize_center_crop(picked, bucket).cpu().numpy()
         return DecodedVideo(frames=out_frames, times=target_times, source_index=idx, source_times=source_times,
                             fps=fps, info=info, notes=_notes(info, source_times))
+
+    def _pyav(self, path, fps, buckets, start_s, max_frames, why: str) -> DecodedVideo:
+        """The file decoded by PyAV (the same frame choice and crop), noted as a fallback."""
+        out = self.probe.decode(path, fps, buckets, start_s, max_frames)
+        out.notes.append(("pyav_fallback", why))
+        return out
 
     def _decode_all(self, path: str) -> torch.Tensor:
         """Every frame of the file's first video stream, `[N, H, W, 3]` uint8 RGB, through the DALI pipeline."""

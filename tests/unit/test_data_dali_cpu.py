@@ -93,6 +93,20 @@ def test_dali_cpu_names_unsupported_codec_and_fix(tmp_path, dali_cpu):
         dali_cpu.decode(p, fps=8, buckets=[(32, 32)])
 
 
+def test_dali_cpu_fallback_decodes_with_pyav_and_says_so(tmp_path):
+    """cpu_fallback=True: an H.264 file comes back as PyAV decodes it, with a pyav_fallback note (the same path
+    takes the streams NVDEC cannot decode on the GPU, where the fallback is on by default)."""
+    from dataloaders.decode_dali import DALIDecoder
+
+    p = str(tmp_path / "h.mp4")
+    write_video(p, smooth(12), fps=8)
+    ref = PyAVDecoder().decode(p, fps=4, buckets=[(32, 32)])
+    out = DALIDecoder(device="cpu", cpu_fallback=True).decode(p, fps=4, buckets=[(32, 32)])
+    np.testing.assert_array_equal(out.frames, ref.frames)
+    np.testing.assert_array_equal(out.source_index, ref.source_index)
+    assert out.notes[-1][0] == "pyav_fallback" and "h264" in out.notes[-1][1], out.notes
+
+
 def test_dali_rejects_frames_without_packets(tmp_path, dali_cpu):
     """AVI pads a 1/1000 time base with empty packets; DALI decodes those as repeats, so frame times are unknown."""
     p = str(tmp_path / "m.avi")
