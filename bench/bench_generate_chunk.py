@@ -59,7 +59,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-LINEARS = ("bf16", "fp8", "fp8-fast", "fp8-fast-ffn2-bf16")
+LINEARS = ("bf16", "fp8", "fp8-fast", "fp8-fast-ffn2-bf16", "fp8-fast-nofuse")
 FFN2 = "blocks.*.ffn.2"
 
 
@@ -67,7 +67,8 @@ def linear_config(linear: str) -> QuantConfig:
     """A --linear choice -> its QuantConfig (fp8 = every GEMM promoting to fp32, as recorded before
     quant.fp8_fast_accum became the default; fp8-fast = the default fast-accumulating forward GEMMs;
     fp8-fast-ffn2-bf16 = the same with the FFN's second linear kept in BF16 (quant.keep_high_precision): its FP8
-    input would be the GELU output, whose row-amax quantization costs more than the FP8 GEMM saves at 1.3B)."""
+    input would be the GELU output, whose row-amax quantization costs about what the FP8 GEMM saves at 1.3B;
+    fp8-fast-nofuse = fp8-fast without the fused GELU + quantization kernel of quant/fp8_ffn.py)."""
     cfg = QuantConfig(linear=linear.split("-")[0], fp8_fast_accum="-fast" in linear)
     if linear.endswith("-ffn2-bf16"):
         cfg.keep_high_precision = [*cfg.keep_high_precision, FFN2]
@@ -83,7 +84,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, linear: str
         torch.nn.init.normal_(model.head.head.weight, std=0.02)   # Wan's init zeroes the head: outputs would all be 0
     model = model.to(dtype).eval()
     convert_linears(model, linear_config(linear))
-    freeze_for_inference(model)
+    freeze_for_inference(model, fuse_gelu=not linear.endswith("-nofuse"))
     return model
 
 

@@ -77,10 +77,11 @@ run() {
             step dit_fps 330 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
                 --steps compile+cuda_graph --linear fp8-fast fp8-fast-ffn2-bf16 \
                 --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --out "$res" ;;
-        h100min) # session 10, little device time left: issue 9's 1.3B rows on an H100 with and without split-KV
+        h100min) # issue 9's 1.3B rows on an H100: split-KV on/off, the fused GELU + FP8 quantization on/off
+            step gelu_quant_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gelu_quant_gpu.py
             step dit_fps 200 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
-                --steps compile+cuda_graph --linear fp8-fast --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 \
-                --out "$res"
+                --steps compile+cuda_graph --linear fp8-fast-nofuse fp8-fast \
+                --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --out "$res"
             step cudnn_fp8_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py
             step mcore_ddp_lora 120 python -m pytest -q -m gpu -x --tb=long tests/gpu/test_mcore_ddp_gpu.py -k lora ;;
         h100)   # session 10: issue 9's table on an H100 with split-KV (its targets name one H100), then issue 10's e2e

@@ -107,13 +107,17 @@ def fp8_inference_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bi
     (an unfused quantization pass costs more than the GEMM saves)."""
     lead, k = x.shape[:-1], x.shape[-1]
     qx, sx = quantize_rowwise(x.reshape(-1, k))
+    return fp8_inference_gemm(qx, sx, qw, sw, bias, emulate, fast_accum).to(x.dtype).view(*lead, -1)
+
+
+def fp8_inference_gemm(qx, sx, qw, sw, bias: torch.Tensor | None, emulate: bool,
+                       fast_accum: bool = False) -> torch.Tensor:
+    """(qx * sx) [M, K] @ ((qw * sw) [N, K])^T + bias: fp32 when emulated, else bf16 from torch._scaled_mm."""
     if emulate:
         y = fp8_gemm(qx, sx, qw, sw, True, torch.float32)
-        y = y if bias is None else y + bias.float()
-    else:
-        y = torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), bias=bias, out_dtype=torch.bfloat16,
-                             use_fast_accum=fast_accum)
-    return y.to(x.dtype).view(*lead, -1)
+        return y if bias is None else y + bias.float()
+    return torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), bias=bias, out_dtype=torch.bfloat16,
+                            use_fast_accum=fast_accum)
 
 
 class FP8Linear(QuantLinearBase):

@@ -176,11 +176,16 @@ def convert_linears(model: nn.Module, quant_cfg: QuantConfig) -> list[str]:
     return names
 
 
-def freeze_for_inference(model: nn.Module) -> int:
+def freeze_for_inference(model: nn.Module, fuse_gelu: bool = True) -> int:
     """Quantize the weights of every low-bit linear that supports it once (e.g. FP8Linear), so inference
-    forwards only quantize activations. Returns how many modules were frozen."""
+    forwards only quantize activations; fuse_gelu: FFNs whose fc2 is FP8 quantize fc2's input in the GELU's
+    kernel (fp8_ffn.fuse_gelu_quant). Returns how many modules were frozen."""
+    from .fp8_ffn import fuse_gelu_quant
+
     frozen = [m for m in model.modules() if callable(getattr(m, "freeze", None))]
     for m in frozen:
         m.freeze()
+    if fuse_gelu:
+        fuse_gelu_quant(model)
     return len(frozen)
 
