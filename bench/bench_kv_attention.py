@@ -82,7 +82,8 @@ def sdpa_ms(q, k, v, backend, warmup, iters) -> float | None:
 
 CUDNN_FP8 = ("cudnn-fp8", "cudnn-fp8-kernel", "cudnn-fp8-nosplit", "cudnn-fp8-kernel-nosplit")
 NEW = ("bf16-triton", "fp8-triton", "fp8-triton+quant", "fp8-quant", "nvfp4-triton", *CUDNN_FP8)
-NO_ERROR = ("fp8-quant", "cudnn-fp8-kernel", "cudnn-fp8-kernel-nosplit")     # outputs not comparable with the attention (codes, V-code units)
+# outputs not comparable with the attention (codes, V-code units)
+NO_ERROR = ("fp8-quant", "cudnn-fp8-kernel", "cudnn-fp8-kernel-nosplit")
 VARIANTS = ("cudnn", "flash", *NEW, "nvfp4-old", "nvfp4-old-split")
 
 

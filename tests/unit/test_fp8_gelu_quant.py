@@ -1,9 +1,9 @@
 """GELU fused with the rowwise E4M3 quantization of fc2's input (quant/fp8_gelu_quant_triton.py, quant/fp8_ffn.py).
 
-- the Triton kernel (TRITON_INTERPRET=1 on the CPU, set by tests/conftest.py) vs eager torch (`fp8.quantize_rowwise(F.gelu(h))`): the kernel's
-  tanh comes from exp, so a GELU value may land one BF16 ulp away: at most 0.1% of the codes may differ, each by
-  at most one E4M3 step, scales by at most one BF16 ulp; all-zero rows give zero codes and scale 1; large |h|
-  (saturated tanh) gives no NaN;
+- the Triton kernel (TRITON_INTERPRET=1 on the CPU, set by tests/conftest.py) vs eager torch
+  (`fp8.quantize_rowwise(F.gelu(h))`): the kernel's tanh comes from exp, so a GELU value may land one BF16 ulp
+  away: at most 0.1% of the codes may differ, each by at most one E4M3 step, scales by at most one BF16 ulp;
+  all-zero rows give zero codes and scale 1; large |h| (saturated tanh) gives no NaN;
 - FP8GeluFFN vs the plain Sequential it replaces (same weights, emulated FP8 GEMM): close on the fused path,
   bitwise equal where the fused path is off (fc2 not frozen, grad mode);
 - fuse_gelu_quant swaps only fc1 -> GELU(tanh) -> FP8Linear and keeps the state-dict keys;

@@ -19,9 +19,9 @@ Split keys: where the query tiles fill the SMs' last wave poorly (the 1.3B chunk
 broadcast by a zero batch stride), the kernel returns each part's softmax stats and split_kv_combine_triton merges
 the parts exactly; `auto_splits` picks the count from the wave arithmetic (1 for the 5B: 1320 tiles, 10 waves).
 
-Plans are built once per (device, shapes, strides, attn_scale, splits) outside CUDA-graph capture (the chunk step warms up
-before it captures); execution only launches on the current stream, so it is captured like any kernel. Everything
-this module needs is optional: `unavailable_reason(device)` says what is missing, with the fix.
+Plans are built once per (device, shapes, strides, attn_scale, splits) outside CUDA-graph capture (the chunk step
+warms up before it captures); execution only launches on the current stream, so it is captured like any kernel.
+Everything this module needs is optional: `unavailable_reason(device)` says what is missing, with the fix.
 """
 from __future__ import annotations
 
