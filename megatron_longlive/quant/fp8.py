@@ -98,18 +98,6 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def fp8_inference_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
-                         emulate: bool, fast_accum: bool = False) -> torch.Tensor:
-    """y = x W^T + b with frozen E4M3 weights (qw [N, K], sw [N, 1]) and x quantized row by row on the fly.
-
-    The activation quantization is plain torch ops on purpose: under `torch.compile` Inductor fuses it
-    into the op that produced x (norm + modulation, GELU), which is what makes FP8 pay off on Hopper
-    (an unfused quantization pass costs more than the GEMM saves)."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    qx, sx = quantize_rowwise(x.reshape(-1, k))
-    return fp8_inference_gemm(qx, sx, qw, sw, bias, emulate, fast_accum).to(x.dtype).view(*lead, -1)
-
-
 def fp8_inference_gemm(qx, sx, qw, sw, bias: torch.Tensor | None, emulate: bool,
                        fast_accum: bool = False) -> torch.Tensor:
     """(qx * sx) [M, K] @ ((qw * sw) [N, K])^T + bias: fp32 when emulated, else bf16 from torch._scaled_mm."""
@@ -125,7 +113,7 @@ class FP8Linear(QuantLinearBase):
     fast_accum: the forward GEMM accumulates in the tensor cores' fast accumulator (QuantConfig.fp8_fast_accum).
 
     `freeze()` quantizes the weight once for inference: afterwards no-grad forwards use the frozen E4M3
-    weight and quantize only the activation (`fp8_inference_linear`); training forwards are unchanged."""
+    weight and quantize only the activation (`frozen_gemm`); training forwards are unchanged."""
 
     kind = "FP8 (torch._scaled_mm)"
 
@@ -147,11 +135,22 @@ class FP8Linear(QuantLinearBase):
         qw, sw = quantize_rowwise(self.weight)
         self.qweight, self.wscale = qw, sw
 
+    def frozen_gemm(self, qx: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+        """y = (qx * sx) W^T + b with the frozen E4M3 weight, for an input already quantized row by row [M, K]:
+        fp32 when emulated, bf16 from torch._scaled_mm."""
+        emulate = self.emulate if self.emulate is not None else not use_scaled_mm(qx.device)
+        bias = None if self.bias is None else self.bias.to(torch.float32 if emulate else torch.bfloat16)
+        return fp8_inference_gemm(qx, sx, self.qweight, self.wscale, bias, emulate, self.fast_accum)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        emulate = self.emulate if self.emulate is not None else not use_scaled_mm(x.device)
         if self.qweight is not None and not torch.is_grad_enabled():
-            bias = None if self.bias is None else self.bias.to(torch.float32 if emulate else torch.bfloat16)
-            return fp8_inference_linear(x, self.qweight, self.wscale, bias, emulate, self.fast_accum)
+            # The activation quantization is plain torch ops on purpose: under `torch.compile` Inductor fuses it
+            # into the op that produced x (norm + modulation), which is what makes FP8 pay off on Hopper (an
+            # unfused quantization pass costs more than the GEMM saves).
+            lead, k = x.shape[:-1], x.shape[-1]
+            qx, sx = quantize_rowwise(x.reshape(-1, k))
+            return self.frozen_gemm(qx, sx).to(x.dtype).view(*lead, -1)
+        emulate = self.emulate if self.emulate is not None else not use_scaled_mm(x.device)
         # like nn.Linear under autocast: the output in the autocast dtype (bf16 activations between layers,
         # not the fp32 of a norm's output); the function's own math runs with autocast off (exact emulation)
         dev = x.device.type

@@ -23,8 +23,8 @@ import triton.language as tl
 
 from .constants import FP8_E4M3_MAX
 from .fp8 import quantize_rowwise
+from ..inference.kernels.fp8_window_quant_triton import _to_e4m3
 from .fp8_conv.conv_triton import _round_bf16
-from .nvfp4.kernels.triton_common import e4m3_round
 
 _MAX = tl.constexpr(FP8_E4M3_MAX)
 _C = tl.constexpr(0.7978845608028654)       # sqrt(2 / pi)
@@ -57,10 +57,7 @@ def _gelu_quant_kernel(h_ptr, q_ptr, s_ptr, K, stride_h, BLOCK_K: tl.constexpr, 
         k = i * BLOCK_K + tl.arange(0, BLOCK_K)
         y = _gelu_bf16(tl.load(base + k, mask=k < K, other=0.0).to(tl.float32))
         v = tl.minimum(tl.maximum(y * inv, -_MAX), _MAX)
-        if INTERPRET:                            # the interpreter's own E4M3 cast is wrong across binades
-            r, _ = e4m3_round(tl.abs(v))
-            v = tl.where(v < 0, -r, r)
-        tl.store(q_ptr + row * K + k, v.to(tl.float8e4nv), mask=k < K)
+        tl.store(q_ptr + row * K + k, _to_e4m3(v, INTERPRET), mask=k < K)
 
 
 def gelu_quant_torch(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,8 +43,6 @@ def test_kernel_vs_eager_torch():
 
 
 def test_fused_ffn_is_the_kernel_path_and_close_to_the_sequential():
-    from megatron_longlive.quant.fp8 import fp8_inference_gemm
-
     torch.manual_seed(1)
     seq = nn.Sequential(nn.Linear(64, 1024), nn.GELU(approximate="tanh"), nn.Linear(1024, 48)).to(torch.bfloat16)
     seq[2] = FP8Linear.from_linear(seq[2], emulate=True)
@@ -56,7 +54,7 @@ def test_fused_ffn_is_the_kernel_path_and_close_to_the_sequential():
         h = seq[0](x).reshape(-1, 1024)
         q, sq = gelu_quant_rowwise(h)
         assert not torch.equal(q.float(), gelu_quant_torch(h)[0].float())   # this data tells the two paths apart
-        kernel_path = fp8_inference_gemm(q, sq, seq[2].qweight, seq[2].wscale, seq[2].bias.float(), True)
+        kernel_path = seq[2].frozen_gemm(q, sq)
     assert torch.equal(out, kernel_path.to(x.dtype).view_as(out))
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     print(f"fused vs plain FFN: relative {rel:.2e}")
