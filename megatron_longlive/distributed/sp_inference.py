@@ -222,7 +222,7 @@ class ChunkComm:
     """Bytes one rank sends per generated chunk (k denoising passes + 1 commit pass), from shapes."""
 
     all_to_all: int       # q, k, v in (k, v 4-bit packed with the NVFP4 cache) and the output back, per layer and pass
-    gather: int           # the head output all-gathered every pass
+    gather: int           # the head output all-gathered every denoising pass (the commit pass's is never used)
     amax: int             # NVFP4 cache: the chunk amax all-reduce payload (2 floats per layer and pass)
     seq_sharded_cache_kv: int
     """What a seq-sharded cache would add: the whole attended window's K/V all-to-all'd every pass."""
@@ -243,7 +243,7 @@ def chunk_comm_bytes(rows: int, tokens_per_chunk: int, num_heads: int, head_dim:
     n = rows * (tokens_per_chunk // sp_size)
     kv = off(n * code_bytes) + off(n * scale_bytes) if nvfp4 else off(n * per_token)
     a2a = (2 * off(n * per_token) + 2 * kv) * num_layers * passes      # q and output, k and v
-    gather = n * out_features * element_size * (sp_size - 1) * passes
+    gather = n * out_features * element_size * (sp_size - 1) * (passes - 1)
     amax = 8 * num_layers * passes if nvfp4 else 0
     w = rows * (context_tokens // sp_size)
     window = 2 * (off(w * code_bytes) + off(w * scale_bytes) if nvfp4 else off(w * per_token))

@@ -69,8 +69,9 @@ class ChunkStep:
         """The compiled `call_block` every block of a compiled pass runs through (None unless mode compiles)."""
         return self._block
 
-    def _eager(self, tokens, t, context_kv, positions, run_block=None):
-        return self.model.forward_tokens(tokens, t, context_kv, positions, kv_cache=self.cache, run_block=run_block)
+    def _eager(self, tokens, t, context_kv, positions, run_block=None, need_output=True):
+        return self.model.forward_tokens(tokens, t, context_kv, positions, kv_cache=self.cache, run_block=run_block,
+                                         need_output=need_output)
 
     def steady(self) -> bool:
         """True when the next chunk pass has the one compiled shape: every region full, no mask (the passes
@@ -78,13 +79,15 @@ class ChunkStep:
         end, needs_mask = self.cache.context_signature()
         return not needs_mask and end == self.cache.layout.num_tokens
 
-    def __call__(self, tokens: torch.Tensor, t: torch.Tensor, context_kv: list, positions: torch.Tensor
-                 ) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, t: torch.Tensor, context_kv: list, positions: torch.Tensor,
+                 need_output: bool = True) -> torch.Tensor | None:
+        """need_output=False: a pass that only writes the cache (the context pass; its own graph), returns None."""
         if self.mode == "eager" or not self.steady():
-            return self._eager(tokens, t, context_kv, positions)
+            return self._eager(tokens, t, context_kv, positions, need_output=need_output)
         if self.mode == "compile":
-            return self._eager(tokens, t, context_kv, positions, self._block)
-        return self._replay((self.cache.layout.num_tokens, tuple(tokens.shape)), tokens, t, context_kv, positions)
+            return self._eager(tokens, t, context_kv, positions, self._block, need_output)
+        key = (self.cache.layout.num_tokens, tuple(tokens.shape), need_output)
+        return self._replay(key, tokens, t, context_kv, positions)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------------
     def _static_context(self, context_kv: list) -> list:
@@ -108,23 +111,24 @@ class ChunkStep:
         for dst, src in zip(g.inputs, (tokens, t, positions)):
             dst.copy_(src)
         g.graph.replay()
-        return g.out.clone()
+        return None if g.out is None else g.out.clone()
 
     def _capture(self, key: tuple, tokens, t, ctx, positions) -> _Graph:
         # Warm up on a side stream (compiles, autotunes, sets cuDNN plans), then capture. Every pass of
         # this state rewrites the current chunk's cache region, so the warm-up passes change nothing else.
         inputs = (tokens.clone(), t.clone(), positions.clone())
+        need_output = key[-1]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._eager(*inputs[:2], ctx, inputs[2], self._block)
+                self._eager(*inputs[:2], ctx, inputs[2], self._block, need_output)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):  # a decode thread may run
-            out = self._eager(*inputs[:2], ctx, inputs[2], self._block)
+            out = self._eager(*inputs[:2], ctx, inputs[2], self._block, need_output)
         self._graphs[key] = _Graph(graph, inputs, out)
         self.captures += 1
         return self._graphs[key]

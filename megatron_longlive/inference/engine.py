@@ -101,8 +101,9 @@ class StreamingEngine:
         """The model pass over assembled tokens [rows, S, D], attending and writing the cache. The SP engine
         overrides it to run this rank's share of the tokens; need_output=False: the caller drops the output."""
         if mask is None and self.step.mode != "eager":     # a chunk pass: compiled / CUDA-graphed
-            return self.step(tokens, t, self.context_kv, positions)
-        return self.model.forward_tokens(tokens, t, self.context_kv, positions, mask, kv_cache=self.cache)
+            return self.step(tokens, t, self.context_kv, positions, need_output)
+        return self.model.forward_tokens(tokens, t, self.context_kv, positions, mask, kv_cache=self.cache,
+                                         need_output=need_output)
 
     # ----- state --------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -211,8 +212,9 @@ class StreamingEngine:
             return x
         return torch.cat([seed.to(x.dtype), x[:, :, seed.shape[2]:]], dim=2)
 
-    def _forward(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """One DiT pass of the current chunk x [B, C, F, H, W] at `sigma`, attending the cache -> [rows, ...]."""
+    def _forward(self, x: torch.Tensor, sigma: float, need_output: bool = True) -> torch.Tensor | None:
+        """One DiT pass of the current chunk x [B, C, F, H, W] at `sigma`, attending the cache -> [rows, ...]
+        (need_output=False: only the cache is written, see `WanDiT.forward_tokens`; returns None)."""
         assert self.context_kv is not None, "call set_prompt() before generating"
         stored = [c for c, _ in self.cache.stored_chunks()]
         assert stored == visible_chunks(self.chunk_index, self.shot_starts, self.rule), \
@@ -221,8 +223,8 @@ class StreamingEngine:
         x = self._hold(x, seed)
         tokens, _ = self.model.patchify(self._rows(x).to(self.dtype))
         t = self._timesteps(sigma, clean_frames=0 if seed is None else seed.shape[2])
-        out = self._forward_tokens(tokens, t, self._positions(self.chunk_index))
-        return self.model.unpatchify(out, self.grid)
+        out = self._forward_tokens(tokens, t, self._positions(self.chunk_index), need_output=need_output)
+        return None if out is None or not need_output else self.model.unpatchify(out, self.grid)
 
     # ----- the chunk step -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -245,7 +247,7 @@ class StreamingEngine:
     def commit(self, clean: torch.Tensor) -> None:
         """Run the clean chunk at t = 0, store its K/V (sink first, then window), advance the chunk counter."""
         clean = self._hold(clean, self._seed_frames())
-        self._forward(clean, 0.0)
+        self._forward(clean, 0.0, need_output=False)      # the context pass: its output is never used
         c, latents = self.chunk_index, self._rows(clean).to(self.dtype)
         role = chunk_role(c, normalize_shot_starts(self.shot_starts), self.rule)
         if role == "window":

@@ -198,6 +198,7 @@ def test_comm_formula_numbers():
     local = 1170 * 12 * 128 * 2                                              # [1, T/4, 12, 128] bf16
     assert c.all_to_all == 4 * local * 3 // 4 * 30 * 5
     assert c.seq_sharded_cache_kv == 2 * (3 * local) * 3 // 4 * 30 * 5       # window of 9 chunks = 3x the chunk
+    assert c.gather == 1170 * 64 * 2 * 3 * 4             # the 4 denoising passes' outputs; the commit pass has none
 
 
 def _cfg_i2v_worker(rank: int, world: int) -> torch.Tensor:

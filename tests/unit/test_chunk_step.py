@@ -39,8 +39,9 @@ def test_compiled_step_equals_eager(tiny_model, one_thread):
     # Inductor reorders float32 sums: measured 2.4e-7 max abs diff on values of magnitude ~4.
     assert (compiled - eager).abs().max().item() <= 1e-5 * eager.abs().max().item()
     # one compiled block function serves every layer and chunk: the block splits into two graphs around
-    # the cache's eager hook; recompiles per layer or per chunk would show up as more graphs
-    assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    # the cache's eager hook, and the context pass's last block (write_kv, up to the hook) adds one; recompiles
+    # per layer or per chunk would show up as many more graphs (30+)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
 
 
 def test_step_mode_resolution():

@@ -101,17 +101,19 @@ class WanSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: ChunkMask | torch.Tensor | None = None, kv_hook: KVHook | None = None) -> torch.Tensor:
-        # 1. project and split heads: [B, S, H, D] (H is the local head count under TP)
-        q = self.norm_q(self.q(x)).unflatten(-1, (-1, self.head_dim))
-        k = self.norm_k(self.k(x)).unflatten(-1, (-1, self.head_dim))
-        v = self.v(x).unflatten(-1, (-1, self.head_dim))
-        # 2. rotary positions
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # 3. streaming: let the KV cache add its history (and store this chunk)
+        # 1. project and split heads: [B, S, H, D] (H is the local head count under TP), rotary positions
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (-1, self.head_dim)), cos, sin)
+        k, v = self.key_value(x, cos, sin)
+        # 2. streaming: let the KV cache add its history (and store this chunk)
         if kv_hook is not None:
             k, v, mask = kv_hook(k, v, mask)
-        # 4. attention, merge heads, output projection
+        # 3. attention, merge heads, output projection
         return self.o(self.core(q, k, v, mask).flatten(2))
+
+    def key_value(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (normed, rotated) and V [B, S, H, D] of the tokens x."""
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (-1, self.head_dim)), cos, sin)
+        return k, self.v(x).unflatten(-1, (-1, self.head_dim))
 
 
 class WanCrossAttention(nn.Module):
@@ -164,6 +166,13 @@ class WanBlock(nn.Module):
         y = self.ffn(norm_modulate(self.norm2, x, c_shift, c_scale))
         return gated_residual(x, y, c_gate)
 
+    def write_kv(self, x: torch.Tensor, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv_hook: KVHook) -> None:
+        """Only the part of `forward` that reaches the KV cache: this block's K/V of x, handed to kv_hook. The
+        last block of a pass whose output is dropped (the streaming context pass) needs nothing else."""
+        shift, scale = (hi(self.modulation)[:, None, :2] + e[:, :, :2]).unbind(2)
+        kv_hook(*self.self_attn.key_value(norm_modulate(self.norm1, x, shift, scale), cos, sin), None)
+
 
 class WanHead(nn.Module):
     def __init__(self, cfg: ModelConfig, provider: LinearProvider):
@@ -179,8 +188,9 @@ class WanHead(nn.Module):
         return self.head(norm_modulate(self.norm, x, shift, scale))
 
 
-def call_block(block: "WanBlock", *args) -> torch.Tensor:
-    """The default `run_block` of `forward_tokens` (a compiled step compiles this function once for all blocks)."""
+def call_block(block: Callable, *args) -> torch.Tensor | None:
+    """The default `run_block` of `forward_tokens`: block(*args), where block is a WanBlock or its `write_kv` (a
+    compiled step compiles this function once for all blocks, and once more for write_kv)."""
     return block(*args)
 
 
@@ -239,7 +249,7 @@ class WanDiT(nn.Module):
 
     def forward_tokens(self, tokens: torch.Tensor, t: torch.Tensor, context_kv: list, positions: torch.Tensor,
                        mask: ChunkMask | torch.Tensor | None = None, kv_cache=None,
-                       run_block: Callable | None = None) -> torch.Tensor:
+                       run_block: Callable | None = None, need_output: bool = True) -> torch.Tensor | None:
         """Run all blocks and the head on an assembled token sequence.
 
         tokens: [B, S, D], whole frames; t: [B, F] timesteps of those frames (S = F * tokens_per_frame);
@@ -247,14 +257,22 @@ class WanDiT(nn.Module):
         kv_cache: None, or an object whose `.hook(layer_index)` returns a `KVHook`.
         run_block: how a block is called, `run_block(block, x, e0, cos, sin, context_kv, mask, hook)`
         (default: plain call); lets a compiled step run every block through one compiled function.
-        Returns the head output [B, S, prod(patch) * out_channels].
+        Returns the head output [B, S, prod(patch) * out_channels]. need_output=False (a pass run only to fill
+        kv_cache, e.g. the streaming context pass): the last block stops at its K/V write and the head is
+        skipped; returns None. Without a kv_cache the pass is whole (the K/V may be written inside the attention
+        core, as SP inference does) and the output is returned.
         """
         e, e0 = self.time_embed(t)
         cos, sin = self.rope(positions)
         x = tokens
+        kv_only = not need_output and kv_cache is not None
+        run = run_block or call_block
         for i, block in enumerate(self.blocks):
             hook = kv_cache.hook(i) if kv_cache is not None else None
-            x = (run_block or call_block)(block, x, e0, cos, sin, context_kv[i], mask, hook)
+            if kv_only and i == len(self.blocks) - 1:
+                run(block.write_kv, x, e0, cos, sin, hook)
+                return None
+            x = run(block, x, e0, cos, sin, context_kv[i], mask, hook)
         return self.head(x, e)
 
     # ----- whole video --------------------------------------------------------------------------
