@@ -16,11 +16,12 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from .conv_triton import CONFIGS, INTERPRET_TILE, conv_kernel, conv_kernel_static
 from .quantize_triton import _amax_kernel, _quantize_kernel
-from .reference import Layout, layout
+from .reference import Layout, act_scale, layout
 
 
 def _interpret() -> bool:
@@ -140,18 +141,69 @@ def _(x, w_q, w_scale, bias, kt, kh, kw, amax=None):
                        memory_format=torch.channels_last_3d)
 
 
+# ----- the compiled path: quantization in torch ops, fused by Inductor into the kernel that produces x ---------
+@torch.library.custom_op("megatron_longlive::e4m3_inverse_scale", mutates_args=())
+def e4m3_inverse_scale(amax: torch.Tensor) -> torch.Tensor:
+    """448 / amax (1 for amax == 0), fp32, correctly rounded. An opaque op on purpose: Triton code generated for a
+    plain division uses the approximate div.full.f32, and the codes must equal the reference's."""
+    return act_scale(amax)[1]
+
+
+@e4m3_inverse_scale.register_fake
+def _(amax):
+    return torch.empty((), dtype=torch.float32, device=amax.device)
+
+
+def quantize_activation_torch(x: torch.Tensor, kernel: tuple[int, int, int],
+                              amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activation in torch ops: the same buffer, bitwise, and the fp32 amax (0-dim). Traced by
+    torch.compile, the scale, clamp, cast and zero padding become index arithmetic that Inductor fuses into the
+    kernel producing x (e.g. silu(RMSNorm) with the causal cache concatenated), which then writes 1 B per value
+    instead of 2, and no separate quantize pass reads x again (3 B per value with a static bound). A dynamic amax
+    is one reduction, fused with the producer as well."""
+    lay = layout(x, kernel)
+    amax = x.abs().amax().float() if amax is None else amax.to(device=x.device, dtype=torch.float32).reshape(())
+    inv = torch.ops.megatron_longlive.e4m3_inverse_scale(amax)
+    q = (x.float() * inv).clamp(-448.0, 448.0).permute(0, 2, 3, 4, 1)      # [n, t, h, w, c]
+    q = F.pad(q, (0, lay.cp - lay.c, lay.pw, lay.pw, lay.ph, lay.ph))        # zero border and channels: code 0
+    q = F.pad(q.reshape(-1, lay.cp), (0, 0, lay.guard, 0))
+    return q.to(torch.float8_e4m3fn), amax
+
+
+@torch.library.custom_op("megatron_longlive::fp8_conv3d_buffer", mutates_args=())
+def fp8_conv3d_buffer(buf: torch.Tensor, amax: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor], n: int, t: int, h: int, w: int, c: int, kt: int, kh: int, kw: int,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """The implicit GEMM on an already quantized buffer (quantize_activation_torch) of an input [n, c, t, h, w]."""
+    lay = Layout(n, t, h, w, c, (kt, kh, kw))
+    assert buf.shape == (lay.rows, lay.cp) and buf.dtype == torch.float8_e4m3fn, (buf.shape, lay)
+    out = torch.empty((n, w_q.shape[0], lay.t_out, h, w), dtype=out_dtype, device=buf.device,
+                      memory_format=torch.channels_last_3d)
+    if out.numel():
+        launch_conv(buf.contiguous(), amax.float().reshape(()).view(torch.int32), w_q, w_scale, bias, out, lay,
+                    use_tma=_tma_ok(buf))
+    return out
+
+
+@fp8_conv3d_buffer.register_fake
+def _(buf, amax, w_q, w_scale, bias, n, t, h, w, c, kt, kh, kw, out_dtype):
+    return torch.empty((n, w_q.shape[0], t - kt + 1, h, w), dtype=out_dtype, device=buf.device,
+                       memory_format=torch.channels_last_3d)
+
+
 def conv3d_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                kernel: tuple[int, int, int], amax: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv3d(x, w, bias, padding=(0, kh // 2, kw // 2)) on E4M3 operands: x quantized per call (one scale per
     tensor: max |x|, or the static bound `amax`), w_q / w_scale from reference.quantize_weight. Returns x's dtype,
-    channels_last_3d."""
+    channels_last_3d. Eager: the Triton quantizer and the GEMM in one op. Under torch.compile: the quantization
+    in torch ops (fused into x's producer), then the GEMM op; the same codes, so the same output."""
     _check_runs_here(x)
     if x.dim() != 5:
         raise ValueError(f"fp8 conv: input must be [N, C, T, H, W], got {tuple(x.shape)}")
-    # The quantizer reads channels-last rows. Asked for here, outside the op, the compiler sees the layout and has
-    # the producing kernel write it (for aten convs Inductor does this itself; for a custom op it keeps whatever
-    # layout tracing gave, and the op's own .contiguous() then runs as a separate copy: the likely source of the
-    # 16 eager copies, 88 ms of an 892 ms Wan2.2 chunk, in the H100 profile of 2026-12-06). A no-op when x is
-    # channels-last already.
-    x = x.contiguous(memory_format=torch.channels_last_3d)
-    return torch.ops.megatron_longlive.fp8_conv3d(x, w_q, w_scale, bias, *kernel, amax)
+    if torch.compiler.is_compiling():
+        lay = layout(x, kernel)
+        buf, amax = quantize_activation_torch(x, kernel, amax)
+        return torch.ops.megatron_longlive.fp8_conv3d_buffer(buf, amax, w_q, w_scale, bias, lay.n, lay.t, lay.h,
+                                                             lay.w, lay.c, *kernel, x.dtype)
+    return torch.ops.megatron_longlive.fp8_conv3d(x.contiguous(memory_format=torch.channels_last_3d), w_q, w_scale,
+                                                  bias, *kernel, amax)
