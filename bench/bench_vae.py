@@ -66,8 +66,16 @@ def _fp8_select(tiny: bool):
     return (lambda name, conv: True) if tiny else None
 
 
+# --conv choices: conv format, and for FP8 the GEMM schedules its autotuner may pick (quant/fp8_conv/ops.py)
+CONV_FORMATS = {"bf16": ("bf16", None), "fp8": ("fp8", "off"), "fp8-persistent": ("fp8", "on"),
+                "fp8-auto": ("fp8", "auto")}
+
+
 def bench_ours(model, z: torch.Tensor, k: int, variant: str, device, dtype, warmup: int, chunks: int,
                conv: str = "bf16", tiny: bool = False, profile: bool = False) -> float:
+    conv, schedule = CONV_FORMATS[conv]
+    if schedule is not None:
+        os.environ["MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT"] = schedule
     dec = StreamingVAEDecoder(model, device=device, dtype=dtype, compile="compile" in variant,
                               cuda_graph="graph" in variant, conv_precision=conv, fp8_select=_fp8_select(tiny))
     dec.decode(z[:, :, :k])  # the clip's first chunk (eager)
@@ -107,7 +115,7 @@ def bench_kind(kind: str, args, device: torch.device, dtype: torch.dtype) -> lis
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 ref
             kk = min(k, 3)  # float32 activations of an 8-frame 704p chunk would need ~2x the bf16 memory
             p8 = None
-            if "fp8" in args.conv:
+            if any(c.startswith("fp8") for c in args.conv):
                 fp8 = StreamingVAEDecoder(model, device=device, dtype=dtype, conv_precision="fp8",
                                           fp8_select=_fp8_select(args.tiny))
                 outs = [(low.decode(z[:, :, s:s + kk]), ref.decode(z[:, :, s:s + kk].float()),
@@ -151,6 +159,10 @@ def bench_kind(kind: str, args, device: torch.device, dtype: torch.dtype) -> lis
     if best != best_bf16:
         rows.append(record(args.out, f"{name} decode fps (best, any conv format)", "fps", round(fps[best], 2),
                            "frames/s", chunk=k, variant=best))
+        if "diffusers" in fps:
+            rows.append(record(args.out, f"{name} decode speedup vs diffusers (best, any conv format)", "speedup",
+                               round(fps[best] / fps["diffusers"], 3), "x", variant=best,
+                               ours_fps=round(fps[best], 2), diffusers_fps=round(fps["diffusers"], 2)))
     if args.psnr:
         print(f"  bf16 vs float32 PSNR: {p:.1f} dB (random weights, first + second chunk)")
         rows.append(record(args.out, f"{name} decode bf16 psnr vs fp32", "psnr", round(p, 2), "dB"))
@@ -184,8 +196,9 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-psnr", dest="psnr", action="store_false", help="skip the bf16-vs-float32 PSNR")
     p.add_argument("--encoder", action="store_true", help="also time the (diffusers) encoder")
-    p.add_argument("--conv", nargs="+", default=["bf16"], choices=["bf16", "fp8"],
-                   help="conv formats to time each variant with (fp8: quant/fp8_conv, sm89+ or TRITON_INTERPRET=1)")
+    p.add_argument("--conv", nargs="+", default=["bf16"], choices=sorted(CONV_FORMATS),
+                   help="conv formats to time each variant with (fp8: quant/fp8_conv, sm89+ or TRITON_INTERPRET=1; "
+                        "fp8-persistent / fp8-auto: its GEMM as one program per SM / autotuned over both schedules)")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
                    help="skip timing diffusers' decode (saves ~10-30 s a kind on a GPU)")
     p.add_argument("--tiny", action="store_true", help="tiny configs at tiny sizes (CPU smoke test)")

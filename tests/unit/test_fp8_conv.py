@@ -135,6 +135,29 @@ def test_conv_through_tma_descriptors(kernel, shape, cout):
     _check_conv(out, x, w_q, w_s, b, kernel)
 
 
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("kernel,shape,cout", [CASES[0], CASES[2], CASES[4]])
+def test_persistent_schedule(monkeypatch, kernel, shape, cout, use_tma):
+    """One program per SM walking the tiles (4 programs under the interpreter; CASES[0] has 16 tiles over 2
+    samples, so programs cross sample boundaries): the same output as one tile per program, bitwise."""
+    x = _data(shape, 5)
+    w, b = _weights(cout, shape[1], kernel, 6)
+    w_q, w_s = ref.quantize_weight(w)
+    lay = ref.layout(x, kernel)
+    buf, amax = ops.quantize_activation(x, kernel)
+    outs = []
+    for mode in ("off", "on"):
+        monkeypatch.setenv("MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT", mode)
+        out = torch.empty((lay.n, cout, lay.t_out, lay.h, lay.w), memory_format=torch.channels_last_3d)
+        ops.launch_conv(buf, amax, w_q, w_s, b, out, lay, use_tma=use_tma)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    _check_conv(outs[1], x, w_q, w_s, b, kernel)
+    monkeypatch.setenv("MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT", "sometimes")
+    with pytest.raises(ValueError, match="choose one of off, on, auto"):
+        ops.persistent_mode()
+
+
 def test_weight_quantizer_layout():
     w, _ = _weights(6, 20, (3, 3, 3), 5)
     w_q, w_s = ref.quantize_weight(w)

@@ -30,9 +30,19 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, k_iters,
+def tiles_of_sample(T, H, W, COUT, KT, KH, KW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Output tiles of one sample: M tiles over the padded grid's T_out * Hp * Wp rows, times N tiles."""
+    m_rows = (T - KT + 1) * (H + 2 * (KH // 2)) * (W + 2 * (KW // 2))
+    return tl.cdiv(m_rows, BLOCK_M) * tl.cdiv(COUT, BLOCK_N)
+
+
+@triton.jit
+def _conv_tile(a_desc, w_desc, a_ptr, w_ptr, a_scale, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW,
+               k_iters, pid_m, pid_n, n,
                HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One output tile [BLOCK_M rows of sample n, BLOCK_N channels]: the K loop over taps x channel steps, then the
+    epilogue. a_desc / w_desc: TMA descriptors (USE_TMA) or None."""
     ph, pw = KH // 2, KW // 2
     hp, wp = H + 2 * ph, W + 2 * pw
     plane = hp * wp
@@ -40,18 +50,12 @@ def _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W,
     wk = KT * KH * KW * CP                                    # row length of the K-major weights
     t_out = T - KT + 1
     m_rows = t_out * plane                                    # output rows of one sample (padded grid)
-    num_n = tl.cdiv(COUT, BLOCK_N)
-    pid, n = tl.program_id(0), tl.program_id(1)
-    pid_m, pid_n = pid // num_n, pid % num_n                  # the N tiles of one M tile run side by side (A in L2)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     base = G + n * T * plane + m0                             # buffer row of output row m0, tap (kt0, centre)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    if USE_TMA:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, CP], strides=[CP, 1], block_shape=[BLOCK_M, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[COUT, wk], strides=[wk, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kk in range(k_iters):
         tap = kk // k_steps
@@ -75,7 +79,6 @@ def _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W,
         else:
             acc = tl.dot(a, tl.trans(b), acc)
     # epilogue: scales, bias, store the interior rows channels-last
-    a_scale, _ = act_scale_from_bits(amax_ptr)
     ws = tl.load(ws_ptr + offs_n, mask=offs_n < COUT, other=0.0)
     y = acc * (a_scale * ws)[None, :]
     if HAS_BIAS:
@@ -92,26 +95,71 @@ def _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W,
              mask=valid[:, None] & (offs_n[None, :] < COUT))
 
 
+@triton.jit
+def _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, k_iters,
+               num_tiles, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
+               PERSISTENT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """PERSISTENT=False: program (pid, n) computes one tile. PERSISTENT=True: NUM_PROGRAMS programs (one per SM)
+    walk the tiles of every sample in steps of NUM_PROGRAMS; the descriptors are made once per program instead of
+    once per tile, and the flattened loop lets the compiler overlap a tile's epilogue with the next one's loads."""
+    num_n = tl.cdiv(COUT, BLOCK_N)
+    tiles_per_sample = tiles_of_sample(T, H, W, COUT, KT, KH, KW, BLOCK_M, BLOCK_N)
+    a_desc = None
+    w_desc = None
+    if USE_TMA:
+        wk = KT * KH * KW * CP
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, CP], strides=[CP, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[COUT, wk], strides=[wk, 1], block_shape=[BLOCK_N, BLOCK_K])
+    a_scale, _ = act_scale_from_bits(amax_ptr)
+    if PERSISTENT:
+        # tiles ordered (sample, M tile, N tile): the N tiles of one M tile run side by side (A in L2)
+        if INTERPRET:   # the interpreter's loops need Python-int bounds: num_tiles is a constexpr there
+            for i in range(tl.cdiv(num_tiles, NUM_PROGRAMS)):
+                tile = tl.program_id(0) + i * NUM_PROGRAMS
+                if tile < num_tiles:
+                    pid = tile % tiles_per_sample
+                    _conv_tile(a_desc, w_desc, a_ptr, w_ptr, a_scale, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP,
+                               COUT, KT, KH, KW, k_iters, pid // num_n, pid % num_n, tile // tiles_per_sample,
+                               HAS_BIAS, USE_TMA, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
+                pid = tile % tiles_per_sample
+                _conv_tile(a_desc, w_desc, a_ptr, w_ptr, a_scale, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP,
+                           COUT, KT, KH, KW, k_iters, pid // num_n, pid % num_n, tile // tiles_per_sample,
+                           HAS_BIAS, USE_TMA, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        pid, n = tl.program_id(0), tl.program_id(1)
+        _conv_tile(a_desc, w_desc, a_ptr, w_ptr, a_scale, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT,
+                   KT, KH, KW, k_iters, pid // num_n, pid % num_n, n, HAS_BIAS, USE_TMA, INTERPRET,
+                   BLOCK_M, BLOCK_N, BLOCK_K)
+
+
 # Shape arguments are not specialized (no "== 1" / "% 16" variants): one compile per autotune config serves every
 # conv of the decoder. CP and COUT stay specialized (multiples of 16 in every FP8 conv: vectorized loads, stores).
 _SHAPE_ARGS = ["R", "G", "T", "H", "W", "KT", "KH", "KW", "M_KEY"]
 
 
-@triton.jit(do_not_specialize=_SHAPE_ARGS)
-def conv_kernel(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, M_KEY,
-                HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=_SHAPE_ARGS + ["NS"])
+def conv_kernel(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, M_KEY, NS,
+                HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr):
+    """NS samples; grid (tiles of a sample, NS), or (NUM_PROGRAMS,) when PERSISTENT."""
     _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW,
-               KT * KH * KW * tl.cdiv(CP, BLOCK_K), HAS_BIAS, USE_TMA, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+               KT * KH * KW * tl.cdiv(CP, BLOCK_K), NS * tiles_of_sample(T, H, W, COUT, KT, KH, KW, BLOCK_M, BLOCK_N),
+               HAS_BIAS, USE_TMA, INTERPRET, PERSISTENT, NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def conv_kernel_static(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW,
-                       K_ITERS: tl.constexpr, M_KEY, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
-                       INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The same with a compile-time K loop length (TRITON_INTERPRET)."""
+                       K_ITERS: tl.constexpr, NUM_TILES: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
+                       PERSISTENT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same with compile-time loop lengths (TRITON_INTERPRET cannot loop to a runtime bound)."""
     _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, K_ITERS,
-               HAS_BIAS, USE_TMA, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+               NUM_TILES, HAS_BIAS, USE_TMA, INTERPRET, PERSISTENT, NUM_PROGRAMS,
+               BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): sm90 FP8 wgmma tiles
@@ -120,5 +168,11 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): sm90 FP8 wgmm
     # narrow channels (Wan2.1's 96 / 192 at full / half resolution): 96 fills 56% of a 128x64 (N x K) tile but
     # 75% of 64x32 and 128x32; 192 fills 64x64 exactly
     (128, 64, 32, 4, 4), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4),
+]
+# One program per SM walking the tiles (descriptors made once per program, epilogue overlapped with the next
+# tile's loads): the wide tiles of the compute-bound convs, plus a 4-stage 128x256x128 (192 KiB of the 227 KiB of
+# shared memory). Autotuned against CONFIGS when enabled (ops.persistent_mode).
+PERSISTENT_CONFIGS = [
+    (128, 256, 64, 4, 8), (128, 256, 128, 3, 8), (128, 128, 128, 4, 8), (128, 256, 128, 4, 8),
 ]
 INTERPRET_TILE = (32, 16, 32)  # small tiles keep the interpreter fast and exercise partial tiles

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from .conv_triton import CONFIGS, INTERPRET_TILE, conv_kernel, conv_kernel_static
+from .conv_triton import CONFIGS, INTERPRET_TILE, PERSISTENT_CONFIGS, conv_kernel, conv_kernel_static
 from .quantize_triton import _amax_kernel, _quantize_kernel
 from .reference import Layout, act_scale, layout
 
@@ -40,15 +40,35 @@ def _quick_bench(fn, quantiles):
 
 
 _TUNED: dict = {}
+PERSISTENT_MODES = ("off", "on", "auto")
+
+
+def persistent_mode() -> str:
+    """Which GEMM schedules the autotuner tries: `off` one tile per program (CONFIGS), `on` one program per SM
+    (PERSISTENT_CONFIGS), `auto` both. From MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT (default off)."""
+    mode = os.environ.get("MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT", "off")
+    if mode not in PERSISTENT_MODES:
+        raise ValueError(f"MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT={mode!r}: choose one of {', '.join(PERSISTENT_MODES)}")
+    return mode
+
+
+def _configs(mode: str) -> list:
+    tiles = ([(c, False) for c in CONFIGS] if mode != "on" else []) + \
+            ([(c, True) for c in PERSISTENT_CONFIGS] if mode != "off" else [])
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PERSISTENT": p}, num_stages=s, num_warps=w)
+            for (m, n, k, s, w), p in tiles]
 
 
 def _tuned_kernel(use_tma: bool):
-    if use_tma not in _TUNED:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w)
-                   for m, n, k, s, w in CONFIGS]
-        _TUNED[use_tma] = triton.autotune(configs, key=["M_KEY", "CP", "COUT", "KT", "KH", "KW"],
-                                          do_bench=_quick_bench)(conv_kernel)
-    return _TUNED[use_tma]
+    key = (use_tma, persistent_mode())
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(_configs(key[1]), key=["M_KEY", "CP", "COUT", "KT", "KH", "KW"],
+                                      do_bench=_quick_bench)(conv_kernel)
+    return _TUNED[key]
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 _ALLOCATOR_DEVICE: str | None = None
@@ -105,17 +125,22 @@ def launch_conv(buf: torch.Tensor, amax: torch.Tensor, w_q: torch.Tensor, w_scal
     args = (buf, w_q, amax, w_scale, b, out, lay.rows, lay.guard, lay.t, lay.h, lay.w, lay.cp, cout, kt, kh, kw)
     if use_tma:
         _ensure_allocator(buf.device)
+    programs = _num_sms(buf.device)
     if _interpret():
         bm, bn, bk = INTERPRET_TILE
         k_iters = kt * kh * kw * triton.cdiv(lay.cp, bk)
-        grid = (triton.cdiv(m_rows, bm) * triton.cdiv(cout, bn), lay.n)
-        conv_kernel_static[grid](*args, k_iters, 0, HAS_BIAS=bias is not None, USE_TMA=use_tma, INTERPRET=True,
+        tiles = triton.cdiv(m_rows, bm) * triton.cdiv(cout, bn)
+        persistent = persistent_mode() == "on"
+        grid = (min(programs, tiles * lay.n),) if persistent else (tiles, lay.n)
+        conv_kernel_static[grid](*args, k_iters, tiles * lay.n, HAS_BIAS=bias is not None, USE_TMA=use_tma,
+                                 INTERPRET=True, PERSISTENT=persistent, NUM_PROGRAMS=programs,
                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),  # noqa: E731
-                             lay.n)
-        _tuned_kernel(use_tma)[grid](*args, m_rows.bit_length(), HAS_BIAS=bias is not None, USE_TMA=use_tma,
-                                     INTERPRET=False)
+        def grid(meta):
+            tiles = triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"])
+            return (min(programs, tiles * lay.n),) if meta["PERSISTENT"] else (tiles, lay.n)
+        _tuned_kernel(use_tma)[grid](*args, m_rows.bit_length(), lay.n, HAS_BIAS=bias is not None, USE_TMA=use_tma,
+                                     INTERPRET=False, NUM_PROGRAMS=programs)
 
 
 @torch.library.custom_op("megatron_longlive::fp8_conv3d", mutates_args=())
