@@ -90,7 +90,7 @@ run() {
         s11e2e) # then the e2e rows with every fast path (FP8 conv GEMM schedule autotuned)
             for s in wan2.2-ti2v-5b wan2.1-1.3b wan2.1-1.3b-2step; do
                 MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=auto PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-                    step "e2e_$s" 150 python bench/bench_e2e.py --settings "$s" --modes stream --chunks 8 \
+                    step "e2e_$s" 150 python bench/bench_e2e.py --settings "$s" --modes sync stream --chunks 8 \
                     --linear fp8-fast --attention cudnn-fp8 --vae-conv fp8 --out "$res"
             done ;;
         h100min) # issue 9's 1.3B rows on an H100: split-KV on/off, the fused GELU + FP8 quantization on/off
