@@ -81,7 +81,7 @@ run() {
                 # GEMM schedule (correctness, then Wan2.2 decode off vs autotuned) and the e2e rows (issue 10)
             step dit_fps 200 python bench/bench_generate_chunk.py \
                 --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b --steps compile+cuda_graph \
-                --linear fp8-fast --attention cudnn-fp8 --chunks 3 --out "$res"
+                --linear fp8-fast --attention cudnn-fp8 --chunks 3 --profile --out "$res"
             step chunk_step_tests 90 python -m pytest -q -m gpu tests/gpu/test_chunk_step_gpu.py
             MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=on step fp8_conv_tests_persistent 150 \
                 python -m pytest -q -m gpu -s tests/gpu/test_fp8_conv_gpu.py
