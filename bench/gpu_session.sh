@@ -87,6 +87,13 @@ run() {
                 python -m pytest -q -m gpu -s tests/gpu/test_fp8_conv_gpu.py
             step vae 240 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph \
                 --conv bf16 fp8 fp8-auto --chunks 3 --warmup 1 --no-psnr --out "$res" ;;
+        s11min) # the same, cut to a short lease: the 1.3B DiT rows, the persistent conv's correctness, Wan2.2 FP8 decode
+            step dit_fps 110 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
+                --steps compile+cuda_graph --linear fp8-fast --attention cudnn-fp8 --chunks 3 --out "$res"
+            MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=on step fp8_conv_tests_persistent 110 \
+                python -m pytest -q -m gpu -s -x tests/gpu/test_fp8_conv_gpu.py
+            step vae 150 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv fp8 fp8-auto \
+                --chunks 3 --warmup 1 --no-psnr --no-diffusers --out "$res" ;;
         s11e2e) # then the e2e rows with every fast path (FP8 conv GEMM schedule autotuned)
             for s in wan2.2-ti2v-5b wan2.1-1.3b wan2.1-1.3b-2step; do
                 MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=auto PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
@@ -134,7 +141,7 @@ run() {
                 --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
             step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
             step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
-        *) echo "unknown group $g (s11 | s11e2e | h100min | h100 | split | verify | attn | e2e | train)"; exit 2 ;;
+        *) echo "unknown group $g (s11 | s11min | s11e2e | h100min | h100 | split | verify | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
