@@ -94,6 +94,11 @@ run() {
                 python -m pytest -q -m gpu -s -x tests/gpu/test_fp8_conv_gpu.py
             step vae 150 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv fp8 fp8-auto \
                 --chunks 3 --warmup 1 --no-psnr --no-diffusers --out "$res" ;;
+        s11tiny) # the last 200 s of a session: the 1.3B 4-step row, then the persistent conv's and fused quantizer's tests
+            step dit_fps 80 python bench/bench_generate_chunk.py --settings wan2.1-1.3b \
+                --steps compile+cuda_graph --linear fp8-fast --attention cudnn-fp8 --chunks 3 --out "$res"
+            MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=on step fp8_conv_tests_persistent 110 \
+                python -m pytest -q -m gpu -s -x tests/gpu/test_fp8_conv_gpu.py ;;
         s11e2e) # then the e2e rows with every fast path (FP8 conv GEMM schedule autotuned)
             for s in wan2.2-ti2v-5b wan2.1-1.3b wan2.1-1.3b-2step; do
                 MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=auto PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
@@ -141,7 +146,7 @@ run() {
                 --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
             step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
             step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
-        *) echo "unknown group $g (s11 | s11min | s11e2e | h100min | h100 | split | verify | attn | e2e | train)"; exit 2 ;;
+        *) echo "unknown group $g (s11 | s11min | s11tiny | s11e2e | h100min | h100 | split | verify | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
