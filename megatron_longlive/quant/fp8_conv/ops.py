@@ -148,22 +148,29 @@ def fp8_conv3d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
                kt: int, kh: int, kw: int, amax: Optional[torch.Tensor] = None) -> torch.Tensor:
     kernel = (kt, kh, kw)
     lay = layout(x, kernel)
-    cout = w_q.shape[0]
     assert w_q.dtype == torch.float8_e4m3fn and w_q.shape[1] == kt * kh * kw * lay.cp, (w_q.shape, lay)
     buf, amax_bits = quantize_activation(x, kernel, amax)
-    out = torch.empty((lay.n, cout, lay.t_out, lay.h, lay.w), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last_3d)              # memory [N, T_out, H, W, Cout]
-    if out.numel() == 0:
-        return out
-    launch_conv(buf, amax_bits, w_q, w_scale, bias, out, lay, use_tma=_tma_ok(x))
+    return _gemm(buf, amax_bits, w_q, w_scale, bias, lay, x.dtype)
+
+
+def _empty_output(n: int, cout: int, t_out: int, h: int, w: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The conv output [N, Cout, T_out, H, W] in channels_last_3d (memory [N, T_out, H, W, Cout])."""
+    return torch.empty((n, cout, t_out, h, w), dtype=dtype, device=device, memory_format=torch.channels_last_3d)
+
+
+def _gemm(buf: torch.Tensor, amax_bits: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+          bias: torch.Tensor | None, lay: Layout, dtype: torch.dtype) -> torch.Tensor:
+    """The implicit GEMM of a quantized buffer into a new output tensor."""
+    out = _empty_output(lay.n, w_q.shape[0], lay.t_out, lay.h, lay.w, dtype, buf.device)
+    if out.numel():
+        launch_conv(buf, amax_bits, w_q, w_scale, bias, out, lay, use_tma=_tma_ok(buf))
     return out
 
 
 @fp8_conv3d.register_fake
 def _(x, w_q, w_scale, bias, kt, kh, kw, amax=None):
     n, _, t, h, w = x.shape
-    return torch.empty((n, w_q.shape[0], t - kt + 1, h, w), dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last_3d)
+    return _empty_output(n, w_q.shape[0], t - kt + 1, h, w, x.dtype, x.device)
 
 
 # ----- the compiled path: quantization in torch ops, fused by Inductor into the kernel that produces x ---------
@@ -202,18 +209,12 @@ def fp8_conv3d_buffer(buf: torch.Tensor, amax: torch.Tensor, w_q: torch.Tensor, 
     """The implicit GEMM on an already quantized buffer (quantize_activation_torch) of an input [n, c, t, h, w]."""
     lay = Layout(n, t, h, w, c, (kt, kh, kw))
     assert buf.shape == (lay.rows, lay.cp) and buf.dtype == torch.float8_e4m3fn, (buf.shape, lay)
-    out = torch.empty((n, w_q.shape[0], lay.t_out, h, w), dtype=out_dtype, device=buf.device,
-                      memory_format=torch.channels_last_3d)
-    if out.numel():
-        launch_conv(buf.contiguous(), amax.float().reshape(()).view(torch.int32), w_q, w_scale, bias, out, lay,
-                    use_tma=_tma_ok(buf))
-    return out
+    return _gemm(buf.contiguous(), amax.float().reshape(()).view(torch.int32), w_q, w_scale, bias, lay, out_dtype)
 
 
 @fp8_conv3d_buffer.register_fake
 def _(buf, amax, w_q, w_scale, bias, n, t, h, w, c, kt, kh, kw, out_dtype):
-    return torch.empty((n, w_q.shape[0], t - kt + 1, h, w), dtype=out_dtype, device=buf.device,
-                       memory_format=torch.channels_last_3d)
+    return _empty_output(n, w_q.shape[0], t - kt + 1, h, w, out_dtype, buf.device)
 
 
 def conv3d_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
