@@ -159,18 +159,22 @@ class WanBlock(nn.Module):
                 context_kv: tuple[torch.Tensor, torch.Tensor], mask: ChunkMask | torch.Tensor | None = None,
                 kv_hook: KVHook | None = None) -> torch.Tensor:
         """x: [B, S, D]; e: [B, F, 6, D] float32 time projection per frame."""
-        shift, scale, gate, c_shift, c_scale, c_gate = (hi(self.modulation)[:, None] + e).unbind(2)
+        shift, scale, gate, c_shift, c_scale, c_gate = self.modulations(e)
         y = self.self_attn(norm_modulate(self.norm1, x, shift, scale), cos, sin, mask, kv_hook)
         x = gated_residual(x, y, gate)
         x = x + self.cross_attn(self.norm3(x), context_kv)
         y = self.ffn(norm_modulate(self.norm2, x, c_shift, c_scale))
         return gated_residual(x, y, c_gate)
 
+    def modulations(self, e: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift, scale, gate, cross shift, cross scale, cross gate) [B, F, D] float32 from e [B, F, 6, D]."""
+        return (hi(self.modulation)[:, None] + e).unbind(2)
+
     def write_kv(self, x: torch.Tensor, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  kv_hook: KVHook) -> None:
         """Only the part of `forward` that reaches the KV cache: this block's K/V of x, handed to kv_hook. The
         last block of a pass whose output is dropped (the streaming context pass) needs nothing else."""
-        shift, scale = (hi(self.modulation)[:, None, :2] + e[:, :, :2]).unbind(2)
+        shift, scale = self.modulations(e)[:2]
         kv_hook(*self.self_attn.key_value(norm_modulate(self.norm1, x, shift, scale), cos, sin), None)
 
 
