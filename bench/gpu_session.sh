@@ -77,6 +77,23 @@ run() {
             step dit_fps 330 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
                 --steps compile+cuda_graph --linear fp8-fast fp8-fast-ffn2-bf16 \
                 --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --out "$res" ;;
+        s12)    # session 12 on an H100: issue 9's DiT rows (KV-only context pass), the FP8 conv tests (the upsampling
+                # conv as 2x2 phase kernels), the Wan2.2 decode rows with diffusers (issue 10)
+            step dit_fps 200 python bench/bench_generate_chunk.py \
+                --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b --steps compile+cuda_graph \
+                --linear fp8-fast --attention cudnn-fp8 --chunks 3 --profile --out "$res"
+            step fp8_conv_tests 120 python -m pytest -q -m gpu -s tests/gpu/test_fp8_conv_gpu.py
+            step vae 200 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph \
+                --conv bf16 fp8 --chunks 3 --warmup 1 --no-psnr --out "$res"
+            step chunk_step_tests 60 python -m pytest -q -m gpu tests/gpu/test_chunk_step_gpu.py ;;
+        s12e2e) # then the e2e rows (5B in both modes first: its one-GPU target is the open one), the Wan2.1 decode rows
+            for s in wan2.2-ti2v-5b wan2.1-1.3b wan2.1-1.3b-2step; do
+                PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "e2e_$s" 150 python bench/bench_e2e.py \
+                    --settings "$s" --modes sync stream --chunks 8 --linear fp8-fast --attention cudnn-fp8 \
+                    --vae-conv fp8 --out "$res"
+            done
+            step vae21 120 python bench/bench_vae.py --kinds wan2.1 --variants compile+graph \
+                --conv bf16 fp8 --chunks 3 --warmup 1 --no-psnr --out "$res" ;;
         s11)    # session 11 on an H100: DiT rows with the KV-only context pass (issue 9), the FP8 conv's persistent
                 # GEMM schedule (correctness, then Wan2.2 decode off vs autotuned) and the e2e rows (issue 10)
             step dit_fps 200 python bench/bench_generate_chunk.py \
@@ -146,7 +163,7 @@ run() {
                 --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
             step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
             step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
-        *) echo "unknown group $g (s11 | s11min | s11tiny | s11e2e | h100min | h100 | split | verify | attn | e2e | train)"; exit 2 ;;
+        *) echo "unknown group $g (s12 | s12e2e | s11 | s11min | s11tiny | s11e2e | h100min | h100 | split | verify | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }

@@ -28,7 +28,9 @@ SHAPES = [((3, 3, 3), (1, 1024, 4, 44, 80), 1024),
           ((1, 3, 3), (1, 512, 2, 88, 160), 512),
           ((3, 3, 3), (1, 256, 4, 176, 320), 256),
           ((1, 1, 1), (1, 512, 2, 88, 160), 256),
-          ((3, 3, 3), (2, 96, 5, 37, 51), 200)]
+          ((3, 3, 3), (2, 96, 5, 37, 51), 200),
+          ("up2x", (1, 1024, 2, 88, 160), 1024),   # nearest 2x + 1x3x3 as 2x2 phase kernels (NearestUp2xConv)
+          ("up2x", (1, 96, 3, 37, 51), 200)]
 PSNR_FLOOR_DB = 20.0  # conservative first floor (random weights); the measured values are printed (-s)
 
 
@@ -39,15 +41,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kernel,shape,cout", SHAPES)
 def test_fp8_conv_vs_float64_reference(kernel, shape, cout):
+    from megatron_longlive.models.wan.vae_decoder import interleave_phases, nearest_up2x_phase_weights
     from megatron_longlive.quant.fp8_conv import ops
     from megatron_longlive.quant.fp8_conv import reference as ref
 
+    up2x = kernel == "up2x"
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last_3d)
-    taps = kernel[0] * kernel[1] * kernel[2]
-    w = torch.randn(cout, shape[1], *kernel, device="cuda", generator=g) / (shape[1] * taps) ** 0.5
+    w = torch.randn(cout, shape[1], *((1, 3, 3) if up2x else kernel), device="cuda", generator=g)
+    w = w / w[0].numel() ** 0.5
     bias = torch.randn(cout, device="cuda", generator=g)
+    if up2x:
+        w, bias, kernel = nearest_up2x_phase_weights(w), bias.repeat(4), (1, 2, 2)
     w_q, w_s = ref.quantize_weight(w)
     # quantizer: the compiled kernel (hardware cvt) vs torch's float8 cast
     buf, amax = ops.quantize_activation(x, kernel)
@@ -55,12 +61,14 @@ def test_fp8_conv_vs_float64_reference(kernel, shape, cout):
     assert (msg := bytes_differ(buf, want_buf)).startswith("0 of"), msg
     assert amax.view(torch.float32) == x.float().abs().max()
     # conv: autotuned TMA kernel vs float64 conv of the dequantized operands
-    y = ops.conv3d_fp8(x, w_q, w_s, bias, kernel)
-    want = ref.conv3d_reference(x, w_q, w_s, bias, kernel)
+    y = ops.conv3d_fp8(x, w_q, w_s, bias, kernel, up2x=up2x)
+    want = ref.conv3d_reference(x, w_q, w_s, bias, kernel, up2x=up2x)
     lay = ref.layout(x, kernel)
     bound = F.conv3d((ref.unpad_activation(want_buf, lay).double() * scale.double()).abs(),
                      ref.dequantize_weight(w_q, w_s, lay.c, kernel).abs(), bias.double().abs(),
                      padding=(0, lay.ph, lay.pw))
+    if up2x:
+        bound = interleave_phases(bound, cout, lay.h, lay.w)
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last_3d)
     err = (y.double() - want).abs()
     # Hopper's FP8 MMA adds into its accumulator with ~14 significant bits (DeepSeek-V3 tech report, 3.3.2; Triton
@@ -77,7 +85,7 @@ def test_fp8_conv_vs_float64_reference(kernel, shape, cout):
           f"relative norm error {rel:.3g}")
     assert torch.all(err <= tol), f"worst excess {(err - tol).max().item():.3g}, max err {err.max().item():.3g}"
     assert rel <= 3e-2, rel
-    assert torch.equal(ops.conv3d_fp8(x, w_q, w_s, bias, kernel), y)         # deterministic
+    assert torch.equal(ops.conv3d_fp8(x, w_q, w_s, bias, kernel, up2x=up2x), y)   # deterministic
 
 
 def test_wan22_decoder_fp8_psnr_and_cuda_graph():

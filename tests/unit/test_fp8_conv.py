@@ -17,6 +17,8 @@ if torch.cuda.is_available():  # pragma: no cover - the GPU lane runs tests/gpu/
 os.environ["TRITON_INTERPRET"] = "1"
 
 from megatron_longlive.quant.fp8_conv import ops  # noqa: E402
+from megatron_longlive.models.wan.vae_decoder import (NearestUp2xConv, interleave_phases,  # noqa: E402
+                                                      nearest_up2x_phase_weights)
 from megatron_longlive.quant.fp8_conv import reference as ref  # noqa: E402
 
 # (kernel, x shape [N, C, T, H, W], Cout): T = T_out + kt - 1 with T_out > 1; C, Cout, H, W off the tiles
@@ -91,13 +93,15 @@ def test_quantizer_all_zero_input_has_scale_one():
     assert torch.equal(y, torch.arange(8.0).view(1, 8, 1, 1, 1).expand_as(y))
 
 
-def _check_conv(y: torch.Tensor, x, w_q, w_s, bias, kernel):
-    want = ref.conv3d_reference(x, w_q, w_s, bias, kernel)                     # float64, dequantized operands
+def _check_conv(y: torch.Tensor, x, w_q, w_s, bias, kernel, up2x=False):
+    want = ref.conv3d_reference(x, w_q, w_s, bias, kernel, up2x=up2x)         # float64, dequantized operands
     lay = ref.layout(x, kernel)
     buf, scale = ref.quantize_activation(x, kernel)
     bound = torch.nn.functional.conv3d((ref.unpad_activation(buf, lay).double() * scale.double()).abs(),
                                        ref.dequantize_weight(w_q, w_s, lay.c, kernel).abs(),
                                        bias.double().abs(), padding=(0, lay.ph, lay.pw))   # sum of |terms|
+    if up2x:
+        bound = interleave_phases(bound, w_q.shape[0] // 4, lay.h, lay.w)
     assert y.shape == want.shape and y.is_contiguous(memory_format=torch.channels_last_3d)
     err = (y.double() - want).abs()
     if y.dtype == torch.float32:       # fp32 accumulation of exact products, then two fp32 scale multiplies
@@ -156,6 +160,57 @@ def test_persistent_schedule(monkeypatch, kernel, shape, cout, use_tma):
     monkeypatch.setenv("MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT", "sometimes")
     with pytest.raises(ValueError, match="choose one of off, on, auto"):
         ops.persistent_mode()
+
+
+# (x shape [N, C, T, H, W], Cout) of the upsampling conv: 4 * Cout GEMM columns, so the interpreter's 16-column
+# tiles straddle phases (Cout 19), plus a one-pixel-high source
+UP2X_CASES = [((2, 20, 2, 5, 7), 19), ((1, 24, 1, 1, 3), 16)]
+
+
+@pytest.mark.parametrize("persistent", ["off", "on"])
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("shape,cout", UP2X_CASES)
+def test_up2x_conv_equals_float64_phase_conv(monkeypatch, shape, cout, use_tma, persistent):
+    """Nearest 2x upsampling + 1x3x3 conv as one GEMM over the 4 phase kernels on the source: each GEMM column
+    stored at its phase's pixel of the 2H x 2W output (checked against the float64 conv of the same dequantized
+    operands, interleaved by the model's own function; the decomposition itself is checked in float64 in
+    test_vae_decoder.py)."""
+    monkeypatch.setenv("MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT", persistent)
+    x = _data(shape, 8)
+    w, b = _weights(cout, shape[1], (1, 3, 3), 9)
+    w_q, w_s = ref.quantize_weight(nearest_up2x_phase_weights(w))
+    b4 = b.repeat(4)
+    lay = ref.layout(x, (1, 2, 2))
+    buf, amax = ops.quantize_activation(x, (1, 2, 2))
+    out = torch.empty((lay.n, cout, lay.t, 2 * lay.h, 2 * lay.w), memory_format=torch.channels_last_3d)
+    ops.launch_conv(buf, amax, w_q, w_s, b4, out, lay, use_tma=use_tma, up2x=True)
+    _check_conv(out, x, w_q, w_s, b4, (1, 2, 2), up2x=True)
+    if not use_tma and persistent == "off":
+        for dtype in (torch.float32, torch.bfloat16):
+            y = ops.conv3d_fp8(x.to(dtype), w_q, w_s, b4, (1, 2, 2), up2x=True)
+            assert y.dtype == dtype and y.shape == (lay.n, cout, lay.t, 2 * lay.h, 2 * lay.w)
+            _check_conv(y, x.to(dtype), w_q, w_s, b4, (1, 2, 2), up2x=True)
+        with pytest.raises(ValueError, match="phase kernels"):
+            ops.conv3d_fp8(x, *ref.quantize_weight(w), b, (1, 3, 3), up2x=True)
+
+
+def test_up2x_module_tracks_the_upsampled_conv():
+    """FP8CausalConv3d.from_conv of a NearestUp2xConv (eager and compiled) against the float64 upsample + 3x3
+    conv: E4M3 error only (relative RMS ~2-3% per conv, as the other convs)."""
+    from megatron_longlive.quant.fp8_conv.module import FP8CausalConv3d
+
+    torch.manual_seed(0)
+    conv = NearestUp2xConv(32, 24, 2)
+    x = torch.randn(1, 32, 2, 6, 5)
+    want = torch.nn.functional.conv3d(torch.nn.functional.interpolate(x.double(), scale_factor=(1, 2, 2)),
+                                      conv.weight.double(), conv.bias.double(), padding=(0, 1, 1))
+    m = FP8CausalConv3d.from_conv(conv)
+    assert m.up2x and m.kernel == (1, 2, 2) and m.weight_q.shape == (96, 4 * 32)
+    y = m(x)
+    rel = ((y.double() - want).pow(2).mean() / want.pow(2).mean()).sqrt().item()
+    assert y.shape == want.shape and 0 < rel < 0.06, rel
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(m, fullgraph=True)(x), y)
 
 
 def test_weight_quantizer_layout():

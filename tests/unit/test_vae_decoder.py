@@ -152,3 +152,20 @@ def test_large_chunks_split_into_exact_sub_chunks():
     assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
     with pytest.raises(ValueError, match="max_elements"):
         StreamingVAEDecoder(vae, device="cpu", max_elements=10).decode(z[:, :, :1])
+
+
+@pytest.mark.parametrize("cin,cout,t,h,w", [(3, 5, 2, 4, 6), (4, 4, 1, 1, 1), (6, 2, 2, 7, 3)])
+def test_upsampling_conv_equals_upsample_then_conv(cin, cout, t, h, w):
+    """NearestUp2xConv (2x2 phase kernels on the source) equals F.interpolate(nearest 2x) + the 3x3 conv, float64,
+    in both layouts (1x1 and odd sizes: the zero border of the upsampled image is the source's)."""
+    from megatron_longlive.models.wan.vae_decoder import NearestUp2xConv
+
+    torch.manual_seed(0)
+    m = NearestUp2xConv(cin, cout, 2).double()
+    x = torch.randn(2, cin, t, h, w, dtype=torch.float64)
+    want = torch.nn.functional.conv3d(torch.nn.functional.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"),
+                                      m.weight, m.bias, padding=(0, 1, 1))
+    for inp in (x, x.contiguous(memory_format=torch.channels_last_3d)):
+        out = m(inp)
+        assert out.shape == want.shape and (out - want).abs().max() <= 1e-12 * want.abs().max()
+    assert m(x.contiguous(memory_format=torch.channels_last_3d)).is_contiguous(memory_format=torch.channels_last_3d)

@@ -13,7 +13,8 @@ The only first-chunk differences are the causal frame grouping (1 + 4k pixel fra
 
 So chunk 0 of k latent frames gives 1 + 4(k - 1) pixel frames and every later chunk 4k; the concatenation equals
 the full-video decode (tests/unit/test_vae_decoder.py, float32 <= 1e-4). Everything else (RMS norm over
-channels, SiLU, per-frame spatial attention, nearest 2x upsampling + 3x3 conv) works frame by frame.
+channels, SiLU, per-frame spatial attention, nearest 2x upsampling + 3x3 conv) works frame by frame. The
+upsampling + 3x3 conv runs as one 2x2 conv per output phase on the source (`NearestUp2xConv`): 2.25x fewer MACs.
 
 Speed comes from batching the k latent frames (4k pixel frames) through each conv instead of 1 frame at a time,
 from channels-last 3D convs (cuDNN NDHWC), BF16, and from in-place caches at fixed addresses, which keep the
@@ -131,19 +132,53 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](x), caches)
 
 
-class NearestUp2x(nn.Module):
-    """Nearest 2x upsampling of h and w (= diffusers' 'nearest-exact' at an integer factor)."""
+def nearest_up2x_phase_weights(weight: torch.Tensor) -> torch.Tensor:
+    """[Cout, Cin, 1, 3, 3] -> [4 * Cout, Cin, 1, 2, 2]: the 3x3 conv of a nearest-2x-upsampled input as one 2x2
+    conv of the source per output phase (py, px) (output pixel (2i + py, 2j + px)), phase-major rows.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+    Why: nearest 2x repeats each source pixel twice per axis, so the 3 taps of an output row of phase py cover only
+    2 distinct source rows: phase 0 reads rows i - 1 (tap 0) and i (taps 1 + 2), phase 1 rows i (taps 0 + 1) and
+    i + 1 (tap 2). Summing the taps that meet the same source pixel gives the 2x2 phase kernels: 16 MACs per output
+    pixel instead of 36, on a 4x smaller input that is never materialized upsampled."""
+    m = weight.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])   # [phase, 2 source taps, 3 taps]
+    w = torch.einsum("yak,xbl,oitkl->yxoitab", m, m, weight)                   # [py, px, Cout, Cin, 1, 2, 2]
+    return w.reshape(-1, *w.shape[3:])
+
+
+def interleave_phases(y: torch.Tensor, cout: int, h: int, w: int,
+                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The 2x2 phase conv's output y [b, 4 * Cout, t, h + 1, w + 1] (corner positions of the source padded by 1)
+    -> the upsampled conv output [b, Cout, t, 2h, 2w]: pixel (2i + py, 2j + px) is phase (py, px) at corner
+    (i + py, j + px), in `memory_format`."""
+    b, _, t = y.shape[:3]
+    y = y.view(b, 2, 2, cout, t, h + 1, w + 1)
+    rows = [torch.stack([y[:, py, px, :, :, py:py + h, px:px + w] for px in (0, 1)], dim=-1) for py in (0, 1)]
+    return torch.stack(rows, dim=-3).reshape(b, cout, t, 2 * h, 2 * w).contiguous(memory_format=memory_format)
+
+
+class NearestUp2xConv(CausalConv3d):
+    """Nearest 2x upsampling of h and w (= diffusers' 'nearest-exact' at an integer factor) followed by a per-frame
+    3x3 conv, computed without the upsampled tensor: one 2x2 conv of the source with the 4 phase kernels of
+    `nearest_up2x_phase_weights` (2.25x fewer MACs), then `interleave_phases`. Input [b, c, t, h, w], output
+    [b, Cout, t, 2h, 2w]; the weight keeps the 3x3 shape of the checkpoints. `scale` is the output's spatial size
+    relative to the latent grid."""
+
+    def __init__(self, in_dim: int, out_dim: int, scale: int):
+        super().__init__(in_dim, out_dim, (1, 3, 3), scale)
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        y = F.conv3d(x, nearest_up2x_phase_weights(self.weight), self.bias.repeat(4), padding=(0, 1, 1))
+        return interleave_phases(y, self.out_dim, h, w, _like_format(x))
 
 
 class Upsample(nn.Module):
-    """Optional causal temporal x2 (`upsample3d`), then spatial nearest x2 + 3x3 conv per frame."""
+    """Optional causal temporal x2 (`upsample3d`), then spatial nearest x2 + 3x3 conv per frame (NearestUp2xConv)."""
 
     def __init__(self, dim: int, out_dim: int, temporal: bool, scale: int):
         super().__init__()
-        self.resample = nn.Sequential(NearestUp2x(), CausalConv3d(dim, out_dim, (1, 3, 3), 2 * scale))
+        # nn.Identity keeps diffusers' parameter names (resample.1.*; resample.0 was the parameter-free upsampling)
+        self.resample = nn.Sequential(nn.Identity(), NearestUp2xConv(dim, out_dim, 2 * scale))
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), scale) if temporal else None
 
     def forward(self, x: torch.Tensor, caches: list[torch.Tensor], first: bool) -> torch.Tensor:
@@ -157,7 +192,7 @@ class Upsample(nn.Module):
                 rest[:, :, 0::2] = y[:, :c]
                 rest[:, :, 1::2] = y[:, c:]
             x = rest if head is None else (torch.cat([head, rest], dim=2) if rest.shape[2] else head)
-        return self.resample[1](self.resample[0](x))
+        return self.resample[1](x)
 
 
 class DupUp(nn.Module):

@@ -9,7 +9,9 @@ the spatial border are computed and not stored (0.4% of the rows at 704p full re
 A tile reading columns past Cp (BLOCK_K not dividing Cp) is zero: out-of-bounds fill of the TMA descriptor or
 the load mask; the matching B columns (the next tap's weights) therefore contribute exactly 0.
 Epilogue: acc * (act_scale * w_scale[n]) + bias[n], stored as [N, T_out, H, W, Cout] (rows of interior
-positions only). fp8 operands go to the tensor cores as tl.dot(a [BM, BK], b [BN, BK]^T), B K-major as Hopper's
+positions only). UP2X (a nearest-2x upsampling before a 1x3x3 conv, as 2x2 phase kernels on the source: see
+models/wan/vae_decoder.nearest_up2x_phase_weights): the GEMM's N = 4 phases x Cout, each phase stored at its own
+pixel of the [N, T_out, 2H, 2W, Cout] output. fp8 operands go to the tensor cores as tl.dot(a [BM, BK], b [BN, BK]^T), B K-major as Hopper's
 FP8 wgmma requires. Under TRITON_INTERPRET the dot runs on fp32 upcasts (exact products, fp32 sums), K_ITERS is a
 compile-time constant (the interpreter cannot loop to a runtime bound) and the bf16 store rounds to nearest even.
 """
@@ -39,7 +41,7 @@ def tiles_of_sample(T, H, W, COUT, KT, KH, KW, BLOCK_M: tl.constexpr, BLOCK_N: t
 @triton.jit
 def _conv_tile(a_desc, w_desc, a_ptr, w_ptr, a_scale, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW,
                k_iters, pid_m, pid_n, n,
-               HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
+               HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr, UP2X: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One output tile [BLOCK_M rows of sample n, BLOCK_N channels]: the K loop over taps x channel steps, then the
     epilogue. a_desc / w_desc: TMA descriptors (USE_TMA) or None."""
@@ -87,17 +89,31 @@ def _conv_tile(a_desc, w_desc, a_ptr, w_ptr, a_scale, ws_ptr, bias_ptr, out_ptr,
     t = r // plane
     h = (r % plane) // wp - ph
     w = r % wp - pw
-    valid = (r < m_rows) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-    orow = ((n * t_out + t).to(tl.int64) * H + h) * W + w
     if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
         y = _round_bf16(y)
-    tl.store(out_ptr + orow[:, None] * COUT + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=valid[:, None] & (offs_n[None, :] < COUT))
+    if UP2X:
+        # GEMM column = (phase, channel), phase (py, px) = output pixel (2i + py, 2j + px), computed at the padded
+        # position of source pixel (i + py, j + px) (2x2 kernel: taps at offsets -1, 0); output [.., 2H, 2W, COUT / 4]
+        cout = COUT // 4
+        phase = offs_n // cout
+        py = phase // 2
+        px = phase % 2
+        hi = h[:, None] - py[None, :]
+        wi = w[:, None] - px[None, :]
+        valid = ((r < m_rows)[:, None] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                 & (offs_n < COUT)[None, :])
+        orow = ((n * t_out + t).to(tl.int64)[:, None] * (2 * H) + 2 * hi + py[None, :]) * (2 * W) + 2 * wi + px[None, :]
+        tl.store(out_ptr + orow * cout + (offs_n - phase * cout)[None, :], y.to(out_ptr.dtype.element_ty), mask=valid)
+    else:
+        valid = (r < m_rows) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        orow = ((n * t_out + t).to(tl.int64) * H + h) * W + w
+        tl.store(out_ptr + orow[:, None] * COUT + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (offs_n[None, :] < COUT))
 
 
 @triton.jit
 def _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, k_iters,
-               num_tiles, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
+               num_tiles, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr, UP2X: tl.constexpr,
                PERSISTENT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """PERSISTENT=False: program (pid, n) computes one tile. PERSISTENT=True: NUM_PROGRAMS programs (one per SM)
@@ -121,17 +137,17 @@ def _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W,
                     pid = tile % tiles_per_sample
                     _conv_tile(a_desc, w_desc, a_ptr, w_ptr, a_scale, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP,
                                COUT, KT, KH, KW, k_iters, pid // num_n, pid % num_n, tile // tiles_per_sample,
-                               HAS_BIAS, USE_TMA, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+                               HAS_BIAS, USE_TMA, INTERPRET, UP2X, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
                 pid = tile % tiles_per_sample
                 _conv_tile(a_desc, w_desc, a_ptr, w_ptr, a_scale, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP,
                            COUT, KT, KH, KW, k_iters, pid // num_n, pid % num_n, tile // tiles_per_sample,
-                           HAS_BIAS, USE_TMA, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+                           HAS_BIAS, USE_TMA, INTERPRET, UP2X, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         pid, n = tl.program_id(0), tl.program_id(1)
         _conv_tile(a_desc, w_desc, a_ptr, w_ptr, a_scale, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT,
-                   KT, KH, KW, k_iters, pid // num_n, pid % num_n, n, HAS_BIAS, USE_TMA, INTERPRET,
+                   KT, KH, KW, k_iters, pid // num_n, pid % num_n, n, HAS_BIAS, USE_TMA, INTERPRET, UP2X,
                    BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -143,22 +159,23 @@ _SHAPE_ARGS = ["R", "G", "T", "H", "W", "KT", "KH", "KW", "M_KEY"]
 @triton.jit(do_not_specialize=_SHAPE_ARGS + ["NS"])
 def conv_kernel(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, M_KEY, NS,
                 HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr):
+                UP2X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PERSISTENT: tl.constexpr):
     """NS samples; grid (tiles of a sample, NS), or (NUM_PROGRAMS,) when PERSISTENT."""
     _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW,
                KT * KH * KW * tl.cdiv(CP, BLOCK_K), NS * tiles_of_sample(T, H, W, COUT, KT, KH, KW, BLOCK_M, BLOCK_N),
-               HAS_BIAS, USE_TMA, INTERPRET, PERSISTENT, NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K)
+               HAS_BIAS, USE_TMA, INTERPRET, UP2X, PERSISTENT, NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def conv_kernel_static(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW,
                        K_ITERS: tl.constexpr, NUM_TILES: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr, UP2X: tl.constexpr,
                        PERSISTENT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The same with compile-time loop lengths (TRITON_INTERPRET cannot loop to a runtime bound)."""
     _conv_body(a_ptr, w_ptr, amax_ptr, ws_ptr, bias_ptr, out_ptr, R, G, T, H, W, CP, COUT, KT, KH, KW, K_ITERS,
-               NUM_TILES, HAS_BIAS, USE_TMA, INTERPRET, PERSISTENT, NUM_PROGRAMS,
+               NUM_TILES, HAS_BIAS, USE_TMA, INTERPRET, UP2X, PERSISTENT, NUM_PROGRAMS,
                BLOCK_M, BLOCK_N, BLOCK_K)
 
 

@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...models.wan.vae_decoder import CausalConv3d, Decoder, ResidualBlock, RMSNorm
+from ...models.wan.vae_decoder import (CausalConv3d, Decoder, NearestUp2xConv, ResidualBlock, RMSNorm,
+                                       nearest_up2x_phase_weights)
 from .ops import conv3d_fp8
 from .reference import quantize_weight
 
@@ -32,16 +33,19 @@ Select = Callable[[str, CausalConv3d], bool]
 class FP8CausalConv3d(CausalConv3d):
     """A CausalConv3d whose convolution runs on E4M3 operands (weights: per-channel scales, stored once; input:
     one per-tensor scale per call). Buffers: weight_q (uint8 bits of the E4M3 codes [Cout, taps * Cp]: a uint8
-    buffer survives `module.to(dtype)`), weight_scale [Cout] and bias [Cout] in fp32."""
+    buffer survives `module.to(dtype)`), weight_scale [Cout] and bias [Cout] in fp32. up2x (from a NearestUp2xConv):
+    the 4 phase kernels, kernel (1, 2, 2), 4 * Cout rows; the input is the source, the output twice its size."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel: tuple[int, int, int], scale: int = 1,
-                 device: torch.device | str | None = None, input_amax: float | None = None):
+                 device: torch.device | str | None = None, input_amax: float | None = None, up2x: bool = False):
         nn.Module.__init__(self)
         kt, kh, kw = kernel
         cp = -(-in_dim // 16) * 16
-        self.register_buffer("weight_q", torch.zeros(out_dim, kt * kh * kw * cp, dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_dim, dtype=torch.float32, device=device))
-        self.register_buffer("bias", torch.zeros(out_dim, dtype=torch.float32, device=device))
+        rows = 4 * out_dim if up2x else out_dim
+        self.up2x = up2x
+        self.register_buffer("weight_q", torch.zeros(rows, kt * kh * kw * cp, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(rows, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(rows, dtype=torch.float32, device=device))
         self.static_input = input_amax is not None  # scale from the static bound, else max |x| per call
         self.register_buffer("input_amax", torch.tensor(input_amax or 0.0, dtype=torch.float32, device=device))
         self.in_dim, self.out_dim, self.kt, self.padding = in_dim, out_dim, kt, (0, kh // 2, kw // 2)
@@ -52,27 +56,36 @@ class FP8CausalConv3d(CausalConv3d):
     @torch.no_grad()
     def from_conv(cls, conv: CausalConv3d, input_amax: float | None = None) -> "FP8CausalConv3d":
         """Quantize `conv`'s weights (on their device); copies its cache slot and size attributes. `input_amax`:
-        a static bound on |input| (see norm_silu_bounds); None = dynamic per-call amax."""
-        w = conv.weight
-        m = cls(conv.in_dim, conv.out_dim, tuple(w.shape[2:]), conv.scale, device=w.device, input_amax=input_amax)
+        a static bound on |input| (see norm_silu_bounds); None = dynamic per-call amax. A NearestUp2xConv keeps its
+        upsampling: its phase kernels are quantized (one scale per phase and output channel)."""
+        up2x = isinstance(conv, NearestUp2xConv)
+        w = nearest_up2x_phase_weights(conv.weight.float()) if up2x else conv.weight
+        m = cls(conv.in_dim, conv.out_dim, tuple(w.shape[2:]), conv.scale, device=w.device, input_amax=input_amax,
+                up2x=up2x)
         q, s = quantize_weight(w)
         m.weight_q.copy_(q.view(torch.uint8))
         m.weight_scale.copy_(s)
-        m.bias.copy_(conv.bias.float())
+        m.bias.copy_(conv.bias.float().repeat(4 if up2x else 1))
         m.tscale, m.slot = conv.tscale, conv.slot
         return m
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         return conv3d_fp8(x, self.weight_q.view(torch.float8_e4m3fn), self.weight_scale.float(), self.bias.float(),
-                          self.kernel, self.input_amax if self.static_input else None)
+                          self.kernel, self.input_amax if self.static_input else None, self.up2x)
 
     def extra_repr(self) -> str:
         amax = f", input amax {self.input_amax.item():.4g} (static)" if self.static_input else ""
-        return f"{self.in_dim}, {self.out_dim}, kernel={self.kernel}, e4m3{amax}"
+        up = ", nearest 2x upsampling (phase kernels)" if self.up2x else ""
+        return f"{self.in_dim}, {self.out_dim}, kernel={self.kernel}, e4m3{amax}{up}"
 
 
-def _kernel(conv: CausalConv3d) -> tuple[int, int, int]:
-    return conv.kernel if isinstance(conv, FP8CausalConv3d) else tuple(conv.weight.shape[2:])
+def _taps_and_input_share(conv: CausalConv3d) -> tuple[int, float]:
+    """(kernel taps per output position, input values read per output position / Cin): an upsampling conv reads
+    4 taps of a source of a quarter of the output's positions."""
+    if isinstance(conv, NearestUp2xConv) or getattr(conv, "up2x", False):
+        return 4, 0.25
+    kt, kh, kw = conv.kernel if isinstance(conv, FP8CausalConv3d) else tuple(conv.weight.shape[2:])
+    return kt * kh * kw, 1.0
 
 
 def predicted_speedup(conv: CausalConv3d, bf16_flops: float = 640e12, fp8_flops: float = 1100e12,
@@ -82,10 +95,10 @@ def predicted_speedup(conv: CausalConv3d, bf16_flops: float = 640e12, fp8_flops:
     E4M3 write: the dynamic-scale case, conservative for statically bounded convs; the taps re-read the E4M3 rows
     from L2). Defaults: one H100 SXM as measured (cuDNN BF16 convs
     ~640 TFLOP/s in bench_vae, FP8 MMA ~1100 TFLOP/s, ~3.0 TB/s)."""
-    kt, kh, kw = _kernel(conv)
-    flops = 2.0 * kt * kh * kw * conv.in_dim * conv.out_dim
-    t_bf16 = max(flops / bf16_flops, (2.0 * conv.in_dim + 2.0 * conv.out_dim) / bandwidth)
-    t_fp8 = max(flops / fp8_flops, (5.0 * conv.in_dim + 2.0 * conv.out_dim) / bandwidth)
+    taps, share = _taps_and_input_share(conv)
+    flops = 2.0 * taps * conv.in_dim * conv.out_dim
+    t_bf16 = max(flops / bf16_flops, (2.0 * share * conv.in_dim + 2.0 * conv.out_dim) / bandwidth)
+    t_fp8 = max(flops / fp8_flops, (5.0 * share * conv.in_dim + 2.0 * conv.out_dim) / bandwidth)
     return t_bf16 / t_fp8
 
 

@@ -114,9 +114,10 @@ def _tma_ok(x: torch.Tensor) -> bool:
 
 
 def launch_conv(buf: torch.Tensor, amax: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None, out: torch.Tensor, lay: Layout, use_tma: bool) -> None:
+                bias: torch.Tensor | None, out: torch.Tensor, lay: Layout, use_tma: bool, up2x: bool = False) -> None:
     """The implicit GEMM into `out` (channels_last_3d [N, Cout, T_out, H, W]); use_tma: descriptor loads (sm90; the
-    interpreter runs them too, which the CPU tests use to check the tile coordinates)."""
+    interpreter runs them too, which the CPU tests use to check the tile coordinates). up2x: w_q holds the 4 phase
+    kernels (2x2) of a 1x3x3 conv after a nearest 2x upsampling ([4 * Cout, 4 * Cp]); out is [N, Cout, T_out, 2H, 2W]."""
     kt, kh, kw = lay.kernel
     cout = w_q.shape[0]
     w_scale = w_scale.float().contiguous()
@@ -133,44 +134,51 @@ def launch_conv(buf: torch.Tensor, amax: torch.Tensor, w_q: torch.Tensor, w_scal
         persistent = persistent_mode() == "on"
         grid = (min(programs, tiles * lay.n),) if persistent else (tiles, lay.n)
         conv_kernel_static[grid](*args, k_iters, tiles * lay.n, HAS_BIAS=bias is not None, USE_TMA=use_tma,
-                                 INTERPRET=True, PERSISTENT=persistent, NUM_PROGRAMS=programs,
+                                 INTERPRET=True, UP2X=up2x, PERSISTENT=persistent, NUM_PROGRAMS=programs,
                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         def grid(meta):
             tiles = triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"])
             return (min(programs, tiles * lay.n),) if meta["PERSISTENT"] else (tiles, lay.n)
         _tuned_kernel(use_tma)[grid](*args, m_rows.bit_length(), lay.n, HAS_BIAS=bias is not None, USE_TMA=use_tma,
-                                     INTERPRET=False, NUM_PROGRAMS=programs)
+                                     INTERPRET=False, NUM_PROGRAMS=programs, UP2X=up2x)
 
 
 @torch.library.custom_op("megatron_longlive::fp8_conv3d", mutates_args=())
 def fp8_conv3d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-               kt: int, kh: int, kw: int, amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+               kt: int, kh: int, kw: int, amax: Optional[torch.Tensor] = None, up2x: bool = False) -> torch.Tensor:
     kernel = (kt, kh, kw)
     lay = layout(x, kernel)
     assert w_q.dtype == torch.float8_e4m3fn and w_q.shape[1] == kt * kh * kw * lay.cp, (w_q.shape, lay)
     buf, amax_bits = quantize_activation(x, kernel, amax)
-    return _gemm(buf, amax_bits, w_q, w_scale, bias, lay, x.dtype)
+    return _gemm(buf, amax_bits, w_q, w_scale, bias, lay, x.dtype, up2x)
 
 
-def _empty_output(n: int, cout: int, t_out: int, h: int, w: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The conv output [N, Cout, T_out, H, W] in channels_last_3d (memory [N, T_out, H, W, Cout])."""
-    return torch.empty((n, cout, t_out, h, w), dtype=dtype, device=device, memory_format=torch.channels_last_3d)
+def _empty_output(n: int, gemm_n: int, t_out: int, h: int, w: int, dtype: torch.dtype, device,
+                  up2x: bool = False) -> torch.Tensor:
+    """The conv output [N, Cout, T_out, H, W] in channels_last_3d (memory [N, T_out, H, W, Cout]); Cout = the
+    GEMM's N, or N / 4 at twice the size with up2x."""
+    if up2x:
+        gemm_n, h, w = gemm_n // 4, 2 * h, 2 * w
+    return torch.empty((n, gemm_n, t_out, h, w), dtype=dtype, device=device, memory_format=torch.channels_last_3d)
 
 
 def _gemm(buf: torch.Tensor, amax_bits: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-          bias: torch.Tensor | None, lay: Layout, dtype: torch.dtype) -> torch.Tensor:
+          bias: torch.Tensor | None, lay: Layout, dtype: torch.dtype, up2x: bool = False) -> torch.Tensor:
     """The implicit GEMM of a quantized buffer into a new output tensor."""
-    out = _empty_output(lay.n, w_q.shape[0], lay.t_out, lay.h, lay.w, dtype, buf.device)
+    if up2x and (lay.kernel != (1, 2, 2) or w_q.shape[0] % 4):
+        raise ValueError(f"fp8 conv up2x: needs the 4 phase kernels, (1, 2, 2) and [4 * Cout, 4 * Cp] weights; got "
+                         f"kernel {lay.kernel}, weights {tuple(w_q.shape)}")
+    out = _empty_output(lay.n, w_q.shape[0], lay.t_out, lay.h, lay.w, dtype, buf.device, up2x)
     if out.numel():
-        launch_conv(buf, amax_bits, w_q, w_scale, bias, out, lay, use_tma=_tma_ok(buf))
+        launch_conv(buf, amax_bits, w_q, w_scale, bias, out, lay, use_tma=_tma_ok(buf), up2x=up2x)
     return out
 
 
 @fp8_conv3d.register_fake
-def _(x, w_q, w_scale, bias, kt, kh, kw, amax=None):
+def _(x, w_q, w_scale, bias, kt, kh, kw, amax=None, up2x=False):
     n, _, t, h, w = x.shape
-    return _empty_output(n, w_q.shape[0], t - kt + 1, h, w, x.dtype, x.device)
+    return _empty_output(n, w_q.shape[0], t - kt + 1, h, w, x.dtype, x.device, up2x)
 
 
 # ----- the compiled path: quantization in torch ops, fused by Inductor into the kernel that produces x ---------
@@ -205,23 +213,25 @@ def quantize_activation_torch(x: torch.Tensor, kernel: tuple[int, int, int],
 @torch.library.custom_op("megatron_longlive::fp8_conv3d_buffer", mutates_args=())
 def fp8_conv3d_buffer(buf: torch.Tensor, amax: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                       bias: Optional[torch.Tensor], n: int, t: int, h: int, w: int, c: int, kt: int, kh: int, kw: int,
-                      out_dtype: torch.dtype) -> torch.Tensor:
+                      out_dtype: torch.dtype, up2x: bool = False) -> torch.Tensor:
     """The implicit GEMM on an already quantized buffer (quantize_activation_torch) of an input [n, c, t, h, w]."""
     lay = Layout(n, t, h, w, c, (kt, kh, kw))
     assert buf.shape == (lay.rows, lay.cp) and buf.dtype == torch.float8_e4m3fn, (buf.shape, lay)
-    return _gemm(buf.contiguous(), amax.float().reshape(()).view(torch.int32), w_q, w_scale, bias, lay, out_dtype)
+    return _gemm(buf.contiguous(), amax.float().reshape(()).view(torch.int32), w_q, w_scale, bias, lay, out_dtype,
+                 up2x)
 
 
 @fp8_conv3d_buffer.register_fake
-def _(buf, amax, w_q, w_scale, bias, n, t, h, w, c, kt, kh, kw, out_dtype):
-    return _empty_output(n, w_q.shape[0], t - kt + 1, h, w, out_dtype, buf.device)
+def _(buf, amax, w_q, w_scale, bias, n, t, h, w, c, kt, kh, kw, out_dtype, up2x=False):
+    return _empty_output(n, w_q.shape[0], t - kt + 1, h, w, out_dtype, buf.device, up2x)
 
 
 def conv3d_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-               kernel: tuple[int, int, int], amax: torch.Tensor | None = None) -> torch.Tensor:
+               kernel: tuple[int, int, int], amax: torch.Tensor | None = None, up2x: bool = False) -> torch.Tensor:
     """F.conv3d(x, w, bias, padding=(0, kh // 2, kw // 2)) on E4M3 operands: x quantized per call (one scale per
     tensor: max |x|, or the static bound `amax`), w_q / w_scale from reference.quantize_weight. Returns x's dtype,
-    channels_last_3d. Eager: the Triton quantizer and the GEMM in one op. Under torch.compile: the quantization
+    channels_last_3d. up2x: the 1x3x3 conv of x upsampled 2x (nearest), from its 4 phase kernels (kernel (1, 2, 2),
+    w_q [4 * Cout, 4 * Cp] from reference.quantize_weight of the phase weights): [N, Cout, T, 2H, 2W]. Eager: the Triton quantizer and the GEMM in one op. Under torch.compile: the quantization
     in torch ops (fused into x's producer), then the GEMM op; the same codes, so the same output."""
     _check_runs_here(x)
     if x.dim() != 5:
@@ -230,6 +240,6 @@ def conv3d_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         lay = layout(x, kernel)
         buf, amax = quantize_activation_torch(x, kernel, amax)
         return torch.ops.megatron_longlive.fp8_conv3d_buffer(buf, amax, w_q, w_scale, bias, lay.n, lay.t, lay.h,
-                                                             lay.w, lay.c, *kernel, x.dtype)
+                                                             lay.w, lay.c, *kernel, x.dtype, up2x)
     return torch.ops.megatron_longlive.fp8_conv3d(x.contiguous(memory_format=torch.channels_last_3d), w_q, w_scale,
-                                                  bias, *kernel, amax)
+                                                  bias, *kernel, amax, up2x)

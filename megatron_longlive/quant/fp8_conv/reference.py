@@ -129,10 +129,14 @@ def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, cin: int, kernel
 
 
 def conv3d_reference(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                     kernel: tuple[int, int, int], amax: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 conv of the dequantized operands (x quantized here, as the kernel does): [N, Cout, T - kt + 1, H, W]."""
+                     kernel: tuple[int, int, int], amax: torch.Tensor | None = None, up2x: bool = False) -> torch.Tensor:
+    """float64 conv of the dequantized operands (x quantized here, as the kernel does): [N, Cout, T - kt + 1, H, W].
+    up2x: w_q holds the 4 phase kernels of an upsampling conv (NearestUp2xConv): [N, Cout, T, 2H, 2W]."""
+    from ...models.wan.vae_decoder import interleave_phases
+
     lay = layout(x, kernel)
     buf, scale = quantize_activation(x, kernel, amax)
     xd = unpad_activation(buf, lay).double() * scale.double()
     wd = dequantize_weight(w_q, w_scale, lay.c, kernel)
-    return F.conv3d(xd, wd, None if bias is None else bias.double(), padding=(0, lay.ph, lay.pw))
+    y = F.conv3d(xd, wd, None if bias is None else bias.double(), padding=(0, lay.ph, lay.pw))
+    return interleave_phases(y, w_q.shape[0] // 4, lay.h, lay.w) if up2x else y
