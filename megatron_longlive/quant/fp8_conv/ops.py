@@ -1,7 +1,8 @@
 """The FP8 conv as a torch.library custom op (fake impl: torch.compile traces it, CUDA graphs capture it).
 
   megatron_longlive::fp8_conv3d(x [N, C, T, H, W], w_q [Cout, taps * Cp] e4m3, w_scale [Cout] fp32, bias?,
-                                kt, kh, kw) -> [N, Cout, T - kt + 1, H, W] in x's dtype, channels_last_3d
+                                kt, kh, kw, amax?, up2x) -> [N, Cout, T - kt + 1, H, W] in x's dtype, channels_last_3d
+  (up2x: w_q holds 4 phase kernels of a nearest-2x-upsampling conv, kernel (1, 2, 2): [N, Cout, T, 2H, 2W])
 
 Three launches: amax of x (device scalar, no host sync), quantize into the padded buffer, implicit GEMM. With a
 static `amax` (a known bound on |x|, fp32 0-dim) the first is skipped: 3 B per input value instead of 5, and the
