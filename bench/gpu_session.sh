@@ -83,8 +83,8 @@ run() {
                 --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b --steps compile+cuda_graph \
                 --linear fp8-fast --attention cudnn-fp8 --chunks 3 --profile --out "$res"
             step fp8_conv_tests 120 python -m pytest -q -m gpu -s tests/gpu/test_fp8_conv_gpu.py
-            step vae 200 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph \
-                --conv bf16 fp8 --chunks 3 --warmup 1 --no-psnr --out "$res"
+            step vae 240 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph \
+                --conv bf16 fp8 fp8-auto --chunks 3 --warmup 1 --no-psnr --out "$res"
             step chunk_step_tests 60 python -m pytest -q -m gpu tests/gpu/test_chunk_step_gpu.py ;;
         s12e2e) # then the e2e rows (5B in both modes first: its one-GPU target is the open one), the Wan2.1 decode rows
             for s in wan2.2-ti2v-5b wan2.1-1.3b wan2.1-1.3b-2step; do
