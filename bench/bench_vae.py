@@ -67,14 +67,18 @@ def _fp8_select(tiny: bool):
 
 
 # --conv choices: conv format, and for FP8 the GEMM schedules its autotuner may pick (quant/fp8_conv/ops.py)
-CONV_FORMATS = {"bf16": ("bf16", None), "fp8": ("fp8", "off"), "fp8-persistent": ("fp8", "on"),
-                "fp8-auto": ("fp8", "auto")}
+_USER_SCHEDULE = os.environ.get("MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT")
+CONV_FORMATS = {"bf16": ("bf16", None), "fp8": ("fp8", None), "fp8-tile": ("fp8", "off"),
+                "fp8-persistent": ("fp8", "on"), "fp8-auto": ("fp8", "auto")}
 
 
 def bench_ours(model, z: torch.Tensor, k: int, variant: str, device, dtype, warmup: int, chunks: int,
                conv: str = "bf16", tiny: bool = False, profile: bool = False) -> float:
     conv, schedule = CONV_FORMATS[conv]
-    if schedule is not None:
+    schedule = schedule or _USER_SCHEDULE             # plain fp8: the caller's environment, else the default (auto)
+    if schedule is None:
+        os.environ.pop("MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT", None)
+    else:
         os.environ["MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT"] = schedule
     dec = StreamingVAEDecoder(model, device=device, dtype=dtype, compile="compile" in variant,
                               cuda_graph="graph" in variant, conv_precision=conv, fp8_select=_fp8_select(tiny))
@@ -198,7 +202,8 @@ def main() -> int:
     p.add_argument("--encoder", action="store_true", help="also time the (diffusers) encoder")
     p.add_argument("--conv", nargs="+", default=["bf16"], choices=sorted(CONV_FORMATS),
                    help="conv formats to time each variant with (fp8: quant/fp8_conv, sm89+ or TRITON_INTERPRET=1; "
-                        "fp8-persistent / fp8-auto: its GEMM as one program per SM / autotuned over both schedules)")
+                        "fp8-tile / fp8-persistent / fp8-auto: its GEMM as one tile per program / one program per SM / "
+                        "autotuned over both schedules, the default)")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
                    help="skip timing diffusers' decode (saves ~10-30 s a kind on a GPU)")
     p.add_argument("--tiny", action="store_true", help="tiny configs at tiny sizes (CPU smoke test)")

@@ -68,15 +68,6 @@ run() {
             step dit_fps 420 python bench/bench_generate_chunk.py \
                 --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --steps compile+cuda_graph --linear fp8-fast \
                 --attention sdpa cudnn-fp8 --chunks 3 --out "$res" ;;
-        split)  # session 10 (issue 9): split-KV cuDNN FP8 attention (tests, one layer, the chunk) and the BF16
-                # FFN2 option on the 1.3B settings
-            step cudnn_fp8_tests 150 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
-                tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
-            step kv_attention 90 python bench/bench_kv_attention.py --no-growing --variants cudnn cudnn-fp8 \
-                cudnn-fp8-nosplit cudnn-fp8-kernel cudnn-fp8-kernel-nosplit --out "$res"
-            step dit_fps 330 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
-                --steps compile+cuda_graph --linear fp8-fast fp8-fast-ffn2-bf16 \
-                --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --out "$res" ;;
         s12)    # session 12 on an H100: issue 9's DiT rows (KV-only context pass), the FP8 conv tests (the upsampling
                 # conv as 2x2 phase kernels), the Wan2.2 decode rows with diffusers (issue 10)
             step dit_fps 200 python bench/bench_generate_chunk.py \
@@ -84,7 +75,7 @@ run() {
                 --linear fp8-fast --attention cudnn-fp8 --chunks 3 --profile --out "$res"
             step fp8_conv_tests 120 python -m pytest -q -m gpu -s tests/gpu/test_fp8_conv_gpu.py
             step vae 240 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph \
-                --conv bf16 fp8 fp8-auto --chunks 3 --warmup 1 --no-psnr --out "$res"
+                --conv bf16 fp8-tile fp8 --chunks 3 --warmup 1 --no-psnr --out "$res"
             step chunk_step_tests 60 python -m pytest -q -m gpu tests/gpu/test_chunk_step_gpu.py ;;
         s12e2e) # then the e2e rows (5B in both modes first: its one-GPU target is the open one), the Wan2.1 decode rows
             for s in wan2.2-ti2v-5b wan2.1-1.3b wan2.1-1.3b-2step; do
@@ -94,61 +85,6 @@ run() {
             done
             step vae21 120 python bench/bench_vae.py --kinds wan2.1 --variants compile+graph \
                 --conv bf16 fp8 --chunks 3 --warmup 1 --no-psnr --out "$res" ;;
-        s11)    # session 11 on an H100: DiT rows with the KV-only context pass (issue 9), the FP8 conv's persistent
-                # GEMM schedule (correctness, then Wan2.2 decode off vs autotuned) and the e2e rows (issue 10)
-            step dit_fps 200 python bench/bench_generate_chunk.py \
-                --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b --steps compile+cuda_graph \
-                --linear fp8-fast --attention cudnn-fp8 --chunks 3 --profile --out "$res"
-            step chunk_step_tests 90 python -m pytest -q -m gpu tests/gpu/test_chunk_step_gpu.py
-            MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=on step fp8_conv_tests_persistent 150 \
-                python -m pytest -q -m gpu -s tests/gpu/test_fp8_conv_gpu.py
-            step vae 240 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph \
-                --conv bf16 fp8 fp8-auto --chunks 3 --warmup 1 --no-psnr --out "$res" ;;
-        s11min) # the same, cut to a short lease: the 1.3B DiT rows, the persistent conv's correctness, Wan2.2 FP8 decode
-            step dit_fps 110 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
-                --steps compile+cuda_graph --linear fp8-fast --attention cudnn-fp8 --chunks 3 --out "$res"
-            MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=on step fp8_conv_tests_persistent 110 \
-                python -m pytest -q -m gpu -s -x tests/gpu/test_fp8_conv_gpu.py
-            step vae 150 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv fp8 fp8-auto \
-                --chunks 3 --warmup 1 --no-psnr --no-diffusers --out "$res" ;;
-        s11tiny) # the last 200 s of a session: the 1.3B 4-step row, then the persistent conv's and fused quantizer's tests
-            step dit_fps 80 python bench/bench_generate_chunk.py --settings wan2.1-1.3b \
-                --steps compile+cuda_graph --linear fp8-fast --attention cudnn-fp8 --chunks 3 --out "$res"
-            MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=on step fp8_conv_tests_persistent 110 \
-                python -m pytest -q -m gpu -s -x tests/gpu/test_fp8_conv_gpu.py ;;
-        s11e2e) # then the e2e rows with every fast path (FP8 conv GEMM schedule autotuned)
-            for s in wan2.2-ti2v-5b wan2.1-1.3b wan2.1-1.3b-2step; do
-                MEGATRON_LONGLIVE_FP8_CONV_PERSISTENT=auto PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-                    step "e2e_$s" 150 python bench/bench_e2e.py --settings "$s" --modes sync stream --chunks 8 \
-                    --linear fp8-fast --attention cudnn-fp8 --vae-conv fp8 --out "$res"
-            done ;;
-        h100min) # issue 9's 1.3B rows on an H100: split-KV on/off, the fused GELU + FP8 quantization on/off
-            step gelu_quant_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gelu_quant_gpu.py
-            step dit_fps 200 python bench/bench_generate_chunk.py --settings wan2.1-1.3b wan2.1-1.3b-2step \
-                --steps compile+cuda_graph --linear fp8-fast-nofuse fp8-fast \
-                --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --out "$res"
-            step cudnn_fp8_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py
-            step mcore_ddp_lora 120 python -m pytest -q -m gpu -x --tb=long tests/gpu/test_mcore_ddp_gpu.py -k lora ;;
-        h100)   # session 10: issue 9's table on an H100 with split-KV (its targets name one H100), then issue 10's e2e
-            step cudnn_fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
-                tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
-            step dit_fps 200 python bench/bench_generate_chunk.py \
-                --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b --steps compile+cuda_graph \
-                --linear fp8-fast --attention cudnn-fp8-nosplit cudnn-fp8 --chunks 3 --profile --out "$res"
-            step mcore_ddp_lora 120 python -m pytest -q -m gpu -x --tb=long tests/gpu/test_mcore_ddp_gpu.py -k lora
-            for s in wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b; do
-                PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "e2e_$s" 150 python bench/bench_e2e.py \
-                    --settings "$s" --modes stream --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv bf16 \
-                    --out "$res"
-            done ;;
-        verify) # session 9: changes made without a GPU (cuDNN FP8 test budgets, FP8-conv channels-last inputs), the
-                # mcore DDP lora failure (its message was cut off), the FP8 decoder's profile after the layout fix
-            step cudnn_fp8_tests 150 python -m pytest -q -m gpu -s tests/gpu/test_cudnn_fp8_attention_gpu.py \
-                tests/gpu/test_window_attention_gpu.py -k "cudnn or kernel_vs or attend or replay"
-            step mcore_ddp_lora 120 python -m pytest -q -m gpu -x --tb=short tests/gpu/test_mcore_ddp_gpu.py -k lora
-            step fp8_conv_tests 60 python -m pytest -q -m gpu tests/gpu/test_fp8_conv_gpu.py
-            step vae_profile 200 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv bf16 fp8 \
-                --chunks 2 --warmup 1 --no-diffusers --no-psnr --profile --out "$res" ;;
         e2e)    # issue 10 targets 32 / 45 / 25 FPS with every fast path, then the FP8-conv decoder's missing gain
             # one setting per process: the three in one process ran out of memory (CUDA-graph pools), 2026-12-06
             for s in wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b; do
@@ -163,7 +99,7 @@ run() {
                 --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
             step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
             step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
-        *) echo "unknown group $g (s12 | s12e2e | s11 | s11min | s11tiny | s11e2e | h100min | h100 | split | verify | attn | e2e | train)"; exit 2 ;;
+        *) echo "unknown group $g (s12 | s12e2e | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
