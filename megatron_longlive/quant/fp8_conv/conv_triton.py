@@ -11,8 +11,8 @@ the load mask; the matching B columns (the next tap's weights) therefore contrib
 Epilogue: acc * (act_scale * w_scale[n]) + bias[n], stored as [N, T_out, H, W, Cout] (rows of interior
 positions only). UP2X (a nearest-2x upsampling before a 1x3x3 conv, as 2x2 phase kernels on the source: see
 models/wan/vae_decoder.nearest_up2x_phase_weights): the GEMM's N = 4 phases x Cout, each phase stored at its own
-pixel of the [N, T_out, 2H, 2W, Cout] output. fp8 operands go to the tensor cores as tl.dot(a [BM, BK], b [BN, BK]^T), B K-major as Hopper's
-FP8 wgmma requires. Under TRITON_INTERPRET the dot runs on fp32 upcasts (exact products, fp32 sums), K_ITERS is a
+pixel of the [N, T_out, 2H, 2W, Cout] output. fp8 operands go to the tensor cores as
+tl.dot(a [BM, BK], b [BN, BK]^T), B K-major as Hopper's FP8 wgmma requires. Under TRITON_INTERPRET the dot runs on fp32 upcasts (exact products, fp32 sums), K_ITERS is a
 compile-time constant (the interpreter cannot loop to a runtime bound) and the bf16 store rounds to nearest even.
 """
 from __future__ import annotations

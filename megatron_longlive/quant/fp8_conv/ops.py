@@ -233,8 +233,9 @@ def conv3d_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     """F.conv3d(x, w, bias, padding=(0, kh // 2, kw // 2)) on E4M3 operands: x quantized per call (one scale per
     tensor: max |x|, or the static bound `amax`), w_q / w_scale from reference.quantize_weight. Returns x's dtype,
     channels_last_3d. up2x: the 1x3x3 conv of x upsampled 2x (nearest), from its 4 phase kernels (kernel (1, 2, 2),
-    w_q [4 * Cout, 4 * Cp] from reference.quantize_weight of the phase weights): [N, Cout, T, 2H, 2W]. Eager: the Triton quantizer and the GEMM in one op. Under torch.compile: the quantization
-    in torch ops (fused into x's producer), then the GEMM op; the same codes, so the same output."""
+    w_q [4 * Cout, 4 * Cp] from reference.quantize_weight of the phase weights): [N, Cout, T, 2H, 2W].
+    Eager: the Triton quantizer and the GEMM in one op. Under torch.compile: the quantization in torch ops (fused
+    into x's producer), then the GEMM op; the same codes, so the same output."""
     _check_runs_here(x)
     if x.dim() != 5:
         raise ValueError(f"fp8 conv: input must be [N, C, T, H, W], got {tuple(x.shape)}")
