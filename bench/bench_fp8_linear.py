@@ -12,6 +12,11 @@ layers. Per shape, one training pass of the layer (y = xW^T + b, then dx, dW, db
   blk ms       exploration: the three GEMMs with 1x128 block scales on both operands (cuBLAS >= 12.9 on sm90;
                nan where this torch/CUDA lacks it). Such scales come from one read of a 128x128 tile, so that
                recipe's floor is 4 bytes per value: `blk best` = bf16 / (blk + 4/6 floor)
+  ch ms        FP8Linear with quant.fp8_recipe=channel_delayed (fp8_channel.py: delayed per-channel scales, one
+               pointwise E4M3 copy of x and of dy, 4 bytes per value), fast-accum fprop, after warm-up (so the
+               amax histories are running); `ch quant` its quantization alone (x, dy + db, the weight fold)
+Then, per model, the FFN pair with its GELU: BF16, rowwise FP8 linears, and the channel recipe's fused FFN
+(quant/fp8_ffn.py: GELU and GELU backward inside the quantizers, so fc2's input and fc1's dy never exist in BF16).
 Prints a table, appends JSON lines (bench/record.py) to --out.
 
   python bench/bench_fp8_linear.py --out bench/results.jsonl           # needs CUDA sm89+ (H100/H200)
@@ -66,6 +71,7 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
     lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
     fp8 = FP8Linear.from_linear(lin, emulate=False)
     fp8_fast = FP8Linear.from_linear(lin, emulate=False, fast_accum=True)    # quant.fp8_fast_accum
+    fp8_channel = FP8Linear.from_linear(lin, emulate=False, fast_accum=True, recipe="channel_delayed")
     x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
     w = lin.weight.detach()
@@ -113,7 +119,20 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
         quantize_both(w)
         quantize_both(dy, col_sum=True)
 
+    from megatron_longlive.quant.fp8_channel import DelayedChannelScale, quantize_channelwise
+
+    xs, dys = DelayedChannelScale(), DelayedChannelScale()
+    xs.bootstrap(x.detach())
+    dys.bootstrap(dy)
+
+    def channel_quantize():
+        quantize_channelwise(x.detach(), xs.scales()[1], xs.pending)
+        quantize_channelwise(dy, dys.scales()[1], dys.pending, col_sum=True)
+        quantize_both(w, fold=(xs.scales()[0], dys.scales()[0]))
+
     times = {"bf16": cuda_time_ms(step(lin), a.warmup, a.iters),
+             "fp8 channel_delayed": cuda_time_ms(step(fp8_channel), a.warmup, a.iters),
+             "fp8 channel_delayed quantize x+w+dy": cuda_time_ms(channel_quantize, a.warmup, a.iters),
              "fp8": cuda_time_ms(step(fp8), a.warmup, a.iters),
              "fp8 fast-accum fprop": cuda_time_ms(step(fp8_fast), a.warmup, a.iters),
              "fp8 gemm-only": cuda_time_ms(gemms(False), a.warmup, a.iters),
@@ -122,6 +141,37 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
              "fp8 quantize floor": 6 * (tokens * k + tokens * n + n * k) / bandwidth * 1e3,
              "fp8 gemm-only blockwise 1x128": blk}
     return times
+
+
+FFNS = {"1.3b": (1536, 8960), "5b": (3072, 14336)}
+
+
+def bench_ffn(tokens: int, dim: int, hidden: int, a) -> dict[str, float]:
+    """One training pass of the FFN fc2(gelu(fc1(x))), GELU included: BF16 nn.Sequential vs FP8 rowwise linears
+    vs the fused channel-recipe FFN (GELU and its backward inside the quantizers; fast-accum fprop)."""
+    from torch import nn
+
+    from megatron_longlive.quant.fp8_ffn import FP8GeluFFN
+
+    dev = torch.device(a.device)
+    seq = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)).to(dev, torch.bfloat16)
+    wrap = lambda recipe: [FP8Linear.from_linear(m, emulate=False, fast_accum=True, recipe=recipe)  # noqa: E731
+                           if isinstance(m, nn.Linear) else m for m in seq]
+    rowwise, channel = nn.Sequential(*wrap("rowwise")), FP8GeluFFN(*wrap("channel_delayed"))
+    x = torch.randn(tokens, dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(tokens, dim, device=dev, dtype=torch.bfloat16)
+
+    def step(mod):
+        def run():
+            x.grad = None
+            for p in seq.parameters():
+                p.grad = None
+            mod(x).backward(dy)
+        return run
+
+    return {"ffn bf16": cuda_time_ms(step(seq), a.warmup, a.iters),
+            "ffn fp8 rowwise": cuda_time_ms(step(rowwise), a.warmup, a.iters),
+            "ffn fp8 channel_delayed fused": cuda_time_ms(step(channel), a.warmup, a.iters)}
 
 
 def main(argv=None) -> int:
@@ -144,7 +194,7 @@ def main(argv=None) -> int:
     print(f"device copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); tokens {a.tokens}")
     print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'fp8 ms':>8} {'speedup':>8} {'gemm ms':>8} {'fast ms':>8} "
           f"{'quant ms':>9} {'floor ms':>9} {'other ms':>9} {'best':>6} {'fp8 TF/s':>9} {'gemm TF/s':>10} "
-          f"{'blk ms':>7} {'blk best':>8} {'fast-fprop':>10}")
+          f"{'blk ms':>7} {'blk best':>8} {'fast-fprop':>10} {'ch ms':>7} {'ch quant':>8} {'ch speedup':>10}")
     for model, pairs in shapes.items():
         for k, n in pairs:
             t = bench_shape(a.tokens, k, n, a, bandwidth)
@@ -153,6 +203,7 @@ def main(argv=None) -> int:
                                                                    "fp8 gemm-only fast-accum")}
             speedup = t["bf16"] / t["fp8"]
             fast_speedup = t["bf16"] / t["fp8 fast-accum fprop"]
+            channel_speedup = t["bf16"] / t["fp8 channel_delayed"]
             other = t["fp8"] - t["fp8 gemm-only"] - t["fp8 quantize x+w+dy"]
             best = t["bf16"] / (t["fp8 gemm-only"] + t["fp8 quantize floor"])
             blk_best = t["bf16"] / (t["fp8 gemm-only blockwise 1x128"] + t["fp8 quantize floor"] * 4 / 6)
@@ -160,7 +211,8 @@ def main(argv=None) -> int:
                   f"{t['fp8 gemm-only']:8.3f} {t['fp8 gemm-only fast-accum']:8.3f} {t['fp8 quantize x+w+dy']:9.3f} "
                   f"{t['fp8 quantize floor']:9.3f} {other:9.3f} {best:5.2f}x {tf['fp8']:9.0f} "
                   f"{tf['fp8 gemm-only']:10.0f} {t['fp8 gemm-only blockwise 1x128']:7.3f} {blk_best:7.2f}x "
-                  f"{fast_speedup:9.2f}x")
+                  f"{fast_speedup:9.2f}x {t['fp8 channel_delayed']:7.3f} {t['fp8 channel_delayed quantize x+w+dy']:8.3f} "
+                  f"{channel_speedup:9.2f}x")
             name = f"linear {model} {a.tokens}x{k}->{n} fwd+dgrad+wgrad"
             for key in (key for key in t if t[key] == t[key]):           # NaN: not measured here
                 record(a.out, f"{name} {key}", "time", round(t[key], 4), "ms")
@@ -168,9 +220,24 @@ def main(argv=None) -> int:
                     record(a.out, f"{name} {key}", "throughput", round(tf[key], 1), "TFLOP/s")
             record(a.out, name, "fp8 speedup over bf16", round(speedup, 3), "x")
             record(a.out, name, "fp8 fast-accum fprop speedup over bf16", round(fast_speedup, 3), "x")
+            record(a.out, name, "fp8 channel_delayed speedup over bf16", round(channel_speedup, 3), "x")
             record(a.out, name, "fp8 best speedup at the quantization byte floor", round(best, 3), "x")
             if blk_best == blk_best:
                 record(a.out, name, "fp8 blockwise best speedup at its byte floor", round(blk_best, 3), "x")
+    if a.shapes:
+        return 0
+    print(f"{'FFN (GELU incl.)':24} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel fused ms':>17} {'x':>6}")
+    for model in a.models:
+        dim, hidden = FFNS[model]
+        t = bench_ffn(a.tokens, dim, hidden, a)
+        r, c = t["ffn bf16"] / t["ffn fp8 rowwise"], t["ffn bf16"] / t["ffn fp8 channel_delayed fused"]
+        print(f"{f'{model} {dim}->{hidden}->{dim}':24} {t['ffn bf16']:8.3f} {t['ffn fp8 rowwise']:11.3f} {r:5.2f}x "
+              f"{t['ffn fp8 channel_delayed fused']:17.3f} {c:5.2f}x")
+        name = f"ffn {model} {a.tokens}x{dim}->{hidden}->{dim} fwd+bwd (gelu incl.)"
+        for key, v in t.items():
+            record(a.out, f"{name} {key}", "time", round(v, 4), "ms")
+        record(a.out, name, "fp8 rowwise speedup over bf16", round(r, 3), "x")
+        record(a.out, name, "fp8 channel_delayed fused speedup over bf16", round(c, 3), "x")
     return 0
 
 

@@ -38,10 +38,12 @@ def tiny_training_losses(quant, steps: int, seed: int = 0, device: str = "cpu") 
     """AdamW steps of the tiny WanDiT on one fixed random batch (velocity-shaped MSE); the losses."""
     from megatron_longlive.config import preset_config
     from megatron_longlive.models.wan import WanDiT
+    from megatron_longlive.quant.fp8_ffn import fuse_for_training
     from megatron_longlive.quant.providers import build_linear_provider
 
     torch.manual_seed(seed)
     model = WanDiT(preset_config("tiny"), build_linear_provider(quant))
+    fuse_for_training(model, quant)                    # as the trainer builds it (fused FP8 FFN where it applies)
     model.init_weights()
     torch.nn.init.normal_(model.head.head.weight, std=0.02)
     model.to(device)

@@ -68,23 +68,12 @@ run() {
             step dit_fps 420 python bench/bench_generate_chunk.py \
                 --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --steps compile+cuda_graph --linear fp8-fast \
                 --attention sdpa cudnn-fp8 --chunks 3 --out "$res" ;;
-        s12)    # session 12 on an H100: issue 9's DiT rows (KV-only context pass), the FP8 conv tests (the upsampling
-                # conv as 2x2 phase kernels), the Wan2.2 decode rows with diffusers (issue 10)
-            step dit_fps 200 python bench/bench_generate_chunk.py \
-                --settings wan2.1-1.3b wan2.1-1.3b-2step wan2.2-ti2v-5b --steps compile+cuda_graph \
-                --linear fp8-fast --attention cudnn-fp8 --chunks 3 --profile --out "$res"
-            step fp8_conv_tests 120 python -m pytest -q -m gpu -s tests/gpu/test_fp8_conv_gpu.py
-            step vae 240 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph \
-                --conv bf16 fp8-tile fp8 --chunks 3 --warmup 1 --no-psnr --out "$res"
-            step chunk_step_tests 60 python -m pytest -q -m gpu tests/gpu/test_chunk_step_gpu.py ;;
-        s12e2e) # then the e2e rows (5B in both modes first: its one-GPU target is the open one), the Wan2.1 decode rows
-            for s in wan2.2-ti2v-5b wan2.1-1.3b wan2.1-1.3b-2step; do
-                PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "e2e_$s" 150 python bench/bench_e2e.py \
-                    --settings "$s" --modes sync stream --chunks 8 --linear fp8-fast --attention cudnn-fp8 \
-                    --vae-conv fp8 --out "$res"
-            done
-            step vae21 120 python bench/bench_vae.py --kinds wan2.1 --variants compile+graph \
-                --conv bf16 fp8 --chunks 3 --warmup 1 --no-psnr --out "$res" ;;
+        s13)    # session 13 (issue 6): the channel-scaled FP8 recipe - GPU equality first, then the linear table and the
+                # whole 1.3B training step (bf16 / rowwise fp8 / channel fp8 in one run)
+            step fp8_tests 150 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py
+            step fp8_linear 150 python bench/bench_fp8_linear.py --warmup 20 --out "$res"
+            step train_step 300 python bench/bench_train_step.py --preset wan2.1-1.3b \
+                --quant bf16 fp8 fp8_channel --warmup 1 --steps 2 --out "$res" ;;
         e2e)    # issue 10 targets 32 / 45 / 25 FPS with every fast path, then the FP8-conv decoder's missing gain
             # one setting per process: the three in one process ran out of memory (CUDA-graph pools), 2026-12-06
             for s in wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b; do
@@ -99,7 +88,7 @@ run() {
                 --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
             step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
             step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
-        *) echo "unknown group $g (s12 | s12e2e | attn | e2e | train)"; exit 2 ;;
+        *) echo "unknown group $g (s13 | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }

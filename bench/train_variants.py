@@ -5,6 +5,8 @@ way training builds them (one place, so the benchmark and the memory model descr
                   parameters — the Trainer's full fine-tune (`train.precision=bf16`).
   fp8             `quant.linear=fp8` through `build_linear_provider` (FP8Linear, E4M3 rowwise-scaled GEMMs;
                   modules in `quant.keep_high_precision` stay plain), otherwise as bf16.
+  fp8_channel     as fp8 with `quant.fp8_recipe=channel_delayed` (quant/fp8_channel.py: delayed per-channel
+                  scales, one pointwise E4M3 copy of x and of dy, 4 bytes per value to quantize).
   nvfp4_emulated  `quant.linear=nvfp4_emulated` through the provider (NVFP4Linear: the NVFP4 training recipe,
                   exact numerics), otherwise as bf16.
   nvfp4_lora      the memory mode (`quant.packed_base=true`): the model cast to the base dtype (bf16 on CUDA,
@@ -22,9 +24,10 @@ import torch
 from megatron_longlive.config import RunConfig
 from megatron_longlive.models.wan import WanDiT
 from megatron_longlive.quant.nvfp4.packed import pack_model
+from megatron_longlive.quant.fp8_ffn import fuse_for_training
 from megatron_longlive.quant.providers import build_linear_provider
 
-VARIANTS = ("bf16", "fp8", "nvfp4_emulated", "nvfp4_lora", "nvfp4_lora_offload")
+VARIANTS = ("bf16", "fp8", "fp8_channel", "nvfp4_emulated", "nvfp4_lora", "nvfp4_lora_offload")
 DEFAULT_LORA_RANK = 16  # DistillConfig.rank: the generator LoRA that runs on the packed base
 
 
@@ -37,6 +40,9 @@ def variant_tree(variant: str, lora_rank: int = 0) -> dict:
         offload = {"offload_activations": True, "activation_checkpointing": True} if variant.endswith("_offload") else {}
         return {"quant": {"linear": "bf16", "packed_base": True},
                 "train": {"lora_rank": lora_rank or DEFAULT_LORA_RANK, **offload}}
+    if variant == "fp8_channel":
+        return {"quant": {"linear": "fp8", "fp8_recipe": "channel_delayed", "packed_base": False},
+                "train": {"lora_rank": lora_rank}}
     return {"quant": {"linear": variant, "packed_base": False}, "train": {"lora_rank": lora_rank}}
 
 
@@ -54,6 +60,7 @@ def build_variant_model(cfg: RunConfig, device: str | torch.device, seed: int = 
     torch.manual_seed(seed)
     with torch.device(device):
         model = WanDiT(cfg.model, build_linear_provider(cfg.quant))
+        fuse_for_training(model, cfg.quant)
     if device.type != "meta":
         model.init_weights()
     if cfg.quant.packed_base:

@@ -32,6 +32,15 @@ class QuantConfig(ConfigBase):
     (`use_fast_accum`, Transformer Engine's choice for fprop; ~14-bit accumulation on Hopper); the data- and
     weight-gradient GEMMs always promote to fp32. H100: 5B DiT 50.4 -> 53.1 FPS, 5B FFN training linears
     1.45 -> 1.55x BF16, 1.35e-3 relative error vs exact accumulation (bench/RESULTS.md). Off: every GEMM promotes."""
+    fp8_recipe: Literal["rowwise", "channel_delayed"] = "rowwise"
+    """FP8 training: how x and dy are scaled. `rowwise`: current per-token scales for the GEMMs that reduce over
+    channels and per-channel ones for the weight gradient (two codes per operand, 6 bytes per value to quantize).
+    `channel_delayed`: one delayed per-channel scale per operand (its amax history), folded into the weight, so
+    one pointwise E4M3 copy serves all three GEMMs (4 bytes per value, one pass; quant/fp8_channel.py)."""
+    fp8_amax_history: int = 16
+    """FP8 channel_delayed: steps of channel amaxes the scales take the max over."""
+    fp8_amax_margin: int = 2
+    """FP8 channel_delayed: binades of headroom above that max (values beyond the range saturate at +-448)."""
     kv_cache: Literal["bf16", "nvfp4"] = "bf16"
     """KV-cache storage at inference."""
     packed_base: bool = False

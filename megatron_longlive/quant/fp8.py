@@ -21,6 +21,10 @@ from .constants import FP8_E4M3_MAX
 from .ieee import div_rn
 from .linear_base import QuantLinearBase, bias_grad, pad_tokens
 
+RECIPES = ("rowwise", "channel_delayed")
+"""FP8 training recipes: per-token/per-channel current scales (this file) or delayed channel scales
+(fp8_channel.py)."""
+
 
 def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t [R, C] -> (float8_e4m3fn [R, C], fp32 scales [R, 1]) with t ~= q * scale."""
@@ -35,17 +39,20 @@ def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
 
-def quantize_both(t: torch.Tensor, col_sum: bool = False) -> tuple[torch.Tensor, ...]:
+def quantize_both(t: torch.Tensor, col_sum: bool = False,
+                  fold: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """t [M, K] -> (q [M, K], s [M, 1], qT [K, MP], sT [K, 1]): rowwise along K, and the transpose
     (zero-padded to MP = ceil(M/16)*16) rowwise along M; with col_sum also the column sums [K] of t in
-    t's dtype, accumulated in fp32 (the bias gradient when t is dy). One fused Triton pass pair on CUDA
-    (fp8_triton.py, bitwise equal codes and scales), plain torch elsewhere."""
+    t's dtype, accumulated in fp32 (the bias gradient when t is dy). fold = (rfold [K], cfold [M]): the rows
+    quantize t * rfold[None, :] and the transpose t * cfold[:, None] (fp8_channel's weights). One fused Triton
+    pass pair on CUDA (fp8_triton.py, bitwise equal codes and scales), plain torch elsewhere."""
     if t.is_cuda:
         from .fp8_triton import quantize_both as fused
-        out = fused(t, col_sum=col_sum)
+        out = fused(t, col_sum=col_sum, fold=fold)
         return out[:4] + (out[4].to(t.dtype),) if col_sum else out
-    q, s = quantize_rowwise(t)
-    q_t, s_t = quantize_rowwise(pad_tokens(t.t()))
+    rows, cols = (t, t) if fold is None else (t.float() * fold[0].float()[None, :], t.float() * fold[1].float()[:, None])
+    q, s = quantize_rowwise(rows)
+    q_t, s_t = quantize_rowwise(pad_tokens(cols.t()))
     out = (q, s, q_t.contiguous(), s_t)
     return out + (bias_grad(t),) if col_sum else out
 
@@ -111,6 +118,8 @@ def fp8_inference_gemm(qx, sx, qw, sw, bias: torch.Tensor | None, emulate: bool,
 class FP8Linear(QuantLinearBase):
     """nn.Linear with E4M3 rowwise-scaled GEMMs. emulate: None = scaled-mm where native (CUDA sm89+).
     fast_accum: the forward GEMM accumulates in the tensor cores' fast accumulator (QuantConfig.fp8_fast_accum).
+    recipe: how training quantizes x and dy (QuantConfig.fp8_recipe): "rowwise" (this file) or "channel_delayed"
+    (fp8_channel.py; amax_history steps of channel amaxes, amax_margin binades of headroom).
 
     `freeze()` quantizes the weight once for inference: afterwards no-grad forwards use the frozen E4M3
     weight and quantize only the activation (`frozen_gemm`); training forwards are unchanged."""
@@ -118,16 +127,25 @@ class FP8Linear(QuantLinearBase):
     kind = "FP8 (torch._scaled_mm)"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, emulate: bool | None = None,
-                 device=None, dtype=None, fast_accum: bool = False):
+                 device=None, dtype=None, fast_accum: bool = False, recipe: str = "rowwise", amax_history: int = 16,
+                 amax_margin: int = 2):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.emulate, self.fast_accum = emulate, fast_accum
+        if recipe not in RECIPES:
+            raise ValueError(f"quant.fp8_recipe: unknown recipe {recipe!r}. Fix: use one of {', '.join(RECIPES)}")
+        self.emulate, self.fast_accum, self.recipe = emulate, fast_accum, recipe
         self.register_buffer("qweight", None, persistent=False)    # set by freeze()
         self.register_buffer("wscale", None, persistent=False)
+        if recipe == "channel_delayed":                              # amax histories of x and dy (fp8_channel.py)
+            from .fp8_channel import DelayedChannelScale
+            self.x_scale = DelayedChannelScale(amax_history, amax_margin)
+            self.dy_scale = DelayedChannelScale(amax_history, amax_margin)
 
     @classmethod
-    def from_linear(cls, linear, emulate: bool | None = None, fast_accum: bool = False) -> "FP8Linear":
+    def from_linear(cls, linear, emulate: bool | None = None, fast_accum: bool = False, recipe: str = "rowwise",
+                    amax_history: int = 16, amax_margin: int = 2) -> "FP8Linear":
         """Wrap an existing linear, sharing its parameters."""
-        return cls._wrap(linear, emulate=emulate, fast_accum=fast_accum)
+        return cls._wrap(linear, emulate=emulate, fast_accum=fast_accum, recipe=recipe, amax_history=amax_history,
+                         amax_margin=amax_margin)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -156,4 +174,8 @@ class FP8Linear(QuantLinearBase):
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
+            if self.recipe == "channel_delayed":
+                from .fp8_channel import FP8ChannelLinearFunction
+                return FP8ChannelLinearFunction.apply(x, self.weight, self.bias, self.x_scale, self.dy_scale, emulate,
+                                                      out_dtype, self.fast_accum)
             return FP8LinearFunction.apply(x, self.weight, self.bias, emulate, out_dtype, self.fast_accum)

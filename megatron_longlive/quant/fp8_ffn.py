@@ -3,8 +3,10 @@
 `fuse_gelu_quant(model)` swaps every such `nn.Sequential` (the Wan blocks' `ffn`) for `FP8GeluFFN`: the same
 children under the same names (state dicts unchanged), and at inference (no grad, fc2 frozen, on CUDA or under
 TRITON_INTERPRET=1) one kernel (fp8_gelu_quant_triton) turns fc1's output into fc2's E4M3 operand instead of
-Inductor's GELU + row-amax + cast chain. Training and every other case run the plain Sequential.
-Applied from outside the model by `freeze_for_inference` (STYLE.md §2).
+Inductor's GELU + row-amax + cast chain. In training with both linears in the channel recipe
+(quant.fp8_recipe=channel_delayed) it runs fp8_channel.FP8ChannelFFNFunction: the GELU and its backward fused
+into the quantizers. Every other case runs the plain Sequential.
+Applied from outside the model by `freeze_for_inference` and `fuse_for_training` (STYLE.md §2).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from .fp8 import FP8Linear
+from .fp8 import FP8Linear, use_scaled_mm
 from .fp8_gelu_quant_triton import gelu_quant_rowwise
 
 
@@ -26,12 +28,31 @@ class FP8GeluFFN(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self[0], self[2]
+        if torch.is_grad_enabled() and _channel_recipe(fc1) and _channel_recipe(fc2):
+            return self._fused_training(x)
         if fc2.qweight is None or torch.is_grad_enabled() or not (x.is_cuda or self.interpret):
             return super().forward(x)
         h = fc1(x)
         lead, k = h.shape[:-1], h.shape[-1]
         qh, sh = gelu_quant_rowwise(h.reshape(-1, k))
         return fc2.frozen_gemm(qh, sh).to(x.dtype).view(*lead, -1)
+
+
+    def _fused_training(self, x: torch.Tensor) -> torch.Tensor:
+        """Training with quant.fp8_recipe=channel_delayed: FP8ChannelFFNFunction (GELU fused into the quantizers)."""
+        from .fp8_channel import FP8ChannelFFNFunction
+
+        fc1, fc2 = self[0], self[2]
+        emulate = fc2.emulate if fc2.emulate is not None else not use_scaled_mm(x.device)
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            return FP8ChannelFFNFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc1, fc2, emulate,
+                                               out_dtype, fc2.fast_accum)
+
+
+def _channel_recipe(m: nn.Module) -> bool:
+    return isinstance(m, FP8Linear) and m.recipe == "channel_delayed" and m.qweight is None
 
 
 def _is_gelu_fp8_ffn(m: nn.Module) -> bool:
@@ -47,3 +68,11 @@ def fuse_gelu_quant(model: nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FP8GeluFFN(*m))
     return len(found)
+
+
+def fuse_for_training(model: nn.Module, quant_cfg) -> int:
+    """With quant.linear=fp8 and quant.fp8_recipe=channel_delayed, swap the FFNs for FP8GeluFFN (its fused
+    training path); returns how many (0 for any other config)."""
+    if quant_cfg.linear != "fp8" or quant_cfg.fp8_recipe != "channel_delayed":
+        return 0
+    return fuse_gelu_quant(model)

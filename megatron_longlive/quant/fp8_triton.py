@@ -32,21 +32,29 @@ SBM, SBK, ROW_TILES = 64, 128, STRIP // 64
 
 
 @triton.jit
-def _stats_kernel(x_ptr, row_amax_ptr, col_amax_ptr, col_sum_ptr, M, K, M_KEY,
-                  BM: tl.constexpr, BK: tl.constexpr, ROW_TILES: tl.constexpr, COL_SUM: tl.constexpr):
+def _stats_kernel(x_ptr, row_amax_ptr, col_amax_ptr, col_sum_ptr, rfold_ptr, cfold_ptr, M, K, M_KEY,
+                  BM: tl.constexpr, BK: tl.constexpr, ROW_TILES: tl.constexpr, COL_SUM: tl.constexpr,
+                  FOLD: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     cols = pid_k * BK + tl.arange(0, BK)
     cmax = tl.zeros([BK], dtype=tl.float32)
     csum = tl.zeros([BK], dtype=tl.float32)
+    if FOLD:
+        rfold = tl.load(rfold_ptr + cols, mask=cols < K, other=0.0)
     for i in range(ROW_TILES):
         rows = (pid_m * ROW_TILES + i) * BM + tl.arange(0, BM)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
-        a = tl.abs(x)
+        if FOLD:        # row layout of x * rfold[k], column layout of x * cfold[m] (fp8_channel's weights)
+            xr = x * rfold[None, :]
+            xc = x * tl.load(cfold_ptr + rows, mask=rows < M, other=0.0)[:, None]
+        else:
+            xr = x
+            xc = x
         # amaxes are >= 0, so their fp32 bits order like int32: one relaxed integer atomic per value
-        tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=rows < M,
+        tl.atomic_max(row_amax_ptr + rows, tl.max(tl.abs(xr), axis=1).to(tl.int32, bitcast=True), mask=rows < M,
                       sem="relaxed")
-        cmax = tl.maximum(cmax, tl.max(a, axis=0))
+        cmax = tl.maximum(cmax, tl.max(tl.abs(xc), axis=0))
         if COL_SUM:
             csum += tl.sum(x, axis=0)
     tl.atomic_max(col_amax_ptr + cols, cmax.to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
@@ -74,20 +82,26 @@ def _scale_and_inverse(amax):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, row_amax_ptr, col_amax_ptr, qrow_ptr, qcol_ptr, srow_ptr, scol_ptr, M, K, MP, M_KEY,
-                     BM: tl.constexpr, BK: tl.constexpr, HW_CAST: tl.constexpr):
+def _quantize_kernel(x_ptr, row_amax_ptr, col_amax_ptr, qrow_ptr, qcol_ptr, srow_ptr, scol_ptr, rfold_ptr, cfold_ptr,
+                     M, K, MP, M_KEY, BM: tl.constexpr, BK: tl.constexpr, HW_CAST: tl.constexpr, FOLD: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BK + tl.arange(0, BK)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    if FOLD:
+        xr = x * tl.load(rfold_ptr + cols, mask=cols < K, other=0.0)[None, :]
+        xc = x * tl.load(cfold_ptr + rows, mask=rows < M, other=0.0)[:, None]
+    else:
+        xr = x
+        xc = x
     row_amax = tl.load(row_amax_ptr + rows, mask=rows < M, other=0).to(tl.float32, bitcast=True)   # [BM]
     col_amax = tl.load(col_amax_ptr + cols, mask=cols < K, other=0).to(tl.float32, bitcast=True)   # [BK]
     srow, irow = _scale_and_inverse(row_amax)
     scol, icol = _scale_and_inverse(col_amax)
-    tl.store(qrow_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], _e4m3_bits(x * irow[:, None], HW_CAST),
+    tl.store(qrow_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], _e4m3_bits(xr * irow[:, None], HW_CAST),
              mask=inside)
-    qc = tl.trans(_e4m3_bits(x * icol[None, :], HW_CAST))                                      # [BK, BM]
+    qc = tl.trans(_e4m3_bits(xc * icol[None, :], HW_CAST))                                      # [BK, BM]
     tl.store(qcol_ptr + cols[:, None].to(tl.int64) * MP + rows[None, :], qc,
              mask=(cols[:, None] < K) & (rows[None, :] < MP))
     if pid_k == 0:
@@ -118,9 +132,12 @@ def _hw_cast(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
-def quantize_both(t: torch.Tensor, col_sum: bool = False, hw_cast: bool | None = None):
+def quantize_both(t: torch.Tensor, col_sum: bool = False, hw_cast: bool | None = None,
+                  fold: tuple[torch.Tensor, torch.Tensor] | None = None):
     """t [M, K] -> (q_row [M, K] e4m3, s_row [M, 1], q_colT [K, MP] e4m3, s_col [K, 1], fp32 scales), plus
     the fp32 column sums [K] of t (the bias gradient when t is dy) as a fifth item when col_sum.
+    fold = (rfold [K], cfold [M]) fp32: the row layout quantizes t * rfold[None, :] and the column layout
+    t * cfold[:, None] (the channel recipe's weights, fp8_channel.py); not with col_sum.
     hw_cast: None = hardware rounding where it runs (CUDA, not interpreted); False forces the bit path."""
     t = t.contiguous()
     m, k = t.shape
@@ -135,16 +152,21 @@ def quantize_both(t: torch.Tensor, col_sum: bool = False, hw_cast: bool | None =
     q_col = torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=dev)
     s_row = torch.empty(m, 1, dtype=torch.float32, device=dev)
     s_col = torch.empty(k, 1, dtype=torch.float32, device=dev)
-    stats_args = (t, row_amax, col_amax, sums, m, k, m.bit_length())
-    quant_args = (t, row_amax, col_amax, q_row.view(torch.uint8), q_col.view(torch.uint8), s_row, s_col, m, k, mp,
-                  m.bit_length())
+    if fold is not None and col_sum:
+        raise ValueError("quantize_both: fold and col_sum do not combine (a folded t is a weight, no bias gradient)")
+    rfold, cfold = (f.float().contiguous() for f in fold) if fold is not None else (s_row, s_row)
+    stats_args = (t, row_amax, col_amax, sums, rfold, cfold, m, k, m.bit_length())
+    quant_args = (t, row_amax, col_amax, q_row.view(torch.uint8), q_col.view(torch.uint8), s_row, s_col, rfold,
+                  cfold, m, k, mp, m.bit_length())
+    flags = dict(FOLD=fold is not None)
     if _hw_cast(t):
-        _stats_tuned[lambda c: (strips, triton.cdiv(k, c["BK"]))](*stats_args, COL_SUM=col_sum)
-        _quantize_tuned[lambda c: (triton.cdiv(mp, c["BM"]), triton.cdiv(k, c["BK"]))](*quant_args, HW_CAST=hw)
+        _stats_tuned[lambda c: (strips, triton.cdiv(k, c["BK"]))](*stats_args, COL_SUM=col_sum, **flags)
+        _quantize_tuned[lambda c: (triton.cdiv(mp, c["BM"]), triton.cdiv(k, c["BK"]))](*quant_args, HW_CAST=hw,
+                                                                                       **flags)
     else:
         _stats_kernel[(strips, triton.cdiv(k, SBK))](*stats_args, BM=SBM, BK=SBK, ROW_TILES=ROW_TILES,
-                                                     COL_SUM=col_sum, num_warps=8)
+                                                     COL_SUM=col_sum, num_warps=8, **flags)
         _quantize_kernel[(triton.cdiv(mp, BM), triton.cdiv(k, BK))](*quant_args, BM=BM, BK=BK, HW_CAST=hw,
-                                                                    num_warps=8)
+                                                                    num_warps=8, **flags)
     out = (q_row, s_row, q_col, s_col)
     return out + (sums.sum(0),) if col_sum else out

@@ -65,15 +65,23 @@ class NVFP4EmulatedProvider(LinearProvider):
 class FP8Provider(LinearProvider):
     """Builds FP8Linear: E4M3 GEMMs with rowwise scales (torch._scaled_mm, or its exact emulation)."""
 
-    def __init__(self, emulate: bool | None = None, fast_accum: bool = False):
-        self.emulate, self.fast_accum = emulate, fast_accum
+    def __init__(self, emulate: bool | None = None, fast_accum: bool = False, recipe: str = "rowwise",
+                 amax_history: int = 16, amax_margin: int = 2):
+        self.emulate = emulate
+        self.options = dict(fast_accum=fast_accum, recipe=recipe, amax_history=amax_history, amax_margin=amax_margin)
 
     def linear(self, name, in_features, out_features, bias=True, style="replicated"):
         from .fp8 import FP8Linear
 
         if not _blocked(name, in_features, out_features, "fp8"):
             return nn.Linear(in_features, out_features, bias=bias)
-        return FP8Linear(in_features, out_features, bias, emulate=self.emulate, fast_accum=self.fast_accum)
+        return FP8Linear(in_features, out_features, bias, emulate=self.emulate, **self.options)
+
+
+def fp8_options(quant_cfg: QuantConfig) -> dict:
+    """FP8Linear keyword arguments from the quant config."""
+    return dict(fast_accum=quant_cfg.fp8_fast_accum, recipe=quant_cfg.fp8_recipe,
+                amax_history=quant_cfg.fp8_amax_history, amax_margin=quant_cfg.fp8_amax_margin)
 
 
 def import_te():
@@ -142,7 +150,7 @@ def build_linear_provider(quant_cfg: QuantConfig, tp_group=None) -> LinearProvid
     elif kind == "te_nvfp4":
         low = TENVFP4Provider(**switches)
     elif kind == "fp8":
-        low = FP8Provider(fast_accum=quant_cfg.fp8_fast_accum)
+        low = FP8Provider(**fp8_options(quant_cfg))
     else:
         raise ValueError(f"quant.linear: unknown backend {kind!r}. Fix: use bf16, fp8, nvfp4_emulated or te_nvfp4")
     return KeepListProvider(low, LinearProvider(), quant_cfg.keep_high_precision)
@@ -170,7 +178,7 @@ def convert_linears(model: nn.Module, quant_cfg: QuantConfig) -> list[str]:
     for name in names:
         old = model.get_submodule(name)
         new = (NVFP4Linear.from_linear(old, recipe) if quant_cfg.linear == "nvfp4_emulated"
-               else FP8Linear.from_linear(old, fast_accum=quant_cfg.fp8_fast_accum))
+               else FP8Linear.from_linear(old, **fp8_options(quant_cfg)))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return names

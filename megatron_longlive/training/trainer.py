@@ -178,6 +178,7 @@ def build_model(cfg: RunConfig, provider: LinearProvider | None = None, device="
 
     Linears come from `provider`, else from `quant.linear` (bf16, fp8, nvfp4_emulated, te_nvfp4 through
     `build_linear_provider`); with `quant.packed_base` the loaded base is frozen and packed to NVFP4 for LoRA."""
+    from ..quant.fp8_ffn import fuse_for_training
     from ..quant.providers import build_linear_provider
 
     if cfg.quant.packed_base and cfg.train.lora_rank <= 0:
@@ -185,6 +186,7 @@ def build_model(cfg: RunConfig, provider: LinearProvider | None = None, device="
                          "Fix: set train.lora_rank > 0 (or quant.packed_base=false for a full fine-tune)")
     torch.manual_seed(cfg.train.seed)
     model = WanDiT(cfg.model, provider or build_linear_provider(cfg.quant))
+    fuse_for_training(model, cfg.quant)
     model.init_weights()
     if cfg.train.init_from:
         from ..models.wan.convert import load_wan_weights

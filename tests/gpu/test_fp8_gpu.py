@@ -77,3 +77,94 @@ def test_fp8_linear_cuda_equals_cpu_emulation():
         err = ((quick(x.cuda()).float().cpu() - ye.float()).norm() / ye.float().norm()).item()
     print(f"fast-accum fprop vs exact emulation: relative error {err:.3g}")
     assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("hw_cast", [True, False])
+@pytest.mark.parametrize("shape", [(4100, 1536), (1000, 200)])
+def test_fp8_channel_quantizer_and_weight_fold_bitwise_vs_cpu(shape, hw_cast):
+    """quant.fp8_recipe=channel_delayed: the one-pass channel quantizer (codes, transposed codes, amax, column
+    sums) and the weight fold of quantize_both, compiled, against the CPU torch definitions."""
+    from megatron_longlive.quant.fp8 import pad_tokens, quantize_rowwise
+    from megatron_longlive.quant.fp8_channel import channel_scales, quantize_channelwise_torch
+    from megatron_longlive.quant.fp8_channel_triton import quantize_channelwise
+    from megatron_longlive.quant.fp8_triton import quantize_both
+
+    t = _data(*shape)
+    _, inv = channel_scales(t.abs().amax(0) * torch.linspace(0.25, 4.0, shape[1]))
+    for src in (t, t.to(torch.bfloat16)):
+        bits = torch.zeros(shape[1], dtype=torch.int32, device="cuda")
+        q, q_t, colsum = quantize_channelwise(src.cuda(), inv.cuda(), bits, col_sum=True, hw_cast=hw_cast)
+        rq, rq_t, ramax = quantize_channelwise_torch(src, inv)
+        for name, g, w in (("codes", q, rq), ("codes^T", q_t, rq_t), ("amax", bits.view(torch.float32), ramax)):
+            msg = bytes_differ(g, w)
+            assert msg.startswith("0 of"), f"channel {src.dtype} hw_cast={hw_cast} {name}: {msg}"
+        ref = src.double().sum(0)
+        assert torch.all((colsum.cpu().double() - ref).abs() <= 1e-6 * src.double().abs().sum(0) + 1e-30)
+    w = _data(shape[1], 256, seed=1).to(torch.bfloat16)
+    rfold, cfold = torch.rand(256) * 3, torch.rand(shape[1]) * 3
+    got = quantize_both(w.cuda(), fold=(rfold.cuda(), cfold.cuda()), hw_cast=hw_cast)
+    rq, rs = quantize_rowwise(w.float() * rfold[None, :])
+    rq_t, rs_t = quantize_rowwise(pad_tokens((w.float() * cfold[:, None]).t()))
+    for name, g, want in zip(("codes", "scales", "codes^T", "scales^T"), got, (rq, rs, rq_t.contiguous(), rs_t)):
+        msg = bytes_differ(g, want)
+        assert msg.startswith("0 of"), f"fold hw_cast={hw_cast} {name}: {msg}"
+
+
+def test_fp8_channel_linear_cuda_equals_cpu_emulation_over_steps():
+    """Three training steps of the channel recipe (bootstrap, then delayed scales) on CUDA (Triton + scaled-mm)
+    against the CPU emulation: same codes, so only accumulation order and bf16 output rounding differ."""
+    from megatron_longlive.quant.fp8 import FP8Linear
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 scaled-mm needs sm89+")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1536, 896).to(torch.bfloat16)
+    torch.nn.init.normal_(lin.bias, std=0.5)
+    emu = FP8Linear.from_linear(copy.deepcopy(lin), emulate=True, recipe="channel_delayed")
+    fast = FP8Linear.from_linear(copy.deepcopy(lin).cuda(), emulate=False, recipe="channel_delayed")
+    for step, gain in enumerate((1.0, 2.0, 0.5)):
+        x = torch.randn(2, 1003, 1536, dtype=torch.bfloat16) * gain
+        dy = torch.randn(2, 1003, 896, dtype=torch.bfloat16) * gain
+        xe, xf = x.clone().requires_grad_(), x.cuda().requires_grad_()
+        emu.weight.grad = emu.bias.grad = fast.weight.grad = fast.bias.grad = None
+        ye, yf = emu(xe), fast(xf)
+        ye.backward(dy)
+        yf.backward(dy.cuda())
+        for name, a, b in (("y", yf, ye), ("dx", xf.grad, xe.grad), ("dW", fast.weight.grad, emu.weight.grad),
+                           ("db", fast.bias.grad, emu.bias.grad)):
+            err = ((a.float().cpu() - b.float()).norm() / b.float().norm()).item()
+            assert err < 1e-2, (step, name, err)
+        assert torch.equal(fast.x_scale.history.cpu(), emu.x_scale.history), step
+
+
+def test_fp8_channel_fused_ffn_cuda_close_to_cpu_unfused():
+    """The fused FFN (GELU in the quantizers, FP8ChannelFFNFunction) on CUDA against the CPU emulation of the
+    unfused Sequential of channel FP8Linears, Wan2.1-1.3B widths (1536 -> 8960 -> 1536), three steps."""
+    from torch import nn
+
+    from megatron_longlive.quant.fp8 import FP8Linear
+    from megatron_longlive.quant.fp8_ffn import FP8GeluFFN
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 scaled-mm needs sm89+")
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(1536, 8960), nn.GELU(approximate="tanh"), nn.Linear(8960, 1536)).to(torch.bfloat16)
+    wrap = lambda s, emulate: [FP8Linear.from_linear(copy.deepcopy(m), emulate=emulate, recipe="channel_delayed")  # noqa: E731
+                               if isinstance(m, nn.Linear) else m for m in s]
+    fused = FP8GeluFFN(*wrap(seq, False)).cuda()
+    plain = nn.Sequential(*wrap(seq, True))
+    for step, gain in enumerate((1.0, 2.0, 0.5)):
+        x = torch.randn(1003, 1536, dtype=torch.bfloat16) * gain
+        dy = torch.randn(1003, 1536, dtype=torch.bfloat16) * gain
+        xf, xe = x.cuda().requires_grad_(), x.clone().requires_grad_()
+        fused.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        yf, ye = fused(xf), plain(xe)
+        assert "FP8ChannelFFN" in type(yf.grad_fn).__name__
+        yf.backward(dy.cuda())
+        ye.backward(dy)
+        pairs = [("y", yf, ye), ("dx", xf.grad, xe.grad)] + [
+            (n, a.grad, b.grad) for (n, a), b in zip(fused.named_parameters(), plain.parameters())]
+        for name, a, b in pairs:
+            err = ((a.float().cpu() - b.float()).norm() / b.float().norm()).item()
+            assert err < 2e-2, (step, name, err)

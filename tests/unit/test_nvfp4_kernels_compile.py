@@ -13,7 +13,7 @@ import json, re, collections, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megatron_longlive.quant.nvfp4.kernels import quantize_triton as Q, dequantize_triton as D
-from megatron_longlive.quant import fp8_triton as F8
+from megatron_longlive.quant import fp8_triton as F8, fp8_channel_triton as FC
 tgt = GPUTarget("cuda", 90, 32)
 sigs = {
   "q": (Q.quantize_1x16_kernel, {"xw_ptr": "*i32", "signs_ptr": "*fp32", "randw_ptr": "*i64", "amax_ptr": "*fp32",
@@ -29,16 +29,23 @@ sigs = {
          "M": "i32", "KW": "i32", "ROWS_PER_SCALE": "constexpr", "OUT_BF16": "constexpr", "BR": "constexpr",
          "BW": "constexpr"}, {"ROWS_PER_SCALE": 1, "OUT_BF16": True, "BR": 1, "BW": 4096}),
   "fp8stats": (F8._stats_kernel, {"x_ptr": "*bf16", "row_amax_ptr": "*i32", "col_amax_ptr": "*i32",
-               "col_sum_ptr": "*fp32", "M": "i32", "K": "i32", "M_KEY": "i32", "BM": "constexpr", "BK": "constexpr",
-               "ROW_TILES": "constexpr", "COL_SUM": "constexpr"},
-               {"BM": F8.SBM, "BK": F8.SBK, "ROW_TILES": F8.ROW_TILES, "COL_SUM": True}),
+               "col_sum_ptr": "*fp32", "rfold_ptr": "*fp32", "cfold_ptr": "*fp32", "M": "i32", "K": "i32",
+               "M_KEY": "i32", "BM": "constexpr", "BK": "constexpr", "ROW_TILES": "constexpr", "COL_SUM": "constexpr",
+               "FOLD": "constexpr"},
+               {"BM": F8.SBM, "BK": F8.SBK, "ROW_TILES": F8.ROW_TILES, "COL_SUM": True, "FOLD": True}),
 }
 for hw in (False, True):
     sigs["fp8q_hw" if hw else "fp8q"] = (
         F8._quantize_kernel, {"x_ptr": "*bf16", "row_amax_ptr": "*i32", "col_amax_ptr": "*i32",
-        "qrow_ptr": "*u8", "qcol_ptr": "*u8", "srow_ptr": "*fp32", "scol_ptr": "*fp32", "M": "i32", "K": "i32",
-        "MP": "i32", "M_KEY": "i32", "BM": "constexpr", "BK": "constexpr", "HW_CAST": "constexpr"},
-        {"BM": F8.BM, "BK": F8.BK, "HW_CAST": hw})
+        "qrow_ptr": "*u8", "qcol_ptr": "*u8", "srow_ptr": "*fp32", "scol_ptr": "*fp32", "rfold_ptr": "*fp32",
+        "cfold_ptr": "*fp32", "M": "i32", "K": "i32", "MP": "i32", "M_KEY": "i32", "BM": "constexpr",
+        "BK": "constexpr", "HW_CAST": "constexpr", "FOLD": "constexpr"},
+        {"BM": F8.BM, "BK": F8.BK, "HW_CAST": hw, "FOLD": hw})
+    sigs["fp8ch_hw" if hw else "fp8ch"] = (
+        FC._channel_quantize_kernel, {"x_ptr": "*bf16", "inv_ptr": "*fp32", "q_ptr": "*u8", "qt_ptr": "*u8",
+        "amax_ptr": "*i32", "sum_ptr": "*fp32", "M": "i32", "K": "i32", "MP": "i32", "M_KEY": "i32",
+        "BM": "constexpr", "BK": "constexpr", "ROW_TILES": "constexpr", "COL_SUM": "constexpr", "HW_CAST": "constexpr"},
+        {"BM": FC.BM, "BK": FC.BK, "ROW_TILES": FC.STRIP // FC.BM, "COL_SUM": True, "HW_CAST": hw})
 out = {}
 for name, (fn, sig, const) in sigs.items():
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=tgt)
@@ -61,3 +68,4 @@ def test_kernels_compile_for_sm90_with_ieee_division():
     assert out["q"]["ops"].get("fma.rn.f32", 0) >= 4
     # the FP8 quantizer: hardware nearest-even E4M3 cast (saturating after the explicit clamp) only when asked
     assert out["fp8q_hw"]["e4m3_cvt"] > 0 and out["fp8q"]["e4m3_cvt"] == 0
+    assert out["fp8ch_hw"]["e4m3_cvt"] > 0 and out["fp8ch"]["e4m3_cvt"] == 0

@@ -1,0 +1,112 @@
+"""One-pass Triton quantizer of the channel-scaled FP8 recipe (fp8_channel.py): t [M, K] -> both E4M3 layouts.
+
+With one scale per channel (column) known before the call (delayed scaling: from earlier steps' amaxes), every
+code is pointwise, q[m, k] = e4m3_rne(clamp(t[m, k] * inv[k], -448, 448)), and the same codes serve the GEMM
+that reduces over K (fprop/dgrad: the channel scale is folded into the weight) and, transposed, the one that
+reduces over M (wgrad). So one read of t and two one-byte writes (4 bytes per value instead of the rowwise
+recipe's 6): q [M, K], q^T [K, MP] (zero-padded to MP = ceil(M/16)*16 tokens), plus this call's column amaxes
+(a relaxed integer atomic max into `amax_bits`, the fp32 bits: the next steps' scales) and, for dy, fp32 column
+sums per STRIP tokens (the bias gradient; fixed order, so deterministic). Every strip covers its tokens up to a
+multiple of 16, so the padding of q^T is written (zeros) by the kernel itself.
+
+Producer fusion: `op` applies the FFN's pointwise step before quantizing, so that tensor never exists in BF16:
+"gelu" turns fc1's output h into fc2's codes (forward), "gelu_backward" turns the gradient at the GELU output and h
+into fc1's dy codes (backward). Each reads and writes as many bytes as the BF16 GELU kernel it replaces.
+
+Equal bit for bit to fp8_channel.quantize_channelwise_torch (tests/unit/test_fp8_channel_triton.py; on the GPU
+tests/gpu/test_fp8_gpu.py); with an op, the kernel's tanh (from exp) can put a BF16 value one ulp from eager's
+and its code one E4M3 step away (rare; measured in the same tests).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_conv.conv_triton import _round_bf16
+from .fp8_gelu_quant_triton import _gelu_bf16
+from .fp8_triton import _e4m3_bits, _hw_cast, _quick_bench
+
+STRIP = 512                     # tokens per program (one column atomic and one column-sum row per strip)
+BM, BK = 64, 64                 # interpreter tiles; autotuned on CUDA
+
+
+OPS = {"identity": 0, "gelu": 1, "gelu_backward": 2}
+_C = tl.constexpr(0.7978845608028654)       # sqrt(2 / pi)
+
+
+@triton.jit
+def _gelu_grad(h):
+    """d gelu_tanh(h) / dh in fp32, term by term as ATen's GELU backward."""
+    h2 = h * h
+    t = 1.0 - 2.0 / (tl.exp(2.0 * (_C * (h + 0.044715 * h2 * h))) + 1.0)      # tanh, saturating without NaN
+    return 0.5 * (1.0 + t) + (0.5 * h) * (1.0 - t * t) * (_C * (1.0 + 3.0 * 0.044715 * h2))
+
+
+@triton.jit
+def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum_ptr, M, K, MP, M_KEY,
+                             BM: tl.constexpr, BK: tl.constexpr, ROW_TILES: tl.constexpr, COL_SUM: tl.constexpr,
+                             HW_CAST: tl.constexpr, OP: tl.constexpr):
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_k * BK + tl.arange(0, BK)
+    inv = tl.load(inv_ptr + cols, mask=cols < K, other=1.0)
+    cmax = tl.zeros([BK], dtype=tl.float32)
+    csum = tl.zeros([BK], dtype=tl.float32)
+    for i in range(ROW_TILES):
+        rows = (pid_m * ROW_TILES + i) * BM + tl.arange(0, BM)
+        inside = (rows[:, None] < M) & (cols[None, :] < K)
+        offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        if OP == 1:             # x = fc1's output h: quantize bf16(gelu(h)), the FFN's fc2 input
+            x = _gelu_bf16(x)
+        elif OP == 2:           # x = d gelu-output: quantize bf16(x * gelu'(h)), the gradient at fc1's output
+            x = _round_bf16(x * _gelu_grad(tl.load(h_ptr + offs, mask=inside, other=0.0).to(tl.float32)))
+        bits = _e4m3_bits(x * inv[None, :], HW_CAST)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], bits, mask=inside)
+        tl.store(qt_ptr + cols[:, None].to(tl.int64) * MP + rows[None, :], tl.trans(bits),
+                 mask=(cols[:, None] < K) & (rows[None, :] < MP))
+        cmax = tl.maximum(cmax, tl.max(tl.abs(x), axis=0))
+        if COL_SUM:
+            csum += tl.sum(x, axis=0)
+    # amaxes are >= 0, so their fp32 bits order like int32
+    tl.atomic_max(amax_ptr + cols, cmax.to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
+    if COL_SUM:
+        tl.store(sum_ptr + pid_m * K + cols, csum, mask=cols < K)
+
+
+_channel_quantize_tuned = triton.autotune(
+    [triton.Config({"BM": bm, "BK": bk, "ROW_TILES": STRIP // bm}, num_warps=w)
+     for bm, bk, w in ((64, 128, 4), (128, 64, 8), (64, 64, 4), (32, 128, 4))],
+    key=["M_KEY", "K"], do_bench=_quick_bench)(_channel_quantize_kernel)
+
+
+def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Tensor, col_sum: bool = False,
+                         hw_cast: bool | None = None, op: str = "identity", h: torch.Tensor | None = None):
+    """v = op(t) [M, K], inv [K] fp32 encode multipliers -> (q [M, K] e4m3, q^T [K, MP] e4m3) of v, plus v's
+    fp32 column sums [K] when col_sum. Max-accumulates v's column amaxes into amax_bits [K] int32 (fp32 bits).
+    op: "identity"; "gelu" (v = bf16(gelu_tanh(t))); "gelu_backward" (v = bf16(t * gelu_tanh'(h)), h [M, K]).
+    hw_cast: None = hardware rounding where it runs (CUDA, not interpreted); False forces the bit path."""
+    if op not in OPS:
+        raise ValueError(f"quantize_channelwise: unknown op {op!r} (one of {', '.join(OPS)})")
+    if (op == "gelu_backward") != (h is not None):
+        raise ValueError("quantize_channelwise: h is given exactly when op is gelu_backward")
+    t = t.contiguous()
+    h = t if h is None else h.contiguous()
+    m, k = t.shape
+    mp = (m + 15) // 16 * 16
+    dev = t.device
+    hw = _hw_cast(t) if hw_cast is None else hw_cast
+    strips = triton.cdiv(m, STRIP)
+    sums = torch.empty(strips if col_sum else 1, k, dtype=torch.float32, device=dev)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev)
+    q_t = torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=dev)
+    args = (t, h, inv.contiguous(), q.view(torch.uint8), q_t.view(torch.uint8), amax_bits, sums, m, k, mp,
+            m.bit_length())
+    if _hw_cast(t):
+        # autotuning reruns the kernel on the live buffers: harmless, its atomics and stores are idempotent
+        _channel_quantize_tuned[lambda c: (strips, triton.cdiv(k, c["BK"]))](*args, COL_SUM=col_sum, HW_CAST=hw,
+                                                                            OP=OPS[op])
+    else:
+        _channel_quantize_kernel[(strips, triton.cdiv(k, BK))](*args, BM=BM, BK=BK, ROW_TILES=STRIP // BM,
+                                                               COL_SUM=col_sum, HW_CAST=hw, OP=OPS[op], num_warps=4)
+    return (q, q_t, sums.sum(0)) if col_sum else (q, q_t)
