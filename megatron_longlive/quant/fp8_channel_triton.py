@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .fp8_conv.conv_triton import _round_bf16
 from .fp8_gelu_quant_triton import _gelu_bf16
-from .fp8_triton import _e4m3_bits, _hw_cast, _quick_bench
+from .fp8_triton import _e4m3_bits, _hw_cast, _quick_bench, store_column_stats
 
 STRIP = 512                     # tokens per program (one column atomic and one column-sum row per strip)
 BM, BK = 64, 64                 # interpreter tiles; autotuned on CUDA
@@ -68,10 +68,7 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
         cmax = tl.maximum(cmax, tl.max(tl.abs(x), axis=0))
         if COL_SUM:
             csum += tl.sum(x, axis=0)
-    # amaxes are >= 0, so their fp32 bits order like int32
-    tl.atomic_max(amax_ptr + cols, cmax.to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
-    if COL_SUM:
-        tl.store(sum_ptr + pid_m * K + cols, csum, mask=cols < K)
+    store_column_stats(amax_ptr, sum_ptr, pid_m, cols, K, cmax, csum, COL_SUM)
 
 
 _channel_quantize_tuned = triton.autotune(

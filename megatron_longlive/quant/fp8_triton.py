@@ -57,9 +57,16 @@ def _stats_kernel(x_ptr, row_amax_ptr, col_amax_ptr, col_sum_ptr, rfold_ptr, cfo
         cmax = tl.maximum(cmax, tl.max(tl.abs(xc), axis=0))
         if COL_SUM:
             csum += tl.sum(x, axis=0)
-    tl.atomic_max(col_amax_ptr + cols, cmax.to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
+    store_column_stats(col_amax_ptr, col_sum_ptr, pid_m, cols, K, cmax, csum, COL_SUM)
+
+
+@triton.jit
+def store_column_stats(amax_ptr, sum_ptr, pid_m, cols, K, cmax, csum, COL_SUM: tl.constexpr):
+    """A strip program's column amaxes (relaxed integer atomic max of the fp32 bits: amaxes are >= 0, so
+    their bits order like int32) and, with COL_SUM, its fp32 column sums as row pid_m of sum_ptr [strips, K]."""
+    tl.atomic_max(amax_ptr + cols, cmax.to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
     if COL_SUM:
-        tl.store(col_sum_ptr + pid_m * K + cols, csum, mask=cols < K)
+        tl.store(sum_ptr + pid_m * K + cols, csum, mask=cols < K)
 
 
 @triton.jit
