@@ -88,7 +88,12 @@ run() {
                 --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
             step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
             step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
-        *) echo "unknown group $g (s13 | attn | e2e | train)"; exit 2 ;;
+        s13b)   # the channel quantizer's hardware-cast form after its fix (tests), then the linear/FFN table with the
+                # bit path (default) and the hardware cast
+            step fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k channel
+            step fp8_linear_bits 80 python bench/bench_fp8_linear.py --warmup 20 --out "$res"
+            MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST=1 step fp8_linear_hw 80 python bench/bench_fp8_linear.py --warmup 20 ;;
+        *) echo "unknown group $g (s13 | s13b | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }

@@ -83,7 +83,8 @@ def test_fp8_linear_cuda_equals_cpu_emulation():
 @pytest.mark.parametrize("shape", [(4100, 1536), (1000, 200)])
 def test_fp8_channel_quantizer_and_weight_fold_bitwise_vs_cpu(shape, hw_cast):
     """quant.fp8_recipe=channel_delayed: the one-pass channel quantizer (codes, transposed codes, amax, column
-    sums) and the weight fold of quantize_both, compiled, against the CPU torch definitions."""
+    sums) and the weight fold of quantize_both, hardware cast and bit path, compiled, against the CPU torch
+    definitions."""
     from megatron_longlive.quant.fp8 import pad_tokens, quantize_rowwise
     from megatron_longlive.quant.fp8_channel import channel_scales, quantize_channelwise_torch
     from megatron_longlive.quant.fp8_channel_triton import quantize_channelwise
