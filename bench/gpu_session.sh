@@ -4,7 +4,8 @@
 #   here (PyPI reachable):  bash bench/gpu_session.sh prepare
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
-#   on the device:          run command="bash bench/gpu_session.sh run 560 attn" carry=[".whl"] (then e2e, train)
+#   on the device:          run command="bash bench/gpu_session.sh run 560 s13b" carry=[".whl"] (issue 6 first; then
+#                           attn, e2e, train as needed)
 #       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
 #          steps.txt and results.jsonl come back in $OUT.
@@ -68,32 +69,14 @@ run() {
             step dit_fps 420 python bench/bench_generate_chunk.py \
                 --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --steps compile+cuda_graph --linear fp8-fast \
                 --attention sdpa cudnn-fp8 --chunks 3 --out "$res" ;;
-        s13)    # session 13 (issue 6): the channel-scaled FP8 recipe - GPU equality first, then the linear table and the
-                # whole 1.3B training step (bf16 / rowwise fp8 / channel fp8 in one run)
-            step fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k channel
-            step fp8_linear 170 python bench/bench_fp8_linear.py --warmup 20 --out "$res"
-            step train_step 300 python bench/bench_train_step.py --preset wan2.1-1.3b \
-                --quant bf16 fp8 fp8_channel --warmup 1 --steps 2 --out "$res" ;;
-        e2e)    # issue 10 targets 32 / 45 / 25 FPS with every fast path, then the FP8-conv decoder's missing gain
-            # one setting per process: the three in one process ran out of memory (CUDA-graph pools), 2026-12-06
-            for s in wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b; do
-                PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "e2e_$s" 150 python bench/bench_e2e.py \
-                    --settings "$s" --modes stream --chunks 8 --linear fp8-fast --attention cudnn-fp8 --vae-conv fp8 \
-                    --out "$res"
-            done
-            step vae_profile 200 python bench/bench_vae.py --kinds wan2.2 --variants compile+graph --conv bf16 fp8 \
-                --chunks 2 --warmup 1 --no-diffusers --no-psnr --profile --out "$res" ;;
-        train)  # training step rows of one run (issue 6), Wan2.1 96-channel FP8 conv tiles, megatron-core DDP on GPU
-            step train_step 240 python bench/bench_train_step.py --preset wan2.1-1.3b \
-                --quant bf16 fp8 nvfp4_lora nvfp4_lora_offload --warmup 1 --steps 2 --out "$res"
-            step fp8_conv_wan21 120 python bench/bench_fp8_conv.py --kind wan2.1 --latent 60 104 --frames 3
-            step mcore_ddp 200 python -m pytest -q -m gpu tests/gpu/test_mcore_ddp_gpu.py ;;
         s13b)   # the channel quantizer's hardware-cast form after its fix (tests), then the linear/FFN table with the
                 # bit path (default) and the hardware cast
             step fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k channel
             step fp8_linear_bits 80 python bench/bench_fp8_linear.py --warmup 20 --out "$res"
-            MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST=1 step fp8_linear_hw 80 python bench/bench_fp8_linear.py --warmup 20 ;;
-        *) echo "unknown group $g (s13 | s13b | attn | e2e | train)"; exit 2 ;;
+            MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST=1 step fp8_linear_hw 80 python bench/bench_fp8_linear.py --warmup 20
+            step train_step 240 python bench/bench_train_step.py --preset wan2.1-1.3b \
+                --quant bf16 fp8 fp8_channel --warmup 1 --steps 2 --out "$res" ;;
+        *) echo "unknown group $g (s13b | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }

@@ -162,11 +162,6 @@ def backward_gemms(qdy, qdy_t, s_dy, qw_t, sw_t, qx_t, s_x, need_dx: bool, need_
     return dx, dw
 
 
-def quantize_dy(dy2, state: DelayedChannelScale, inv_dy, col_sum: bool, op: str = "identity", h=None):
-    """dy's codes with the forward's snapshot of its encode multipliers (the ones folded into W^T)."""
-    return quantize_channelwise(dy2, inv_dy, state.pending, col_sum=col_sum, op=op, h=h)
-
-
 class FP8ChannelLinearFunction(torch.autograd.Function):
     """y = x W^T + b with the channel-scaled recipe. Saves x's transposed codes (1 byte/value), the weight
     (a parameter: no copy) and the forward's scale snapshots."""
@@ -190,7 +185,7 @@ class FP8ChannelLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         qw_t, sw_t, s_dy, inv_dy = dgrad_weight(weight, dys, dy2, saved=wsaved or None)
         want_db = ctx.has_bias and ctx.needs_input_grad[2]
-        qdy, qdy_t, *db = quantize_dy(dy2, dys, inv_dy, want_db)
+        qdy, qdy_t, *db = quantize_channelwise(dy2, inv_dy, dys.pending, col_sum=want_db)   # the folded scales
         dx, dw = backward_gemms(qdy, qdy_t, s_dy, qw_t, sw_t, qx_t, s_x, ctx.needs_input_grad[0],
                                 ctx.needs_input_grad[1], ctx.emulate, x_dtype, w_dtype)
         xs.roll()
@@ -229,12 +224,13 @@ class FP8ChannelFFNFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         qw2_t, sw2_t, s_dy2, inv_dy2 = dgrad_weight(w2, fc2.dy_scale, dy2, saved=w2saved)
         want_db2 = ctx.has_bias[1] and need[4]
-        qdy2, qdy2_t, *db2 = quantize_dy(dy2, fc2.dy_scale, inv_dy2, want_db2)
+        qdy2, qdy2_t, *db2 = quantize_channelwise(dy2, inv_dy2, fc2.dy_scale.pending, col_sum=want_db2)
         dg, dw2 = backward_gemms(qdy2, qdy2_t, s_dy2, qw2_t, sw2_t, qg_t, s_g, True, need[3], ctx.emulate,
                                  h.dtype, w2_dtype)
         qw1_t, sw1_t, s_dy1, inv_dy1 = dgrad_weight(w1, fc1.dy_scale, dg, op="gelu_backward", h=h, saved=w1saved)
         want_db1 = ctx.has_bias[0] and need[2]
-        qdy1, qdy1_t, *db1 = quantize_dy(dg, fc1.dy_scale, inv_dy1, want_db1, op="gelu_backward", h=h)
+        qdy1, qdy1_t, *db1 = quantize_channelwise(dg, inv_dy1, fc1.dy_scale.pending, col_sum=want_db1,
+                                                  op="gelu_backward", h=h)
         dx, dw1 = backward_gemms(qdy1, qdy1_t, s_dy1, qw1_t, sw1_t, qx_t, s_x, need[0], need[1], ctx.emulate,
                                  x_dtype, w1_dtype)
         for state in (fc1.x_scale, fc1.dy_scale, fc2.x_scale, fc2.dy_scale):
