@@ -198,7 +198,7 @@ class FP8ChannelFFNFunction(torch.autograd.Function):
     """fc2(gelu_tanh(fc1(x))) with both linears in the channel recipe and the GELU fused into the quantizers:
     forward, fc1's output h becomes fc2's codes in one pass (no BF16 GELU output); backward, the gradient at the
     GELU output and h become fc1's dy codes in one pass (no BF16 dy). Saves h (as the BF16 GELU does), the
-    transposed codes of x and of gelu(h) (1 byte/value each) and the scale snapshots."""
+    transposed codes of x and of gelu(h) (1 byte/value each), the folded dgrad weights and the scale snapshots."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, fc1, fc2, emulate: bool, out_dtype: torch.dtype, fast_accum: bool):
@@ -207,8 +207,9 @@ class FP8ChannelFFNFunction(torch.autograd.Function):
         h, w1saved = fprop(qx, s_x, w1, b1, fc1.dy_scale, emulate, out_dtype, fast_accum)
         s_g, qg, qg_t = quantize_operand(h, fc2.x_scale, op="gelu")
         y, w2saved = fprop(qg, s_g, w2, b2, fc2.dy_scale, emulate, out_dtype, fast_accum)
-        ctx.save_for_backward(qx_t, s_x, w1, h, qg_t, s_g, w2)
-        ctx.wsaved = (w1saved, w2saved)              # tensors made here, not inputs: plain attributes are fine
+        # every tensor through save_for_backward, so activation checkpointing and offload hooks see them all
+        ctx.save_for_backward(qx_t, s_x, w1, h, qg_t, s_g, w2, *(w1saved or ()), *(w2saved or ()))
+        ctx.wsaved = (w1saved is not None, w2saved is not None)
         ctx.modules, ctx.emulate = (fc1, fc2), emulate
         ctx.has_bias = (b1 is not None, b2 is not None)
         ctx.x_meta = (x.shape, x.dtype, w1.dtype, w2.dtype)
@@ -216,9 +217,10 @@ class FP8ChannelFFNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        qx_t, s_x, w1, h, qg_t, s_g, w2 = ctx.saved_tensors
+        qx_t, s_x, w1, h, qg_t, s_g, w2, *rest = ctx.saved_tensors
         fc1, fc2 = ctx.modules
-        w1saved, w2saved = ctx.wsaved
+        w1saved = tuple(rest[:4]) if ctx.wsaved[0] else None
+        w2saved = tuple(rest[-4:]) if ctx.wsaved[1] else None
         x_shape, x_dtype, w1_dtype, w2_dtype = ctx.x_meta
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])

@@ -217,3 +217,31 @@ def test_trainer_builds_the_fused_ffn_only_for_the_channel_recipe():
         n = fuse_for_training(model, cfg)
         kinds = {type(b.ffn) for b in model.blocks}
         assert (kinds == {FP8GeluFFN}) == want and (n == len(model.blocks)) == want, (cfg, kinds)
+
+
+def test_fused_ffn_under_checkpointing_keeps_nothing_from_the_first_forward():
+    """Non-reentrant activation checkpointing drops what save_for_backward holds and recomputes it; a tensor kept
+    as a plain ctx attribute would stay alive for every block until its backward. The fused FFN's backward node
+    holds no tensor outside save_for_backward (checked on the step whose forward folds the dgrad weights), and
+    the checkpointed gradients equal the plain run's."""
+    def tensors_in(v):
+        if isinstance(v, torch.Tensor):
+            return 1
+        return sum(tensors_in(u) for u in v) if isinstance(v, (tuple, list)) else 0
+
+    fused, _ = _ffn()
+    ref = copy.deepcopy(fused)
+    x = torch.randn(64, 64)
+    for step in range(2):
+        xc, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fused.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        y = checkpoint(fused, xc, use_reentrant=False)
+        node = y.grad_fn
+        assert "FP8ChannelFFN" in type(node).__name__
+        assert sum(tensors_in(v) for v in vars(node).values()) == 0, {k: type(v) for k, v in vars(node).items()}
+        y.pow(2).sum().backward()
+        ref(xr).pow(2).sum().backward()
+        assert torch.equal(xc.grad, xr.grad), step
+        for a, b in zip(fused.parameters(), ref.parameters()):
+            assert torch.equal(a.grad, b.grad), step
