@@ -160,6 +160,14 @@ class FP8Linear(QuantLinearBase):
         bias = None if self.bias is None else self.bias.to(torch.float32 if emulate else torch.bfloat16)
         return fp8_inference_gemm(qx, sx, self.qweight, self.wscale, bias, emulate, self.fast_accum)
 
+    def training_settings(self, x: torch.Tensor) -> tuple[bool, torch.dtype]:
+        """(emulate, output dtype) of a training forward on x. Like nn.Linear under autocast, the output comes in
+        the autocast dtype (bf16 activations between layers, not the fp32 of a norm's output); the caller runs
+        the function itself with autocast off (exact emulation)."""
+        emulate = self.emulate if self.emulate is not None else not use_scaled_mm(x.device)
+        dev = x.device.type
+        return emulate, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None and not torch.is_grad_enabled():
             # The activation quantization is plain torch ops on purpose: under `torch.compile` Inductor fuses it
@@ -168,12 +176,8 @@ class FP8Linear(QuantLinearBase):
             lead, k = x.shape[:-1], x.shape[-1]
             qx, sx = quantize_rowwise(x.reshape(-1, k))
             return self.frozen_gemm(qx, sx).to(x.dtype).view(*lead, -1)
-        emulate = self.emulate if self.emulate is not None else not use_scaled_mm(x.device)
-        # like nn.Linear under autocast: the output in the autocast dtype (bf16 activations between layers,
-        # not the fp32 of a norm's output); the function's own math runs with autocast off (exact emulation)
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        with torch.autocast(dev, enabled=False):
+        emulate, out_dtype = self.training_settings(x)
+        with torch.autocast(x.device.type, enabled=False):
             if self.recipe == "channel_delayed":
                 from .fp8_channel import FP8ChannelLinearFunction
                 return FP8ChannelLinearFunction.apply(x, self.weight, self.bias, self.x_scale, self.dy_scale, emulate,

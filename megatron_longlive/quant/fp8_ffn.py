@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from .fp8 import FP8Linear, use_scaled_mm
+from .fp8 import FP8Linear
 from .fp8_gelu_quant_triton import gelu_quant_rowwise
 
 
@@ -37,16 +37,13 @@ class FP8GeluFFN(nn.Sequential):
         qh, sh = gelu_quant_rowwise(h.reshape(-1, k))
         return fc2.frozen_gemm(qh, sh).to(x.dtype).view(*lead, -1)
 
-
     def _fused_training(self, x: torch.Tensor) -> torch.Tensor:
         """Training with quant.fp8_recipe=channel_delayed: FP8ChannelFFNFunction (GELU fused into the quantizers)."""
         from .fp8_channel import FP8ChannelFFNFunction
 
         fc1, fc2 = self[0], self[2]
-        emulate = fc2.emulate if fc2.emulate is not None else not use_scaled_mm(x.device)
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        with torch.autocast(dev, enabled=False):
+        emulate, out_dtype = fc2.training_settings(x)
+        with torch.autocast(x.device.type, enabled=False):
             return FP8ChannelFFNFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc1, fc2, emulate,
                                                out_dtype, fc2.fast_accum)
 
