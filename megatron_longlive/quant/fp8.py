@@ -26,12 +26,17 @@ RECIPES = ("rowwise", "channel_delayed")
 (fp8_channel.py)."""
 
 
+def amax_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """amax (fp32) -> (decode scale amax / 448, encode multiplier 448 / amax); (1, 1) where amax is 0."""
+    scale = torch.where(amax > 0, div_rn(amax, FP8_E4M3_MAX), 1.0)
+    inverse = torch.where(amax > 0, torch.full_like(amax, FP8_E4M3_MAX) / amax, 1.0)   # IEEE division, not rcp*448
+    return scale, inverse
+
+
 def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t [R, C] -> (float8_e4m3fn [R, C], fp32 scales [R, 1]) with t ~= q * scale."""
     tf = t.float()
-    amax = tf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, div_rn(amax, FP8_E4M3_MAX), 1.0)
-    inverse = torch.where(amax > 0, torch.full_like(amax, FP8_E4M3_MAX) / amax, 1.0)   # IEEE division, not rcp*448
+    scale, inverse = amax_scales(tf.abs().amax(dim=-1, keepdim=True))
     return (tf * inverse).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 

@@ -28,17 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from .constants import FP8_E4M3_MAX
-from .fp8 import fp8_gemm, quantize_both
-from .ieee import div_rn
+from .fp8 import amax_scales, fp8_gemm, quantize_both
 from .linear_base import pad_tokens
 
 
-def channel_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """amax [C] fp32 -> (decode scale amax / 448, encode multiplier 448 / amax); (1, 1) for a zero channel."""
-    pos = amax > 0
-    scale = torch.where(pos, div_rn(amax, FP8_E4M3_MAX), 1.0)
-    inverse = torch.where(pos, torch.full_like(amax, FP8_E4M3_MAX) / amax, 1.0)
-    return scale, inverse
+channel_scales = amax_scales      # channel amaxes [C] -> (decode scales, encode multipliers), as for rows
 
 
 def apply_op_torch(t: torch.Tensor, op: str = "identity", h: torch.Tensor | None = None) -> torch.Tensor:

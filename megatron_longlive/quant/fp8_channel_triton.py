@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .fp8_conv.conv_triton import _round_bf16
-from .fp8_gelu_quant_triton import _gelu_bf16
+from .fp8_gelu_quant_triton import _C, _gelu_bf16
 from .fp8_triton import _e4m3_bits, _hw_cast, _quick_bench, store_column_stats
 
 STRIP = 512                     # tokens per program (one column atomic and one column-sum row per strip)
@@ -34,7 +34,6 @@ BM, BK = 64, 64                 # interpreter tiles; autotuned on CUDA
 
 
 OPS = {"identity": 0, "gelu": 1, "gelu_backward": 2}
-_C = tl.constexpr(0.7978845608028654)       # sqrt(2 / pi)
 
 
 @triton.jit
