@@ -58,6 +58,28 @@ def cuda_time_ms(fn, warmup: int, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def graphed_ms(fn, warmup: int, iters: int) -> float:
+    """Mean milliseconds per call of fn replayed from a CUDA graph: the device time of the pass with no host
+    launch cost, what the layer costs inside a training step whose host runs ahead of the GPU (attention and
+    the other layers keep the queue full). NaN without CUDA or where capture fails (reason printed)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):          # warm-up (autotuning, caches) off the capture
+            for _ in range(max(warmup, 3)):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as err:                # pragma: no cover - depends on the GPU stack
+        print(f"graph capture failed: {str(err).splitlines()[0]}", file=sys.stderr)
+        return float("nan")
+    return cuda_time_ms(graph.replay, warmup, iters)
+
+
 def copy_bandwidth(a) -> float:
     """Bytes per second of a plain device copy (read + write) of 1 GiB: the bandwidth a quantizer can reach."""
     src = torch.empty(1 << 29, dtype=torch.bfloat16, device=a.device)
@@ -130,7 +152,10 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
         quantize_channelwise(dy, dys.scales()[1], dys.pending, col_sum=True)
         quantize_both(w, fold=(xs.scales()[0], dys.scales()[0]))
 
-    times = {"bf16": cuda_time_ms(step(lin), a.warmup, a.iters),
+    times = {"bf16 graphed": graphed_ms(step(lin), a.warmup, a.iters),
+             "fp8 fast-accum fprop graphed": graphed_ms(step(fp8_fast), a.warmup, a.iters),
+             "fp8 channel_delayed graphed": graphed_ms(step(fp8_channel), a.warmup, a.iters),
+             "bf16": cuda_time_ms(step(lin), a.warmup, a.iters),
              "fp8 channel_delayed": cuda_time_ms(step(fp8_channel), a.warmup, a.iters),
              "fp8 channel_delayed quantize x+w+dy": cuda_time_ms(channel_quantize, a.warmup, a.iters),
              "fp8": cuda_time_ms(step(fp8), a.warmup, a.iters),
@@ -169,14 +194,19 @@ def bench_ffn(tokens: int, dim: int, hidden: int, a) -> dict[str, float]:
             mod(x).backward(dy)
         return run
 
-    return {"ffn bf16": cuda_time_ms(step(seq), a.warmup, a.iters),
+    return {"ffn bf16 graphed": graphed_ms(step(seq), a.warmup, a.iters),
+            "ffn fp8 rowwise graphed": graphed_ms(step(rowwise), a.warmup, a.iters),
+            "ffn fp8 channel_delayed fused graphed": graphed_ms(step(channel), a.warmup, a.iters),
+            "ffn bf16": cuda_time_ms(step(seq), a.warmup, a.iters),
             "ffn fp8 rowwise": cuda_time_ms(step(rowwise), a.warmup, a.iters),
             "ffn fp8 channel_delayed fused": cuda_time_ms(step(channel), a.warmup, a.iters)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=32760, help="rows of x (1.3B: 21 latent frames x 1560)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[32760, 65520],
+                   help="rows of x, one table each (1.3B: 21 latent frames x 1560 = 32760; the teacher-forcing "
+                        "sequence holds clean and noisy latents: 65520)")
     p.add_argument("--models", nargs="+", default=["1.3b", "5b"], choices=sorted(SHAPES))
     p.add_argument("--shapes", nargs="+", default=None, help="override: IN:OUT pairs, e.g. 64:128")
     p.add_argument("--device", default="cuda", help="cpu only for a smoke run of this script")
@@ -191,14 +221,23 @@ def main(argv=None) -> int:
         print("bench_fp8_linear: needs a CUDA GPU with FP8 tensor cores (sm89+, e.g. H100)", file=sys.stderr)
         return 2
     bandwidth = copy_bandwidth(a) if a.device == "cuda" else 1e11
-    print(f"device copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); tokens {a.tokens}")
+    print(f"device copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    for tokens in a.tokens:
+        bench_tokens(tokens, shapes, a, bandwidth)
+    return 0
+
+
+def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
+    """The eager table, the graphed table, then (model shapes only) the FFN table, for one token count."""
+    print(f"\ntokens {tokens}, eager (host launches included)")
     print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'fp8 ms':>8} {'speedup':>8} {'gemm ms':>8} {'fast ms':>8} "
           f"{'quant ms':>9} {'floor ms':>9} {'other ms':>9} {'best':>6} {'fp8 TF/s':>9} {'gemm TF/s':>10} "
           f"{'blk ms':>7} {'blk best':>8} {'fast-fprop':>10} {'ch ms':>7} {'ch quant':>8} {'ch speedup':>10}")
+    graphed = []
     for model, pairs in shapes.items():
         for k, n in pairs:
-            t = bench_shape(a.tokens, k, n, a, bandwidth)
-            flops = 3 * 2 * a.tokens * k * n
+            t = bench_shape(tokens, k, n, a, bandwidth)
+            flops = 3 * 2 * tokens * k * n
             tf = {key: flops / (t[key] * 1e-3) / 1e12 for key in ("bf16", "fp8", "fp8 gemm-only",
                                                                    "fp8 gemm-only fast-accum")}
             speedup = t["bf16"] / t["fp8"]
@@ -213,7 +252,7 @@ def main(argv=None) -> int:
                   f"{tf['fp8 gemm-only']:10.0f} {t['fp8 gemm-only blockwise 1x128']:7.3f} {blk_best:7.2f}x "
                   f"{fast_speedup:9.2f}x {t['fp8 channel_delayed']:7.3f} {t['fp8 channel_delayed quantize x+w+dy']:8.3f} "
                   f"{channel_speedup:9.2f}x")
-            name = f"linear {model} {a.tokens}x{k}->{n} fwd+dgrad+wgrad"
+            name = f"linear {model} {tokens}x{k}->{n} fwd+dgrad+wgrad"
             for key in (key for key in t if t[key] == t[key]):           # NaN: not measured here
                 record(a.out, f"{name} {key}", "time", round(t[key], 4), "ms")
                 if key in tf:
@@ -224,21 +263,36 @@ def main(argv=None) -> int:
             record(a.out, name, "fp8 best speedup at the quantization byte floor", round(best, 3), "x")
             if blk_best == blk_best:
                 record(a.out, name, "fp8 blockwise best speedup at its byte floor", round(blk_best, 3), "x")
-    if a.shapes:
-        return 0
-    print(f"{'FFN (GELU incl.)':24} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel fused ms':>17} {'x':>6}")
-    for model in a.models:
+            g = [t["bf16 graphed"], t["fp8 fast-accum fprop graphed"], t["fp8 channel_delayed graphed"]]
+            graphed.append((model, k, n, g))
+            if g[0] == g[0]:
+                record(a.out, name, "fp8 rowwise (fast fprop) speedup over bf16, both graphed", round(g[0] / g[1], 3),
+                       "x")
+                record(a.out, name, "fp8 channel_delayed speedup over bf16, both graphed", round(g[0] / g[2], 3), "x")
+    print(f"\ntokens {tokens}, CUDA-graphed (device time, no host launch cost)")
+    print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel ms':>11} {'x':>6}")
+    for model, k, n, (b, r, c) in graphed:
+        print(f"{model:6} {f'{k}->{n}':>13} {b:8.3f} {r:11.3f} {b / r:5.2f}x {c:11.3f} {b / c:5.2f}x")
+    if "custom" in shapes:
+        return
+    print(f"\n{'FFN (GELU incl.)':24} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel fused ms':>17} {'x':>6}"
+          f" {'graphed: bf16':>14} {'rowwise':>8} {'x':>6} {'fused':>8} {'x':>6}")
+    for model in shapes:
         dim, hidden = FFNS[model]
-        t = bench_ffn(a.tokens, dim, hidden, a)
+        t = bench_ffn(tokens, dim, hidden, a)
         r, c = t["ffn bf16"] / t["ffn fp8 rowwise"], t["ffn bf16"] / t["ffn fp8 channel_delayed fused"]
+        gb, gr, gc = (t[f"ffn {v} graphed"] for v in ("bf16", "fp8 rowwise", "fp8 channel_delayed fused"))
         print(f"{f'{model} {dim}->{hidden}->{dim}':24} {t['ffn bf16']:8.3f} {t['ffn fp8 rowwise']:11.3f} {r:5.2f}x "
-              f"{t['ffn fp8 channel_delayed fused']:17.3f} {c:5.2f}x")
-        name = f"ffn {model} {a.tokens}x{dim}->{hidden}->{dim} fwd+bwd (gelu incl.)"
+              f"{t['ffn fp8 channel_delayed fused']:17.3f} {c:5.2f}x {gb:14.3f} {gr:8.3f} {gb / gr:5.2f}x {gc:8.3f} "
+              f"{gb / gc:5.2f}x")
+        name = f"ffn {model} {tokens}x{dim}->{hidden}->{dim} fwd+bwd (gelu incl.)"
         for key, v in t.items():
-            record(a.out, f"{name} {key}", "time", round(v, 4), "ms")
+            if v == v:
+                record(a.out, f"{name} {key}", "time", round(v, 4), "ms")
         record(a.out, name, "fp8 rowwise speedup over bf16", round(r, 3), "x")
         record(a.out, name, "fp8 channel_delayed fused speedup over bf16", round(c, 3), "x")
-    return 0
+        if gb == gb:
+            record(a.out, name, "fp8 channel_delayed fused speedup over bf16, both graphed", round(gb / gc, 3), "x")
 
 
 if __name__ == "__main__":

@@ -72,10 +72,10 @@ run() {
         s13b)   # the channel quantizer's hardware-cast form after its fix (tests), then the linear/FFN table with the
                 # bit path (default) and the hardware cast
             step fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k channel
-            step fp8_linear_bits 80 python bench/bench_fp8_linear.py --warmup 20 --out "$res"
-            MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST=1 step fp8_linear_hw 80 python bench/bench_fp8_linear.py --warmup 20
+            step fp8_linear_bits 200 python bench/bench_fp8_linear.py --warmup 20 --out "$res"
             step train_step 240 python bench/bench_train_step.py --preset wan2.1-1.3b \
-                --quant bf16 fp8 fp8_channel --warmup 1 --steps 2 --out "$res" ;;
+                --quant bf16 fp8 fp8_channel --warmup 1 --steps 2 --out "$res"
+            MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST=1 step fp8_linear_hw 80 python bench/bench_fp8_linear.py --warmup 20 --tokens 32760 ;;
         *) echo "unknown group $g (s13b | attn | e2e | train)"; exit 2 ;;
         esac
     done

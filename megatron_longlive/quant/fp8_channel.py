@@ -69,9 +69,28 @@ def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Te
     return (q, q_t, v.float().sum(0)) if col_sum else (q, q_t)
 
 
+def roll_history_torch(history: torch.Tensor, pending: torch.Tensor, cursor: int, margin: int):
+    """The roll, in place: history[cursor] (the oldest row) <- pending's amaxes, pending <- 0; returns the new
+    (decode scale, encode multiplier) [C] of 2**margin * (max over history rows). Fresh scale tensors each roll, so
+    a snapshot a forward saved for its backward never changes."""
+    history[cursor] = pending.view(torch.float32)
+    pending.zero_()
+    return channel_scales(history.amax(0) * 2.0 ** margin)
+
+
+def roll_history(history: torch.Tensor, pending: torch.Tensor, cursor: int, margin: int):
+    """roll_history_torch in one Triton launch on CUDA (fp8_channel_triton.roll_history, bitwise equal)."""
+    if history.is_cuda:
+        from .fp8_channel_triton import roll_history as fused
+        return fused(history, pending, cursor, margin)
+    return roll_history_torch(history, pending, cursor, margin)
+
+
 class DelayedChannelScale:
     """Channel amax history of one operand: scales come from the max over the last `length` rolled amaxes,
-    times 2**margin. Tensors live on the device of the first call; nothing here synchronizes with the host."""
+    times 2**margin. The history is a ring buffer (the max does not care about row order): a roll overwrites the
+    oldest row and computes the next scales, one launch on CUDA. Tensors live on the device of the first call;
+    nothing here synchronizes with the host."""
 
     def __init__(self, length: int = 16, margin: int = 2):
         if length < 1:
@@ -79,7 +98,8 @@ class DelayedChannelScale:
         if not 0 <= margin <= 8:
             raise ValueError(f"quant.fp8_amax_margin: binades of headroom in 0..8, got {margin}")
         self.length, self.margin = length, margin
-        self.history: torch.Tensor | None = None     # [length, C] fp32, newest first
+        self.history: torch.Tensor | None = None     # [length, C] fp32 ring buffer
+        self.cursor = 0                              # its oldest row: the next roll overwrites it
         self.pending: torch.Tensor | None = None     # [C] int32: fp32 bits of this step's running channel amax
         self._scales: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -92,20 +112,23 @@ class DelayedChannelScale:
         amax = t2.float().abs().amax(0)
         self.history = torch.zeros(self.length, amax.numel(), dtype=torch.float32, device=amax.device)
         self.history[0] = amax
+        self.cursor = 1 % self.length
         self.pending = torch.zeros(amax.numel(), dtype=torch.int32, device=amax.device)
-        self._scales = None
+        self._scales = channel_scales(amax * 2.0 ** self.margin)
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(decode scale [C], encode multiplier [C]) of the current history (cached until the next roll)."""
-        if self._scales is None:
-            self._scales = channel_scales(self.history.amax(0) * 2.0 ** self.margin)
+        """(decode scale [C], encode multiplier [C]) of the current history (fixed until the next roll)."""
         return self._scales
+
+    def newest_first(self) -> torch.Tensor:
+        """The history rows from the latest roll back to the oldest (for inspection and tests)."""
+        order = [(self.cursor - 1 - i) % self.length for i in range(self.length)]
+        return self.history[order]
 
     def roll(self) -> None:
         """Push this step's amaxes into the history (the next call's scales) and start a new step."""
-        self.history = torch.cat([self.pending.view(torch.float32)[None], self.history[:-1]])
-        self.pending = torch.zeros_like(self.pending)
-        self._scales = None
+        self._scales = roll_history(self.history, self.pending, self.cursor, self.margin)
+        self.cursor = (self.cursor + 1) % self.length
 
 
 def quantize_operand(t2: torch.Tensor, state: DelayedChannelScale, col_sum: bool = False, op: str = "identity",
@@ -118,9 +141,16 @@ def quantize_operand(t2: torch.Tensor, state: DelayedChannelScale, col_sum: bool
     return (scale, *quantize_channelwise(t2, inv, state.pending, col_sum=col_sum, op=op, h=h))
 
 
+_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def ones_column(rows: int, device) -> torch.Tensor:
-    """The activation-side rowwise scales of fprop and dgrad: the channel scales live in the weight."""
-    return torch.ones(rows, 1, device=device)
+    """The activation-side rowwise scales of fprop and dgrad (the channel scales live in the weight): all ones,
+    made once per (rows, device) and only ever read, so no fill kernel per GEMM."""
+    key = (rows, torch.device(device))
+    if key not in _ONES:
+        _ONES[key] = torch.ones(rows, 1, device=device)
+    return _ONES[key]
 
 
 def fprop(qx, s_x, weight, bias, dys: DelayedChannelScale, emulate: bool, out_dtype, fast_accum: bool):

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .fp8_conv.conv_triton import _round_bf16
 from .fp8_gelu_quant_triton import _C, _gelu_bf16
-from .fp8_triton import _e4m3_bits, _hw_cast, _quick_bench, store_column_stats
+from .fp8_triton import _e4m3_bits, _hw_cast, _quick_bench, _scale_and_inverse, store_column_stats
 
 STRIP = 512                     # tokens per program (one column atomic and one column-sum row per strip)
 BM, BK = 64, 64                 # interpreter tiles; autotuned on CUDA
@@ -120,3 +120,31 @@ def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Te
         _channel_quantize_kernel[(strips, triton.cdiv(k, BK))](*args, BM=BM, BK=BK, ROW_TILES=STRIP // BM,
                                                                COL_SUM=col_sum, HW_CAST=hw, OP=OPS[op], num_warps=4)
     return (q, q_t, sums.sum(0)) if col_sum else (q, q_t)
+
+
+@triton.jit
+def _roll_kernel(hist_ptr, pending_ptr, scale_ptr, inv_ptr, C, cursor, gain, LENGTH: tl.constexpr, BC: tl.constexpr):
+    cols = tl.program_id(0) * BC + tl.arange(0, BC)
+    inside = cols < C
+    newest = tl.load(pending_ptr + cols, mask=inside, other=0).to(tl.float32, bitcast=True)
+    amax = newest
+    for r in range(LENGTH):     # the rows this roll keeps; row `cursor` (the oldest) is replaced by `newest`
+        old = tl.load(hist_ptr + r * C + cols, mask=inside & (r != cursor), other=0.0)
+        amax = tl.maximum(amax, old)
+    tl.store(hist_ptr + cursor * C + cols, newest, mask=inside)
+    tl.store(pending_ptr + cols, tl.zeros([BC], dtype=tl.int32), mask=inside)
+    scale, inv = _scale_and_inverse(amax * gain)
+    tl.store(scale_ptr + cols, scale, mask=inside)
+    tl.store(inv_ptr + cols, inv, mask=inside)
+
+
+def roll_history(history: torch.Tensor, pending: torch.Tensor, cursor: int, margin: int):
+    """One launch for fp8_channel.roll_history_torch (same contract, bitwise equal): history[cursor] <- pending
+    (as fp32), pending <- 0, and the fresh (scale, inverse) [C] of 2**margin * max(history)."""
+    length, c = history.shape
+    scale = torch.empty(c, dtype=torch.float32, device=history.device)
+    inv = torch.empty_like(scale)
+    bc = 1024 if _hw_cast(history) else 64
+    _roll_kernel[(triton.cdiv(c, bc),)](history, pending, scale, inv, c, cursor, float(2.0 ** margin),
+                                        LENGTH=length, BC=bc, num_warps=4)
+    return scale, inv

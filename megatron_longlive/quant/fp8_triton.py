@@ -151,8 +151,8 @@ def quantize_both(t: torch.Tensor, col_sum: bool = False, hw_cast: bool | None =
     mp = (m + 15) // 16 * 16
     dev = t.device
     hw = _hw_cast(t) if hw_cast is None else hw_cast
-    row_amax = torch.zeros(m, dtype=torch.int32, device=dev)          # fp32 bits, see _stats_kernel
-    col_amax = torch.zeros(k, dtype=torch.int32, device=dev)
+    amaxes = torch.zeros(m + k, dtype=torch.int32, device=dev)          # fp32 bits, see _stats_kernel; one fill
+    row_amax, col_amax = amaxes[:m], amaxes[m:]
     strips = triton.cdiv(m, STRIP)
     sums = torch.empty(strips if col_sum else 1, k, dtype=torch.float32, device=dev)
     q_row = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev)

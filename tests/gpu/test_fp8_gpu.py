@@ -135,7 +135,9 @@ def test_fp8_channel_linear_cuda_equals_cpu_emulation_over_steps():
                            ("db", fast.bias.grad, emu.bias.grad)):
             err = ((a.float().cpu() - b.float()).norm() / b.float().norm()).item()
             assert err < 1e-2, (step, name, err)
-        assert torch.equal(fast.x_scale.history.cpu(), emu.x_scale.history), step
+        for a, b in ((fast.x_scale, emu.x_scale), (fast.dy_scale, emu.dy_scale)):     # the one-launch roll on CUDA
+            assert torch.equal(a.history.cpu(), b.history) and a.cursor == b.cursor, step
+            assert all(torch.equal(u.cpu(), v) for u, v in zip(a.scales(), b.scales())), step
 
 
 def test_fp8_channel_fused_ffn_cuda_close_to_cpu_unfused():

@@ -100,7 +100,7 @@ def test_emulated_channel_linear_equals_its_definition_over_steps():
             assert err < 2e-6, (step, name, err)
         assert torch.allclose(lin.bias.grad.double(), dy.double().sum(0), atol=1e-4)
     xs, dys = _channel(f)
-    assert torch.equal(xs.history[0], xs_hist[-1]) and torch.equal(dys.history[2], dys_hist[0])
+    assert torch.equal(xs.newest_first()[0], xs_hist[-1]) and torch.equal(dys.newest_first()[2], dys_hist[0])
 
 
 def test_channel_linear_close_to_float64_math_and_recovers_from_saturation():

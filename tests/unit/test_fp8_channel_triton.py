@@ -57,6 +57,26 @@ def test_weight_fold_bitwise(shape):
         fp8_triton.quantize_both(w, col_sum=True, fold=(rfold, cfold))
 
 
+@pytest.mark.parametrize("length,c", [(1, 70), (3, 200), (16, 1536)])
+def test_roll_kernel_equals_the_torch_roll_over_a_wrap(length, c):
+    """The one-launch roll (ring-buffer write, pending reset, next scales) bitwise equal to roll_history_torch,
+    over more rolls than the history holds; zero and tiny amaxes included (scale 1, denormal-range inverses)."""
+    g = torch.Generator().manual_seed(length)
+    hist = [torch.zeros(length, c), torch.zeros(length, c)]
+    pend = [torch.zeros(c, dtype=torch.int32), torch.zeros(c, dtype=torch.int32)]
+    for step in range(length + 3):
+        amax = torch.rand(c, generator=g) * 10.0 ** torch.randint(-40, 6, (c,), generator=g).float()
+        amax[torch.rand(c, generator=g) < 0.1] = 0.0
+        for p in pend:
+            p.copy_(amax.view(torch.int32))
+        cursor = step % length
+        want = fp8_channel.roll_history_torch(hist[0], pend[0], cursor, margin=2)
+        got = fp8_channel_triton.roll_history(hist[1], pend[1], cursor, margin=2)
+        for a, b in zip(want + (hist[0], pend[0]), got + (hist[1], pend[1])):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), step
+    assert torch.all(pend[1] == 0) and torch.equal(hist[1].amax(0), hist[0].amax(0))
+
+
 def test_channel_linear_with_the_kernels_equals_the_torch_path(monkeypatch):
     """Two training steps of the linear with both quantizers routed to the Triton kernels (as on CUDA) give
     bitwise the y, dx, dW, db and amax histories of the torch-quantized run."""
