@@ -165,7 +165,45 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
              "fp8 quantize x+w+dy": cuda_time_ms(quantize, a.warmup, a.iters),
              "fp8 quantize floor": 6 * (tokens * k + tokens * n + n * k) / bandwidth * 1e3,
              "fp8 gemm-only blockwise 1x128": blk}
+    times.update(fast_accum_errors((qx, sx, qw, sw), (qdy, sdy, qwt, swt), (qdyt, sdyt, qxt, sxt)))
+    times.update(clocks_under_load(step(lin), "bf16"))
+    times.update(clocks_under_load(gemms(True), "fp8 gemm-only fast-accum"))
     return times
+
+
+def fast_accum_errors(*operands) -> dict[str, float]:
+    """Per GEMM (fprop, dgrad, wgrad), the relative Frobenius error of the tensor cores' fast accumulation
+    against the promoted (exact fp32) one on the same E4M3 operands: what quant.fp8_fast_accum would cost if it
+    also covered the backward GEMMs (the wgrad reduces over all tokens)."""
+    out = {}
+    for name, (qa, sa, qb, sb) in zip(("fprop", "dgrad", "wgrad"), operands):
+        exact, fast = (torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.float32,
+                                        use_fast_accum=f) for f in (False, True))
+        out[f"fp8 {name} fast-accum relative error"] = ((fast - exact).norm() / exact.norm()).item()
+    return out
+
+
+def clocks_under_load(fn, label: str, seconds: float = 0.3) -> dict[str, float]:
+    """SM clock (MHz) and board power (W) sampled by nvidia-smi while ~`seconds` of fn run back to back: FP8
+    GEMMs may drive an H100 into its power cap, which lowers the clock and the FP8:BF16 ratio on long runs."""
+    import subprocess
+    import time
+
+    if not torch.cuda.is_available():
+        return {}
+    per_call = max(cuda_time_ms(fn, 1, 3), 1e-3) * 1e-3
+    for _ in range(max(1, int(seconds / per_call))):
+        fn()
+    time.sleep(seconds / 2)                          # the queue is still draining: sample mid-run
+    try:
+        line = subprocess.run(["nvidia-smi", f"--id={torch.cuda.current_device()}",
+                               "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        clock, power = (float(v) for v in line.split(","))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        clock = power = float("nan")
+    torch.cuda.synchronize()
+    return {f"{label} sm clock under load": clock, f"{label} power under load": power}
 
 
 FFNS = {"1.3b": (1536, 8960), "5b": (3072, 14336)}
@@ -233,7 +271,7 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
     print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'fp8 ms':>8} {'speedup':>8} {'gemm ms':>8} {'fast ms':>8} "
           f"{'quant ms':>9} {'floor ms':>9} {'other ms':>9} {'best':>6} {'fp8 TF/s':>9} {'gemm TF/s':>10} "
           f"{'blk ms':>7} {'blk best':>8} {'fast-fprop':>10} {'ch ms':>7} {'ch quant':>8} {'ch speedup':>10}")
-    graphed = []
+    graphed, details = [], []
     for model, pairs in shapes.items():
         for k, n in pairs:
             t = bench_shape(tokens, k, n, a, bandwidth)
@@ -254,7 +292,10 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
                   f"{channel_speedup:9.2f}x")
             name = f"linear {model} {tokens}x{k}->{n} fwd+dgrad+wgrad"
             for key in (key for key in t if t[key] == t[key]):           # NaN: not measured here
-                record(a.out, f"{name} {key}", "time", round(t[key], 4), "ms")
+                metric, unit = (("relative error", "") if key.endswith("relative error") else
+                                ("sm clock", "MHz") if key.endswith("clock under load") else
+                                ("power", "W") if key.endswith("power under load") else ("time", "ms"))
+                record(a.out, f"{name} {key}", metric, round(t[key], 6 if unit == "" else 4), unit)
                 if key in tf:
                     record(a.out, f"{name} {key}", "throughput", round(tf[key], 1), "TFLOP/s")
             record(a.out, name, "fp8 speedup over bf16", round(speedup, 3), "x")
@@ -265,10 +306,19 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
                 record(a.out, name, "fp8 blockwise best speedup at its byte floor", round(blk_best, 3), "x")
             g = [t["bf16 graphed"], t["fp8 fast-accum fprop graphed"], t["fp8 channel_delayed graphed"]]
             graphed.append((model, k, n, g))
+            details.append((model, k, n, t))
             if g[0] == g[0]:
                 record(a.out, name, "fp8 rowwise (fast fprop) speedup over bf16, both graphed", round(g[0] / g[1], 3),
                        "x")
                 record(a.out, name, "fp8 channel_delayed speedup over bf16, both graphed", round(g[0] / g[2], 3), "x")
+    print(f"\ntokens {tokens}: fast accumulation's relative error per GEMM (vs promoted), and the SM clock / power"
+          " sampled under load")
+    for model, k, n, t in details:
+        errs = " ".join(f"{g} {t[f'fp8 {g} fast-accum relative error']:.2e}" for g in ("fprop", "dgrad", "wgrad"))
+        clk = " ".join(f"{lbl}: {t.get(f'{lbl} sm clock under load', float('nan')):.0f} MHz "
+                       f"{t.get(f'{lbl} power under load', float('nan')):.0f} W"
+                       for lbl in ("bf16", "fp8 gemm-only fast-accum"))
+        print(f"{model:6} {f'{k}->{n}':>13} {errs} | {clk}")
     print(f"\ntokens {tokens}, CUDA-graphed (device time, no host launch cost)")
     print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel ms':>11} {'x':>6}")
     for model, k, n, (b, r, c) in graphed:
