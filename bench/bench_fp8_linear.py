@@ -165,6 +165,17 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
              "fp8 quantize x+w+dy": cuda_time_ms(quantize, a.warmup, a.iters),
              "fp8 quantize floor": 6 * (tokens * k + tokens * n + n * k) / bandwidth * 1e3,
              "fp8 gemm-only blockwise 1x128": blk}
+    xb, wb = x.detach(), w
+    per_gemm = {"fprop": (lambda: torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16),
+                          lambda: xb @ wb.t()),
+                "dgrad": (lambda: torch._scaled_mm(qdy, qwt.t(), scale_a=sdy, scale_b=swt.t(), out_dtype=torch.bfloat16),
+                          lambda: dy @ wb),
+                "wgrad": (lambda: torch._scaled_mm(qdyt, qxt.t(), scale_a=sdyt, scale_b=sxt.t(),
+                                                   out_dtype=torch.bfloat16),
+                          lambda: dy.t() @ xb)}
+    for g, (f8, b16) in per_gemm.items():       # which GEMM loses FP8's edge at which token count
+        times[f"fp8 {g} gemm"] = cuda_time_ms(f8, a.warmup, a.iters)
+        times[f"bf16 {g} gemm"] = cuda_time_ms(b16, a.warmup, a.iters)
     times.update(fast_accum_errors((qx, sx, qw, sw), (qdy, sdy, qwt, swt), (qdyt, sdyt, qxt, sxt)))
     times.update(clocks_under_load(step(lin), "bf16"))
     times.update(clocks_under_load(gemms(True), "fp8 gemm-only fast-accum"))
@@ -311,14 +322,15 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
                 record(a.out, name, "fp8 rowwise (fast fprop) speedup over bf16, both graphed", round(g[0] / g[1], 3),
                        "x")
                 record(a.out, name, "fp8 channel_delayed speedup over bf16, both graphed", round(g[0] / g[2], 3), "x")
-    print(f"\ntokens {tokens}: fast accumulation's relative error per GEMM (vs promoted), and the SM clock / power"
-          " sampled under load")
+    print(f"\ntokens {tokens}: fast accumulation's relative error per GEMM (vs promoted), the SM clock / power"
+          " sampled under load, and each GEMM alone (bf16 / fp8 exact accumulation)")
     for model, k, n, t in details:
         errs = " ".join(f"{g} {t[f'fp8 {g} fast-accum relative error']:.2e}" for g in ("fprop", "dgrad", "wgrad"))
         clk = " ".join(f"{lbl}: {t.get(f'{lbl} sm clock under load', float('nan')):.0f} MHz "
                        f"{t.get(f'{lbl} power under load', float('nan')):.0f} W"
                        for lbl in ("bf16", "fp8 gemm-only fast-accum"))
-        print(f"{model:6} {f'{k}->{n}':>13} {errs} | {clk}")
+        gemm = " ".join(f"{g} {t[f'bf16 {g} gemm']:.3f}/{t[f'fp8 {g} gemm']:.3f} ms" for g in ("fprop", "dgrad", "wgrad"))
+        print(f"{model:6} {f'{k}->{n}':>13} {errs} | {clk} | bf16/fp8 {gemm}")
     print(f"\ntokens {tokens}, CUDA-graphed (device time, no host launch cost)")
     print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel ms':>11} {'x':>6}")
     for model, k, n, (b, r, c) in graphed:
