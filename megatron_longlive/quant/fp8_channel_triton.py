@@ -91,7 +91,7 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
 
 _channel_quantize_tuned = triton.autotune(
     [triton.Config({"BM": bm, "BK": bk, "ROW_TILES": STRIP // bm}, num_warps=w)
-     for bm, bk, w in ((64, 128, 4), (128, 64, 8), (64, 64, 4), (32, 128, 4))],
+     for bm, bk, w in ((64, 128, 4), (128, 64, 8), (64, 64, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8))],
     key=["M_KEY", "K"], do_bench=_quick_bench)(_channel_quantize_kernel)
 
 
