@@ -176,6 +176,19 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
     for g, (f8, b16) in per_gemm.items():       # which GEMM loses FP8's edge at which token count
         times[f"fp8 {g} gemm"] = cuda_time_ms(f8, a.warmup, a.iters)
         times[f"bf16 {g} gemm"] = cuda_time_ms(b16, a.warmup, a.iters)
+    half = qdyt.shape[1] // 32 * 16                 # exploration: the wgrad as two token halves (fp32 partials)
+
+    def wgrad_split():
+        lo = torch._scaled_mm(qdyt[:, :half], qxt[:, :half].t(), scale_a=sdyt, scale_b=sxt.t(), out_dtype=torch.float32)
+        hi_ = torch._scaled_mm(qdyt[:, half:], qxt[:, half:].t(), scale_a=sdyt, scale_b=sxt.t(),
+                               out_dtype=torch.float32)
+        return (lo + hi_).to(torch.bfloat16)
+
+    try:
+        times["fp8 wgrad gemm split in 2"] = cuda_time_ms(wgrad_split, a.warmup, a.iters)
+    except (RuntimeError, ValueError) as err:      # strided halves refused by this torch/cuBLAS
+        print(f"wgrad split: {str(err).splitlines()[0]}", file=sys.stderr)
+        times["fp8 wgrad gemm split in 2"] = float("nan")
     times.update(fast_accum_errors((qx, sx, qw, sw), (qdy, sdy, qwt, swt), (qdyt, sdyt, qxt, sxt)))
     times.update(clocks_under_load(step(lin), "bf16"))
     times.update(clocks_under_load(gemms(True), "fp8 gemm-only fast-accum"))
@@ -330,6 +343,7 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
                        f"{t.get(f'{lbl} power under load', float('nan')):.0f} W"
                        for lbl in ("bf16", "fp8 gemm-only fast-accum"))
         gemm = " ".join(f"{g} {t[f'bf16 {g} gemm']:.3f}/{t[f'fp8 {g} gemm']:.3f} ms" for g in ("fprop", "dgrad", "wgrad"))
+        gemm += f" (fp8 wgrad in 2 halves {t['fp8 wgrad gemm split in 2']:.3f} ms)"
         print(f"{model:6} {f'{k}->{n}':>13} {errs} | {clk} | bf16/fp8 {gemm}")
     print(f"\ntokens {tokens}, CUDA-graphed (device time, no host launch cost)")
     print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel ms':>11} {'x':>6}")

@@ -73,7 +73,7 @@ run() {
                 # accumulation errors, clocks under load), then the 1.3B training step with it
             export MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST=1
             step fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k channel
-            step fp8_linear_hw 200 python bench/bench_fp8_linear.py --warmup 20 --out "$res"
+            step fp8_linear_hw 200 python bench/bench_fp8_linear.py --warmup 10 --out "$res"
             step train_step 150 python bench/bench_train_step.py --preset wan2.1-1.3b \
                 --quant bf16 fp8_channel --warmup 1 --steps 2 --out "$res" ;;
         *) echo "unknown group $g (s14 | attn | e2e | train)"; exit 2 ;;
