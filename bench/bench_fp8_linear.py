@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.record import record  # noqa: E402
-from megatron_longlive.quant.fp8 import FP8Linear, quantize_both  # noqa: E402
+from megatron_longlive.quant.fp8 import TOKEN_PAD, FP8Linear, quantize_both  # noqa: E402
 
 SHAPES = {"1.3b": [(1536, 1536), (1536, 8960), (8960, 1536)],
           "5b": [(3072, 3072), (3072, 14336), (14336, 3072)]}
@@ -107,9 +107,9 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
         return run
 
     # the three GEMMs alone on operands quantized once (no quantization in the timed loop)
-    qx, sx, qxt, sxt = quantize_both(x.detach())
+    qx, sx, qxt, sxt = quantize_both(x.detach(), pad=TOKEN_PAD)     # as the linear lays out activations
     qw, sw, qwt, swt = quantize_both(w)
-    qdy, sdy, qdyt, sdyt = quantize_both(dy)
+    qdy, sdy, qdyt, sdyt = quantize_both(dy, pad=TOKEN_PAD)
 
     def gemms(fast: bool):
         def run():
@@ -137,9 +137,9 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
         blk = float("nan")
 
     def quantize():
-        quantize_both(x.detach())
+        quantize_both(x.detach(), pad=TOKEN_PAD)
         quantize_both(w)
-        quantize_both(dy, col_sum=True)
+        quantize_both(dy, col_sum=True, pad=TOKEN_PAD)
 
     from megatron_longlive.quant.fp8_channel import DelayedChannelScale, quantize_channelwise
 

@@ -21,6 +21,11 @@ from .constants import FP8_E4M3_MAX
 from .ieee import div_rn
 from .linear_base import QuantLinearBase, bias_grad, pad_tokens
 
+TOKEN_PAD = 128
+"""The token dim of the wgrad operands (x^T, dy^T: the GEMM's reduction) is zero-padded to a multiple of this.
+cuBLAS's FP8 GEMM with a reduction length that is not a multiple of 128 ran 3.4x slower on an H100 (65520 tokens:
+2.66 ms against 0.78 ms at 32768, bench_fp8_linear per-GEMM table, 2026-12-07), slower than BF16."""
+
 RECIPES = ("rowwise", "channel_delayed")
 """FP8 training recipes: per-token/per-channel current scales (this file) or delayed channel scales
 (fp8_channel.py)."""
@@ -45,19 +50,19 @@ def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_both(t: torch.Tensor, col_sum: bool = False,
-                  fold: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+                  fold: tuple[torch.Tensor, torch.Tensor] | None = None, pad: int = 16) -> tuple[torch.Tensor, ...]:
     """t [M, K] -> (q [M, K], s [M, 1], qT [K, MP], sT [K, 1]): rowwise along K, and the transpose
-    (zero-padded to MP = ceil(M/16)*16) rowwise along M; with col_sum also the column sums [K] of t in
-    t's dtype, accumulated in fp32 (the bias gradient when t is dy). fold = (rfold [K], cfold [M]): the rows
+    (zero-padded to MP = ceil(M/pad)*pad; activations use TOKEN_PAD) rowwise along M; with col_sum also the
+    column sums [K] of t in t's dtype, accumulated in fp32 (the bias gradient when t is dy). fold = (rfold [K], cfold [M]): the rows
     quantize t * rfold[None, :] and the transpose t * cfold[:, None] (fp8_channel's weights). One fused Triton
     pass pair on CUDA (fp8_triton.py, bitwise equal codes and scales), plain torch elsewhere."""
     if t.is_cuda:
         from .fp8_triton import quantize_both as fused
-        out = fused(t, col_sum=col_sum, fold=fold)
+        out = fused(t, col_sum=col_sum, fold=fold, pad=pad)
         return out[:4] + (out[4].to(t.dtype),) if col_sum else out
     rows, cols = (t, t) if fold is None else (t.float() * fold[0].float()[None, :], t.float() * fold[1].float()[:, None])
     q, s = quantize_rowwise(rows)
-    q_t, s_t = quantize_rowwise(pad_tokens(cols.t()))
+    q_t, s_t = quantize_rowwise(pad_tokens(cols.t(), pad))
     out = (q, s, q_t.contiguous(), s_t)
     return out + (bias_grad(t),) if col_sum else out
 
@@ -87,7 +92,7 @@ class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, emulate: bool, out_dtype: torch.dtype, fast_accum: bool = False):
         lead, k = x.shape[:-1], x.shape[-1]
-        qx, sx, qx_t, sx_t = quantize_both(x.reshape(-1, k))                 # [M, K], [K, M16]
+        qx, sx, qx_t, sx_t = quantize_both(x.reshape(-1, k), pad=TOKEN_PAD)  # [M, K], [K, M128]
         qw, sw, qw_t, sw_t = quantize_both(weight)                           # [N, K], [K, N]
         y = fp8_gemm(qx, sx, qw, sw, emulate, out_dtype, bias, fast_accum)   # [M, N]
         ctx.save_for_backward(qx_t, sx_t, qw_t, sw_t)
@@ -100,7 +105,7 @@ class FP8LinearFunction(torch.autograd.Function):
         x_shape, x_dtype, w_dtype = ctx.x_meta
         dy2 = dy.reshape(-1, dy.shape[-1])                                   # [M, N]
         want_db = ctx.has_bias and ctx.needs_input_grad[2]
-        qdy, sdy, qdy_t, sdy_t, *db = quantize_both(dy2, col_sum=want_db)   # [M, N], [N, M16], ([N])
+        qdy, sdy, qdy_t, sdy_t, *db = quantize_both(dy2, col_sum=want_db, pad=TOKEN_PAD)  # [M, N], [N, M128], [N]
         db = db[0] if want_db else None
         dx = dw = None
         if ctx.needs_input_grad[0]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .constants import FP8_E4M3_MAX
-from .fp8 import amax_scales, fp8_gemm, quantize_both
+from .fp8 import TOKEN_PAD, amax_scales, fp8_gemm, quantize_both
 from .linear_base import pad_tokens
 
 
@@ -47,12 +47,13 @@ def apply_op_torch(t: torch.Tensor, op: str = "identity", h: torch.Tensor | None
     raise ValueError(f"unknown op {op!r} (identity, gelu, gelu_backward)")
 
 
-def quantize_channelwise_torch(t: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The definition: t [M, K], inv [K] -> (q [M, K] e4m3, q^T [K, MP] e4m3 (zero-padded tokens), amax [K] fp32)
-    with q = e4m3_rne(clamp(t * inv, -448, 448))."""
+def quantize_channelwise_torch(t: torch.Tensor, inv: torch.Tensor,
+                               pad: int = TOKEN_PAD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The definition: t [M, K], inv [K] -> (q [M, K] e4m3, q^T [K, MP] e4m3 (tokens zero-padded to a multiple of
+    pad), amax [K] fp32) with q = e4m3_rne(clamp(t * inv, -448, 448))."""
     tf = t.float()
     q = (tf * inv.float()[None, :]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    q_t = pad_tokens(q.view(torch.uint8).t()).contiguous().view(torch.float8_e4m3fn)
+    q_t = pad_tokens(q.view(torch.uint8).t(), pad).contiguous().view(torch.float8_e4m3fn)
     return q, q_t, tf.abs().amax(0)
 
 

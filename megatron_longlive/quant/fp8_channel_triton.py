@@ -4,10 +4,11 @@ With one scale per channel (column) known before the call (delayed scaling: from
 code is pointwise, q[m, k] = e4m3_rne(clamp(t[m, k] * inv[k], -448, 448)), and the same codes serve the GEMM
 that reduces over K (fprop/dgrad: the channel scale is folded into the weight) and, transposed, the one that
 reduces over M (wgrad). So one read of t and two one-byte writes (4 bytes per value instead of the rowwise
-recipe's 6): q [M, K], q^T [K, MP] (zero-padded to MP = ceil(M/16)*16 tokens), plus this call's column amaxes
+recipe's 6): q [M, K], q^T [K, MP] (zero-padded to MP = ceil(M/pad)*pad tokens, fp8.TOKEN_PAD = 128 by default:
+the wgrad's reduction length), plus this call's column amaxes
 (a relaxed integer atomic max into `amax_bits`, the fp32 bits: the next steps' scales) and, for dy, fp32 column
-sums per STRIP tokens (the bias gradient; fixed order, so deterministic). Every strip covers its tokens up to a
-multiple of 16, so the padding of q^T is written (zeros) by the kernel itself.
+sums per STRIP tokens (the bias gradient; fixed order, so deterministic). The strips cover all MP tokens, so the
+padding of q^T is written (zeros) by the kernel itself.
 
 Producer fusion: `op` applies the FFN's pointwise step before quantizing, so that tensor never exists in BF16:
 "gelu" turns fc1's output h into fc2's codes (forward), "gelu_backward" turns the gradient at the GELU output and h
@@ -27,6 +28,7 @@ import triton.language as tl
 
 from .fp8_conv.conv_triton import _round_bf16
 from .fp8_gelu_quant_triton import _C, _gelu_bf16
+from .fp8 import TOKEN_PAD
 from .fp8_triton import _e4m3_bits, _hw_cast, _quick_bench, _scale_and_inverse, store_column_stats
 
 STRIP = 512                     # tokens per program (one column atomic and one column-sum row per strip)
@@ -96,16 +98,17 @@ _channel_quantize_tuned = triton.autotune(
 
 
 def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Tensor, col_sum: bool = False,
-                         hw_cast: bool | None = None, op: str = "identity", h: torch.Tensor | None = None):
+                         hw_cast: bool | None = None, op: str = "identity", h: torch.Tensor | None = None,
+                         pad: int = TOKEN_PAD):
     """v = op(t) [M, K], inv [K] fp32 encode multipliers -> (q [M, K] e4m3, q^T [K, MP] e4m3) of v, plus v's
     fp32 column sums [K] when col_sum. Max-accumulates v's column amaxes into amax_bits [K] int32 (fp32 bits).
     op: "identity"; "gelu" (v = bf16(gelu_tanh(t))); "gelu_backward" (v = bf16(t * gelu_tanh'(h)), h [M, K]).
     hw_cast: the hardware E4M3 conversion (True: one PTX cvt per value, _e4m3_bits_cvt) or the bit-arithmetic
-    rounding (False, e4m3_round); None = the environment's MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST (default 0: the
-    bit path, bitwise equal on the H100). History: Triton's own fp32 -> float8e4nv cast, exact in fp8_triton's
-    kernels, wrote 25-50% wrong bytes here on an H100 (Triton 3.6, 2026-12-07, tests/gpu/test_fp8_gpu.py) in two
-    forms (cast then transpose the bytes; cast the transposed fp32 tile), so the hardware path is the explicit
-    unpaired cvt, awaiting its GPU test; it quantizes ~25% faster than the bit path (same run, timing only)."""
+    rounding (False, e4m3_round); None = the environment's MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST (default 1; both
+    are bitwise equal to the definition on an H100, tests/gpu/test_fp8_gpu.py, 2026-12-07; the cvt quantizes
+    ~25% faster). History: Triton's own fp32 -> float8e4nv cast, exact in fp8_triton's kernels, wrote 25-50%
+    wrong bytes here (Triton 3.6) in two forms (cast then transpose the bytes; cast the transposed fp32 tile), so
+    the hardware path is the explicit unpaired cvt."""
     if op not in OPS:
         raise ValueError(f"quantize_channelwise: unknown op {op!r} (one of {', '.join(OPS)})")
     if (op == "gelu_backward") != (h is not None):
@@ -113,12 +116,12 @@ def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Te
     t = t.contiguous()
     h = t if h is None else h.contiguous()
     m, k = t.shape
-    mp = (m + 15) // 16 * 16
+    mp = (m + pad - 1) // pad * pad
     dev = t.device
     if hw_cast is None:
-        hw_cast = os.environ.get("MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST", "0") == "1"
+        hw_cast = os.environ.get("MEGATRON_LONGLIVE_FP8_CHANNEL_HW_CAST", "1") == "1"
     hw = bool(hw_cast) and _hw_cast(t)
-    strips = triton.cdiv(m, STRIP)
+    strips = triton.cdiv(mp, STRIP)             # programs past M write zero codes (and zero column sums)
     sums = torch.empty(strips if col_sum else 1, k, dtype=torch.float32, device=dev)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev)
     q_t = torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=dev)

@@ -9,7 +9,8 @@ recipe is 2 reads (2 bytes each) + 2 one-byte writes = 6 bytes per value, and th
                             and optionally fp32 column sums per 512-token strip (the bias gradient of dy; a
                             fixed reduction order per tile config, so run-to-run deterministic).
   pass 2 `_quantize_kernel` reads t once more, writes q_row [M, K] (scale amax_row / 448) and q_colT [K, MP]
-                            (scale amax_col / 448, the transpose, zero-padded to MP = ceil(M/16)*16 tokens).
+                            (scale amax_col / 448, the transpose, zero-padded to MP = ceil(M/pad)*pad tokens;
+                            the linears pass fp8.TOKEN_PAD = 128 for activations).
 
 Codes are e4m3_rne(clamp(v * (448 / amax), -448, 448)): one IEEE division per row/column, then a multiply
 per value. On the GPU the rounding is the hardware cvt.rn.satfinite (HW_CAST); the interpreter (CPU tests)
@@ -140,7 +141,7 @@ def _hw_cast(t: torch.Tensor) -> bool:
 
 
 def quantize_both(t: torch.Tensor, col_sum: bool = False, hw_cast: bool | None = None,
-                  fold: tuple[torch.Tensor, torch.Tensor] | None = None):
+                  fold: tuple[torch.Tensor, torch.Tensor] | None = None, pad: int = 16):
     """t [M, K] -> (q_row [M, K] e4m3, s_row [M, 1], q_colT [K, MP] e4m3, s_col [K, 1], fp32 scales), plus
     the fp32 column sums [K] of t (the bias gradient when t is dy) as a fifth item when col_sum.
     fold = (rfold [K], cfold [M]) fp32: the row layout quantizes t * rfold[None, :] and the column layout
@@ -148,7 +149,7 @@ def quantize_both(t: torch.Tensor, col_sum: bool = False, hw_cast: bool | None =
     hw_cast: None = hardware rounding where it runs (CUDA, not interpreted); False forces the bit path."""
     t = t.contiguous()
     m, k = t.shape
-    mp = (m + 15) // 16 * 16
+    mp = (m + pad - 1) // pad * pad            # the transposed copy's tokens (fp8.TOKEN_PAD for activations)
     dev = t.device
     hw = _hw_cast(t) if hw_cast is None else hw_cast
     amaxes = torch.zeros(m + k, dtype=torch.int32, device=dev)          # fp32 bits, see _stats_kernel; one fill

@@ -8,9 +8,9 @@ from torch import nn
 from .constants import BLOCK
 
 
-def pad_tokens(t: torch.Tensor) -> torch.Tensor:
-    """[R, M] -> [R, ceil(M/16)*16] with zeros: the wgrad reduces over tokens, and zeros add nothing."""
-    pad = (-t.shape[-1]) % BLOCK
+def pad_tokens(t: torch.Tensor, multiple: int = BLOCK) -> torch.Tensor:
+    """[R, M] -> [R, ceil(M/multiple)*multiple] with zeros: the wgrad reduces over tokens, and zeros add nothing."""
+    pad = (-t.shape[-1]) % multiple
     return F.pad(t, (0, pad)) if pad else t
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_longlive.config import QuantConfig
-from megatron_longlive.quant.fp8 import FP8Linear, dequantize_rowwise, quantize_rowwise
+from megatron_longlive.quant.fp8 import TOKEN_PAD, FP8Linear, dequantize_rowwise, quantize_rowwise
 from megatron_longlive.quant.fp8_channel import DelayedChannelScale, channel_scales, quantize_channelwise_torch
 from megatron_longlive.quant.providers import build_linear_provider, convert_linears
 
@@ -46,7 +46,7 @@ def test_channel_codes_match_independent_rounding_and_share_one_copy():
         want = [_e4m3_f64(float(np.float32(v) * np.float32(inv[k]))) for v in t[:, k].tolist()]
         assert q[:, k].float().tolist() == want, k
     assert q[:, 4].float().abs().max() == 448.0 and (q[:, 4].float().abs() == 448.0).sum() > 1   # saturated
-    assert q_t.shape == (6, 32) and torch.equal(q_t[:, :21].view(torch.uint8), q.view(torch.uint8).t())
+    assert q_t.shape == (6, TOKEN_PAD) and torch.equal(q_t[:, :21].view(torch.uint8), q.view(torch.uint8).t())
     assert torch.all(q_t[:, 21:].float() == 0)
 
 
@@ -89,6 +89,7 @@ def test_emulated_channel_linear_equals_its_definition_over_steps():
         dy = torch.randn(530, 48) * gain
         lin.weight.grad = lin.bias.grad = None
         y = f(x)
+        assert y.grad_fn.saved_tensors[0].shape == (64, 640)                # x^T codes: tokens padded to TOKEN_PAD
         y.backward(dy)
         xs_hist.append(x.detach().abs().amax(0))
         dys_hist.append(dy.abs().amax(0))

@@ -17,7 +17,7 @@ if torch.cuda.is_available():  # pragma: no cover - the GPU lane runs tests/gpu/
 os.environ["TRITON_INTERPRET"] = "1"
 
 from megatron_longlive.quant import fp8, fp8_channel, fp8_channel_triton, fp8_triton  # noqa: E402
-from megatron_longlive.quant.fp8 import FP8Linear, pad_tokens, quantize_rowwise  # noqa: E402
+from megatron_longlive.quant.fp8 import TOKEN_PAD, FP8Linear, pad_tokens, quantize_rowwise  # noqa: E402
 from megatron_longlive.quant.fp8_channel import channel_scales, quantize_channelwise_torch  # noqa: E402
 from test_fp8_triton import _bytes_differ, _hard_data  # noqa: E402
 
@@ -38,7 +38,7 @@ def test_channel_quantizer_bitwise_amax_and_column_sums(shape):
         assert torch.equal(bits.view(torch.float32), torch.maximum(prior, ramax))
         ref = src.double().sum(0)
         assert torch.all((colsum.double() - ref).abs() <= 1e-6 * src.double().abs().sum(0) + 1e-30)
-        assert q_t.shape == (shape[1], (shape[0] + 15) // 16 * 16) and torch.all(q_t[:, shape[0]:].float() == 0)
+        assert q_t.shape == (shape[1], -(-shape[0] // TOKEN_PAD) * TOKEN_PAD) and torch.all(q_t[:, shape[0]:].float() == 0)
 
 
 @pytest.mark.parametrize("shape", [(200, 96), (48, 16)])

@@ -66,17 +66,19 @@ def test_fp8_linear_backward_with_fused_quantizer_equals_its_definition(monkeypa
     definition: dx = fq(dy) fq(W^T)^T, dW = fq(dy^T) fq(x^T)^T, db = sum dy (fq = quantize-dequantize)."""
     from megatron_longlive.quant import fp8
 
-    def fused(t, col_sum=False):
-        out = fp8_triton.quantize_both(t, col_sum=col_sum)
+    def fused(t, col_sum=False, pad=16):
+        out = fp8_triton.quantize_both(t, col_sum=col_sum, pad=pad)
         return out[:4] + (out[4].to(t.dtype),) if col_sum else out
 
     monkeypatch.setattr(fp8, "quantize_both", fused)
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
     f = FP8Linear.from_linear(lin, emulate=True)
-    x = torch.randn(530, 64, requires_grad=True)                # > one 512-token stats strip; wgrad pads to 544
+    x = torch.randn(530, 64, requires_grad=True)                # > one 512-token stats strip; wgrad pads to 640
     dy = torch.randn(530, 48)
-    f(x).backward(dy)
+    y = f(x)
+    assert y.grad_fn.saved_tensors[0].shape == (64, 640)        # x^T codes: tokens padded to fp8.TOKEN_PAD
+    y.backward(dy)
     fq = lambda t: dequantize_rowwise(*quantize_rowwise(t))    # noqa: E731
     w = lin.weight.detach()
     assert torch.equal(x.grad, fq(dy) @ fq(w.t().contiguous()).t())
