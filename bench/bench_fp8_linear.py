@@ -94,6 +94,8 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
     fp8 = FP8Linear.from_linear(lin, emulate=False)
     fp8_fast = FP8Linear.from_linear(lin, emulate=False, fast_accum=True)    # quant.fp8_fast_accum
     fp8_channel = FP8Linear.from_linear(lin, emulate=False, fast_accum=True, recipe="channel_delayed")
+    fp8_channel_fast = FP8Linear.from_linear(lin, emulate=False, fast_accum=True, recipe="channel_delayed",
+                                             fast_accum_backward=True)      # quant.fp8_fast_accum_backward
     x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
     w = lin.weight.detach()
@@ -155,6 +157,7 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
     times = {"bf16 graphed": graphed_ms(step(lin), a.warmup, a.iters),
              "fp8 fast-accum fprop graphed": graphed_ms(step(fp8_fast), a.warmup, a.iters),
              "fp8 channel_delayed graphed": graphed_ms(step(fp8_channel), a.warmup, a.iters),
+             "fp8 channel_delayed fast-accum all graphed": graphed_ms(step(fp8_channel_fast), a.warmup, a.iters),
              "bf16": cuda_time_ms(step(lin), a.warmup, a.iters),
              "fp8 channel_delayed": cuda_time_ms(step(fp8_channel), a.warmup, a.iters),
              "fp8 channel_delayed quantize x+w+dy": cuda_time_ms(channel_quantize, a.warmup, a.iters),
@@ -328,13 +331,16 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
             record(a.out, name, "fp8 best speedup at the quantization byte floor", round(best, 3), "x")
             if blk_best == blk_best:
                 record(a.out, name, "fp8 blockwise best speedup at its byte floor", round(blk_best, 3), "x")
-            g = [t["bf16 graphed"], t["fp8 fast-accum fprop graphed"], t["fp8 channel_delayed graphed"]]
+            g = [t["bf16 graphed"], t["fp8 fast-accum fprop graphed"], t["fp8 channel_delayed graphed"],
+                 t["fp8 channel_delayed fast-accum all graphed"]]
             graphed.append((model, k, n, g))
             details.append((model, k, n, t))
             if g[0] == g[0]:
                 record(a.out, name, "fp8 rowwise (fast fprop) speedup over bf16, both graphed", round(g[0] / g[1], 3),
                        "x")
                 record(a.out, name, "fp8 channel_delayed speedup over bf16, both graphed", round(g[0] / g[2], 3), "x")
+                record(a.out, name, "fp8 channel_delayed fast-accum all speedup over bf16, both graphed",
+                       round(g[0] / g[3], 3), "x")
     print(f"\ntokens {tokens}: fast accumulation's relative error per GEMM (vs promoted), the SM clock / power"
           " sampled under load, and each GEMM alone (bf16 / fp8 exact accumulation)")
     for model, k, n, t in details:
@@ -346,9 +352,11 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
         gemm += f" (fp8 wgrad in 2 halves {t['fp8 wgrad gemm split in 2']:.3f} ms)"
         print(f"{model:6} {f'{k}->{n}':>13} {errs} | {clk} | bf16/fp8 {gemm}")
     print(f"\ntokens {tokens}, CUDA-graphed (device time, no host launch cost)")
-    print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel ms':>11} {'x':>6}")
-    for model, k, n, (b, r, c) in graphed:
-        print(f"{model:6} {f'{k}->{n}':>13} {b:8.3f} {r:11.3f} {b / r:5.2f}x {c:11.3f} {b / c:5.2f}x")
+    print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel ms':>11} {'x':>6} "
+          f"{'ch fast-all ms':>15} {'x':>6}")
+    for model, k, n, (b, r, c, f) in graphed:
+        print(f"{model:6} {f'{k}->{n}':>13} {b:8.3f} {r:11.3f} {b / r:5.2f}x {c:11.3f} {b / c:5.2f}x {f:15.3f} "
+              f"{b / f:5.2f}x")
     if "custom" in shapes:
         return
     print(f"\n{'FFN (GELU incl.)':24} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel fused ms':>17} {'x':>6}"

@@ -7,6 +7,7 @@ way training builds them (one place, so the benchmark and the memory model descr
                   modules in `quant.keep_high_precision` stay plain), otherwise as bf16.
   fp8_channel     as fp8 with `quant.fp8_recipe=channel_delayed` (quant/fp8_channel.py: delayed per-channel
                   scales, one pointwise E4M3 copy of x and of dy, 4 bytes per value to quantize).
+  fp8_channel_fast  as fp8_channel with `quant.fp8_fast_accum_backward` (fast accumulation in all three GEMMs).
   nvfp4_emulated  `quant.linear=nvfp4_emulated` through the provider (NVFP4Linear: the NVFP4 training recipe,
                   exact numerics), otherwise as bf16.
   nvfp4_lora      the memory mode (`quant.packed_base=true`): the model cast to the base dtype (bf16 on CUDA,
@@ -27,7 +28,7 @@ from megatron_longlive.quant.nvfp4.packed import pack_model
 from megatron_longlive.quant.fp8_ffn import fuse_for_training
 from megatron_longlive.quant.providers import build_linear_provider
 
-VARIANTS = ("bf16", "fp8", "fp8_channel", "nvfp4_emulated", "nvfp4_lora", "nvfp4_lora_offload")
+VARIANTS = ("bf16", "fp8", "fp8_channel", "fp8_channel_fast", "nvfp4_emulated", "nvfp4_lora", "nvfp4_lora_offload")
 DEFAULT_LORA_RANK = 16  # DistillConfig.rank: the generator LoRA that runs on the packed base
 
 
@@ -40,8 +41,9 @@ def variant_tree(variant: str, lora_rank: int = 0) -> dict:
         offload = {"offload_activations": True, "activation_checkpointing": True} if variant.endswith("_offload") else {}
         return {"quant": {"linear": "bf16", "packed_base": True},
                 "train": {"lora_rank": lora_rank or DEFAULT_LORA_RANK, **offload}}
-    if variant == "fp8_channel":
-        return {"quant": {"linear": "fp8", "fp8_recipe": "channel_delayed", "packed_base": False},
+    if variant in ("fp8_channel", "fp8_channel_fast"):
+        return {"quant": {"linear": "fp8", "fp8_recipe": "channel_delayed", "packed_base": False,
+                          "fp8_fast_accum_backward": variant == "fp8_channel_fast"},
                 "train": {"lora_rank": lora_rank}}
     return {"quant": {"linear": variant, "packed_base": False}, "train": {"lora_rank": lora_rank}}
 

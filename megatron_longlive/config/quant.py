@@ -30,8 +30,14 @@ class QuantConfig(ConfigBase):
     fp8_fast_accum: bool = True
     """FP8: forward GEMMs (training fprop and inference) accumulate in the tensor cores' fast accumulator
     (`use_fast_accum`, Transformer Engine's choice for fprop; ~14-bit accumulation on Hopper); the data- and
-    weight-gradient GEMMs always promote to fp32. H100: 5B DiT 50.4 -> 53.1 FPS, 5B FFN training linears
-    1.45 -> 1.55x BF16, 1.35e-3 relative error vs exact accumulation (bench/RESULTS.md). Off: every GEMM promotes."""
+    weight-gradient GEMMs promote to fp32 unless `fp8_fast_accum_backward`. H100: 5B DiT 50.4 -> 53.1 FPS, 5B FFN
+    training linears 1.45 -> 1.55x BF16, 1.35e-3 relative error vs exact accumulation (bench/RESULTS.md). Off:
+    every GEMM promotes."""
+    fp8_fast_accum_backward: bool = False
+    """FP8 training: the data- and weight-gradient GEMMs use the fast accumulator too. Measured on an H100 (1.3B and
+    5B shapes, bench_fp8_linear): relative error vs promoted accumulation 6.4e-4 to 2.8e-3 for the dgrad (as the
+    fprop), 4.7e-3 (32768 tokens) and 7.0e-3 (65536) for the wgrad, which reduces over all tokens; an E4M3
+    product itself is ~4% off. The three GEMMs: 13% faster (1.3B 1536->8960, 32760 tokens)."""
     fp8_recipe: Literal["rowwise", "channel_delayed"] = "rowwise"
     """FP8 training: how x and dy are scaled. `rowwise`: current per-token scales for the GEMMs that reduce over
     channels and per-channel ones for the weight gradient (two codes per operand, 6 bytes per value to quantize).

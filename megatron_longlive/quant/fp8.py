@@ -90,13 +90,15 @@ class FP8LinearFunction(torch.autograd.Function):
     y is returned in out_dtype; dx in x's dtype, dW in W's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, emulate: bool, out_dtype: torch.dtype, fast_accum: bool = False):
+    def forward(ctx, x, weight, bias, emulate: bool, out_dtype: torch.dtype, fast_accum: bool = False,
+                fast_accum_backward: bool = False):
         lead, k = x.shape[:-1], x.shape[-1]
         qx, sx, qx_t, sx_t = quantize_both(x.reshape(-1, k), pad=TOKEN_PAD)  # [M, K], [K, M128]
         qw, sw, qw_t, sw_t = quantize_both(weight)                           # [N, K], [K, N]
         y = fp8_gemm(qx, sx, qw, sw, emulate, out_dtype, bias, fast_accum)   # [M, N]
         ctx.save_for_backward(qx_t, sx_t, qw_t, sw_t)
         ctx.emulate, ctx.has_bias, ctx.x_meta = emulate, bias is not None, (x.shape, x.dtype, weight.dtype)
+        ctx.fast_backward = fast_accum_backward
         return y.view(*lead, -1)
 
     @staticmethod
@@ -109,10 +111,10 @@ class FP8LinearFunction(torch.autograd.Function):
         db = db[0] if want_db else None
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = fp8_gemm(qdy, sdy, qw_t, sw_t, ctx.emulate, x_dtype).view(x_shape)          # [M, K]
+            dx = fp8_gemm(qdy, sdy, qw_t, sw_t, ctx.emulate, x_dtype, fast_accum=ctx.fast_backward).view(x_shape)
         if ctx.needs_input_grad[1]:
-            dw = fp8_gemm(qdy_t, sdy_t, qx_t, sx_t, ctx.emulate, w_dtype)                  # [N, K]
-        return dx, dw, db, None, None, None
+            dw = fp8_gemm(qdy_t, sdy_t, qx_t, sx_t, ctx.emulate, w_dtype, fast_accum=ctx.fast_backward)   # [N, K]
+        return dx, dw, db, None, None, None, None
 
 
 def fp8_inference_gemm(qx, sx, qw, sw, bias: torch.Tensor | None, emulate: bool,
@@ -127,7 +129,8 @@ def fp8_inference_gemm(qx, sx, qw, sw, bias: torch.Tensor | None, emulate: bool,
 
 class FP8Linear(QuantLinearBase):
     """nn.Linear with E4M3 rowwise-scaled GEMMs. emulate: None = scaled-mm where native (CUDA sm89+).
-    fast_accum: the forward GEMM accumulates in the tensor cores' fast accumulator (QuantConfig.fp8_fast_accum).
+    fast_accum: the forward GEMM accumulates in the tensor cores' fast accumulator (QuantConfig.fp8_fast_accum);
+    fast_accum_backward: so do the training dgrad and wgrad (QuantConfig.fp8_fast_accum_backward).
     recipe: how training quantizes x and dy (QuantConfig.fp8_recipe): "rowwise" (this file) or "channel_delayed"
     (fp8_channel.py; amax_history steps of channel amaxes, amax_margin binades of headroom).
 
@@ -138,11 +141,12 @@ class FP8Linear(QuantLinearBase):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, emulate: bool | None = None,
                  device=None, dtype=None, fast_accum: bool = False, recipe: str = "rowwise", amax_history: int = 16,
-                 amax_margin: int = 2):
+                 amax_margin: int = 2, fast_accum_backward: bool = False):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if recipe not in RECIPES:
             raise ValueError(f"quant.fp8_recipe: unknown recipe {recipe!r}. Fix: use one of {', '.join(RECIPES)}")
         self.emulate, self.fast_accum, self.recipe = emulate, fast_accum, recipe
+        self.fast_accum_backward = fast_accum_backward
         self.register_buffer("qweight", None, persistent=False)    # set by freeze()
         self.register_buffer("wscale", None, persistent=False)
         if recipe == "channel_delayed":                              # amax histories of x and dy (fp8_channel.py)
@@ -152,10 +156,10 @@ class FP8Linear(QuantLinearBase):
 
     @classmethod
     def from_linear(cls, linear, emulate: bool | None = None, fast_accum: bool = False, recipe: str = "rowwise",
-                    amax_history: int = 16, amax_margin: int = 2) -> "FP8Linear":
+                    amax_history: int = 16, amax_margin: int = 2, fast_accum_backward: bool = False) -> "FP8Linear":
         """Wrap an existing linear, sharing its parameters."""
         return cls._wrap(linear, emulate=emulate, fast_accum=fast_accum, recipe=recipe, amax_history=amax_history,
-                         amax_margin=amax_margin)
+                         amax_margin=amax_margin, fast_accum_backward=fast_accum_backward)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -191,5 +195,6 @@ class FP8Linear(QuantLinearBase):
             if self.recipe == "channel_delayed":
                 from .fp8_channel import FP8ChannelLinearFunction
                 return FP8ChannelLinearFunction.apply(x, self.weight, self.bias, self.x_scale, self.dy_scale, emulate,
-                                                      out_dtype, self.fast_accum)
-            return FP8LinearFunction.apply(x, self.weight, self.bias, emulate, out_dtype, self.fast_accum)
+                                                      out_dtype, self.fast_accum, self.fast_accum_backward)
+            return FP8LinearFunction.apply(x, self.weight, self.bias, emulate, out_dtype, self.fast_accum,
+                                           self.fast_accum_backward)

@@ -177,13 +177,13 @@ def dgrad_weight(weight, dys: DelayedChannelScale, dy2, op: str = "identity", h=
 
 
 def backward_gemms(qdy, qdy_t, s_dy, qw_t, sw_t, qx_t, s_x, need_dx: bool, need_dw: bool, emulate: bool,
-                   x_dtype, w_dtype):
+                   x_dtype, w_dtype, fast_accum: bool = False):
     """dx = qdy . (W^T * s_dy)^T and dW = s_dy s_x (qdy^T . qx^T^T); None where not needed."""
     dx = dw = None
     if need_dx:
-        dx = fp8_gemm(qdy, ones_column(qdy.shape[0], qdy.device), qw_t, sw_t, emulate, x_dtype)
+        dx = fp8_gemm(qdy, ones_column(qdy.shape[0], qdy.device), qw_t, sw_t, emulate, x_dtype, fast_accum=fast_accum)
     if need_dw:
-        dw = fp8_gemm(qdy_t, s_dy[:, None], qx_t, s_x[:, None], emulate, w_dtype)
+        dw = fp8_gemm(qdy_t, s_dy[:, None], qx_t, s_x[:, None], emulate, w_dtype, fast_accum=fast_accum)
     return dx, dw
 
 
@@ -193,12 +193,13 @@ class FP8ChannelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, xs: DelayedChannelScale, dys: DelayedChannelScale, emulate: bool,
-                out_dtype: torch.dtype, fast_accum: bool = False):
+                out_dtype: torch.dtype, fast_accum: bool = False, fast_accum_backward: bool = False):
         lead, k = x.shape[:-1], x.shape[-1]
         s_x, qx, qx_t = quantize_operand(x.reshape(-1, k), xs)
         y, wsaved = fprop(qx, s_x, weight, bias, dys, emulate, out_dtype, fast_accum)
         ctx.save_for_backward(qx_t, s_x, weight, *(wsaved or ()))
         ctx.states, ctx.emulate, ctx.has_bias = (xs, dys), emulate, bias is not None
+        ctx.fast_backward = fast_accum_backward
         ctx.x_meta = (x.shape, x.dtype, weight.dtype)
         return y.view(*lead, -1)
 
@@ -212,11 +213,11 @@ class FP8ChannelLinearFunction(torch.autograd.Function):
         want_db = ctx.has_bias and ctx.needs_input_grad[2]
         qdy, qdy_t, *db = quantize_channelwise(dy2, inv_dy, dys.pending, col_sum=want_db)   # the folded scales
         dx, dw = backward_gemms(qdy, qdy_t, s_dy, qw_t, sw_t, qx_t, s_x, ctx.needs_input_grad[0],
-                                ctx.needs_input_grad[1], ctx.emulate, x_dtype, w_dtype)
+                                ctx.needs_input_grad[1], ctx.emulate, x_dtype, w_dtype, ctx.fast_backward)
         xs.roll()
         dys.roll()
         return (None if dx is None else dx.view(x_shape), dw, db[0].to(dy.dtype) if want_db else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class FP8ChannelFFNFunction(torch.autograd.Function):
@@ -253,13 +254,13 @@ class FP8ChannelFFNFunction(torch.autograd.Function):
         want_db2 = ctx.has_bias[1] and need[4]
         qdy2, qdy2_t, *db2 = quantize_channelwise(dy2, inv_dy2, fc2.dy_scale.pending, col_sum=want_db2)
         dg, dw2 = backward_gemms(qdy2, qdy2_t, s_dy2, qw2_t, sw2_t, qg_t, s_g, True, need[3], ctx.emulate,
-                                 h.dtype, w2_dtype)
+                                 h.dtype, w2_dtype, fc2.fast_accum_backward)
         qw1_t, sw1_t, s_dy1, inv_dy1 = dgrad_weight(w1, fc1.dy_scale, dg, op="gelu_backward", h=h, saved=w1saved)
         want_db1 = ctx.has_bias[0] and need[2]
         qdy1, qdy1_t, *db1 = quantize_channelwise(dg, inv_dy1, fc1.dy_scale.pending, col_sum=want_db1,
                                                   op="gelu_backward", h=h)
         dx, dw1 = backward_gemms(qdy1, qdy1_t, s_dy1, qw1_t, sw1_t, qx_t, s_x, need[0], need[1], ctx.emulate,
-                                 x_dtype, w1_dtype)
+                                 x_dtype, w1_dtype, fc1.fast_accum_backward)
         for state in (fc1.x_scale, fc1.dy_scale, fc2.x_scale, fc2.dy_scale):
             state.roll()
         return (None if dx is None else dx.view(x_shape), dw1, db1[0].to(dy.dtype) if want_db1 else None,

@@ -66,9 +66,10 @@ class FP8Provider(LinearProvider):
     """Builds FP8Linear: E4M3 GEMMs with rowwise scales (torch._scaled_mm, or its exact emulation)."""
 
     def __init__(self, emulate: bool | None = None, fast_accum: bool = False, recipe: str = "rowwise",
-                 amax_history: int = 16, amax_margin: int = 2):
+                 amax_history: int = 16, amax_margin: int = 2, fast_accum_backward: bool = False):
         self.emulate = emulate
-        self.options = dict(fast_accum=fast_accum, recipe=recipe, amax_history=amax_history, amax_margin=amax_margin)
+        self.options = dict(fast_accum=fast_accum, recipe=recipe, amax_history=amax_history, amax_margin=amax_margin,
+                            fast_accum_backward=fast_accum_backward)
 
     def linear(self, name, in_features, out_features, bias=True, style="replicated"):
         from .fp8 import FP8Linear
@@ -81,7 +82,8 @@ class FP8Provider(LinearProvider):
 def fp8_options(quant_cfg: QuantConfig) -> dict:
     """FP8Linear keyword arguments from the quant config."""
     return dict(fast_accum=quant_cfg.fp8_fast_accum, recipe=quant_cfg.fp8_recipe,
-                amax_history=quant_cfg.fp8_amax_history, amax_margin=quant_cfg.fp8_amax_margin)
+                amax_history=quant_cfg.fp8_amax_history, amax_margin=quant_cfg.fp8_amax_margin,
+                fast_accum_backward=quant_cfg.fp8_fast_accum_backward)
 
 
 def import_te():

@@ -159,6 +159,37 @@ def test_provider_and_convert_build_the_recipe_from_config():
         FP8Linear(32, 32, recipe="blockwise")
 
 
+@pytest.mark.parametrize("recipe", ["rowwise", "channel_delayed"])
+def test_fast_accum_backward_reaches_the_gradient_gemms(recipe, monkeypatch):
+    """quant.fp8_fast_accum_backward: config -> provider -> module -> the dgrad and wgrad GEMM calls (a spy that
+    records each call's flag and runs the real GEMM), for both recipes and the fused FFN; off by default."""
+    from megatron_longlive.quant import fp8, fp8_channel
+    from megatron_longlive.quant.fp8_ffn import FP8GeluFFN
+
+    calls = []
+
+    def spy(qa, sa, qb, sb, emulate, out_dtype, bias=None, fast_accum=False):
+        calls.append(fast_accum)
+        return real(qa, sa, qb, sb, emulate, out_dtype, bias, fast_accum)
+
+    real = fp8.fp8_gemm
+    monkeypatch.setattr(fp8, "fp8_gemm", spy)
+    monkeypatch.setattr(fp8_channel, "fp8_gemm", spy)
+    for flag in (False, True):
+        cfg = QuantConfig(linear="fp8", fp8_recipe=recipe, fp8_fast_accum=False, fp8_fast_accum_backward=flag,
+                          keep_high_precision=[])
+        provider = build_linear_provider(cfg)
+        fc1, fc2 = (provider.linear(f"blocks.0.ffn.{i}", a, b) for i, a, b in ((0, 32, 64), (2, 64, 32)))
+        assert QuantConfig().fp8_fast_accum_backward is False and fc1.fast_accum_backward is flag
+        mods = [fc1] + ([FP8GeluFFN(fc1, nn.GELU(approximate="tanh"), fc2)] if recipe == "channel_delayed" else [])
+        for mod in mods:
+            calls.clear()
+            x = torch.randn(40, 32, requires_grad=True)
+            mod(x).sum().backward()
+            fwd = 1 if mod is fc1 else 2
+            assert calls[:fwd] == [False] * fwd and calls[fwd:] == [flag] * (len(calls) - fwd) and len(calls) > fwd
+
+
 def test_tiny_wan_trains_with_channel_fp8_tracking_bf16():
     """8 AdamW steps of the tiny model (fp32 math, emulated FP8, 20 FP8 linears): measured max relative loss gap
     to the unquantized run 0.015% (rowwise recipe: 0.16%); tolerance 5%, as for NVFP4."""
