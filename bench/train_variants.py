@@ -3,10 +3,11 @@ way training builds them (one place, so the benchmark and the memory model descr
 
   bf16            plain linears: fp32 parameters (the master weights) + bf16 autocast on CUDA, AdamW over all
                   parameters — the Trainer's full fine-tune (`train.precision=bf16`).
-  fp8             `quant.linear=fp8` through `build_linear_provider` (FP8Linear, E4M3 rowwise-scaled GEMMs;
-                  modules in `quant.keep_high_precision` stay plain), otherwise as bf16.
-  fp8_channel     as fp8 with `quant.fp8_recipe=channel_delayed` (quant/fp8_channel.py: delayed per-channel
-                  scales, one pointwise E4M3 copy of x and of dy, 4 bytes per value to quantize).
+  fp8             `quant.linear=fp8` through `build_linear_provider` with `quant.fp8_recipe=rowwise` (FP8Linear,
+                  current per-token / per-channel scales; modules in `quant.keep_high_precision` stay plain),
+                  otherwise as bf16.
+  fp8_channel     as fp8 with `quant.fp8_recipe=channel_delayed`, the config default (quant/fp8_channel.py: delayed
+                  per-channel scales, one pointwise E4M3 copy of x and of dy, 4 bytes per value to quantize).
   fp8_channel_fast  as fp8_channel with `quant.fp8_fast_accum_backward` (fast accumulation in all three GEMMs).
   nvfp4_emulated  `quant.linear=nvfp4_emulated` through the provider (NVFP4Linear: the NVFP4 training recipe,
                   exact numerics), otherwise as bf16.
@@ -45,7 +46,8 @@ def variant_tree(variant: str, lora_rank: int = 0) -> dict:
         return {"quant": {"linear": "fp8", "fp8_recipe": "channel_delayed", "packed_base": False,
                           "fp8_fast_accum_backward": variant == "fp8_channel_fast"},
                 "train": {"lora_rank": lora_rank}}
-    return {"quant": {"linear": variant, "packed_base": False}, "train": {"lora_rank": lora_rank}}
+    recipe = {"fp8_recipe": "rowwise"} if variant == "fp8" else {}
+    return {"quant": {"linear": variant, "packed_base": False, **recipe}, "train": {"lora_rank": lora_rank}}
 
 
 def base_dtype(device: torch.device, precision: str) -> torch.dtype:

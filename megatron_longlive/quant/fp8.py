@@ -192,7 +192,9 @@ class FP8Linear(QuantLinearBase):
             return self.frozen_gemm(qx, sx).to(x.dtype).view(*lead, -1)
         emulate, out_dtype = self.training_settings(x)
         with torch.autocast(x.device.type, enabled=False):
-            if self.recipe == "channel_delayed":
+            # No grad, no backward, so no roll: delayed scales would stay at their first call's amaxes. Such
+            # forwards (evaluation, a frozen teacher that was never `freeze()`d) scale per token, as rowwise does.
+            if self.recipe == "channel_delayed" and torch.is_grad_enabled():
                 from .fp8_channel import FP8ChannelLinearFunction
                 return FP8ChannelLinearFunction.apply(x, self.weight, self.bias, self.x_scale, self.dy_scale, emulate,
                                                       out_dtype, self.fast_accum, self.fast_accum_backward)

@@ -190,6 +190,21 @@ def test_fast_accum_backward_reaches_the_gradient_gemms(recipe, monkeypatch):
             assert calls[:fwd] == [False] * fwd and calls[fwd:] == [flag] * (len(calls) - fwd) and len(calls) > fwd
 
 
+def test_no_grad_forward_scales_per_token_and_leaves_the_history_alone():
+    """Without grad nothing would roll the delayed scales, so a no-grad forward of a channel-recipe linear (not
+    frozen) quantizes with current per-token scales: the rowwise recipe's output, bit for bit; state untouched."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    chan = FP8Linear.from_linear(lin, emulate=True, recipe="channel_delayed")
+    row = FP8Linear.from_linear(lin, emulate=True, recipe="rowwise")
+    x = torch.randn(30, 64) * 5
+    with torch.no_grad():
+        assert torch.equal(chan(x), row(x))
+    assert not chan.x_scale.ready and not chan.dy_scale.ready
+    y = chan(x.requires_grad_())                       # with grad: the channel recipe again
+    assert "FP8Channel" in type(y.grad_fn).__name__ and chan.x_scale.ready
+
+
 def test_tiny_wan_trains_with_channel_fp8_tracking_bf16():
     """8 AdamW steps of the tiny model (fp32 math, emulated FP8, 20 FP8 linears): measured max relative loss gap
     to the unquantized run 0.015% (rowwise recipe: 0.16%); tolerance 5%, as for NVFP4."""
@@ -244,7 +259,8 @@ def test_trainer_builds_the_fused_ffn_only_for_the_channel_recipe():
     from megatron_longlive.quant.fp8_ffn import FP8GeluFFN, fuse_for_training
 
     for cfg, want in ((QuantConfig(linear="fp8", fp8_recipe="channel_delayed"), True),
-                      (QuantConfig(linear="fp8"), False), (QuantConfig(linear="bf16"), False)):
+                      (QuantConfig(linear="fp8", fp8_recipe="rowwise"), False), (QuantConfig(linear="bf16"), False)):
+        assert QuantConfig(linear="fp8").fp8_recipe == "channel_delayed"           # the default
         model = WanDiT(preset_config("tiny"), build_linear_provider(cfg))
         n = fuse_for_training(model, cfg)
         kinds = {type(b.ffn) for b in model.blocks}
