@@ -20,7 +20,9 @@ call of each operand measures its amax first (two passes, once).
 State: one DelayedChannelScale per operand (x, dy) per linear. Each call max-accumulates its channel amaxes; the
 history rolls once per backward of the linear, after dy is quantized. So a recomputed forward (activation
 checkpointing) quantizes with the same scales as the first forward, and the backward uses the dy scale the
-forward folded into W^T (saved with the other tensors, so interleaved forwards/backwards stay exact).
+forward folded into W^T (saved with the other tensors, so interleaved forwards/backwards stay exact). The
+histories are not part of the state dict (checkpoints stay interchangeable with BF16 models): a resumed run
+starts them again from its first step's amaxes, so it is not bit-identical to an uninterrupted FP8 run.
 """
 from __future__ import annotations
 
