@@ -144,16 +144,18 @@ def quantize_operand(t2: torch.Tensor, state: DelayedChannelScale, col_sum: bool
     return (scale, *quantize_channelwise(t2, inv, state.pending, col_sum=col_sum, op=op, h=h))
 
 
-_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
+_ONES: dict[torch.device, torch.Tensor] = {}
 
 
 def ones_column(rows: int, device) -> torch.Tensor:
-    """The activation-side rowwise scales of fprop and dgrad (the channel scales live in the weight): all ones,
-    made once per (rows, device) and only ever read, so no fill kernel per GEMM."""
-    key = (rows, torch.device(device))
-    if key not in _ONES:
-        _ONES[key] = torch.ones(rows, 1, device=device)
-    return _ONES[key]
+    """The activation-side rowwise scales of fprop and dgrad (the channel scales live in the weight): all ones
+    [rows, 1], a view of one per-device column that only grows (to the largest token count seen) and is only ever
+    read, so no fill kernel per GEMM and one small buffer whatever the batch shapes."""
+    device = torch.device(device)
+    have = _ONES.get(device)
+    if have is None or have.shape[0] < rows:
+        _ONES[device] = have = torch.ones(max(rows, 2 * (0 if have is None else have.shape[0])), 1, device=device)
+    return have[:rows]
 
 
 def fprop(qx, s_x, weight, bias, dys: DelayedChannelScale, emulate: bool, out_dtype, fast_accum: bool):

@@ -190,6 +190,16 @@ def test_fast_accum_backward_reaches_the_gradient_gemms(recipe, monkeypatch):
             assert calls[:fwd] == [False] * fwd and calls[fwd:] == [flag] * (len(calls) - fwd) and len(calls) > fwd
 
 
+def test_ones_column_is_a_read_only_view_of_one_growing_buffer():
+    from megatron_longlive.quant.fp8_channel import ones_column
+
+    a, b = ones_column(30, "cpu"), ones_column(10, "cpu")
+    assert a.shape == (30, 1) and b.shape == (10, 1) and b.data_ptr() == a.data_ptr() and torch.all(a == 1)
+    c = ones_column(100, "cpu")                                   # grows; earlier views stay valid
+    assert c.shape == (100, 1) and c.is_contiguous() and torch.all(c == 1) and torch.all(a == 1)
+    assert ones_column(50, "cpu").data_ptr() == c.data_ptr()
+
+
 def test_no_grad_forward_scales_per_token_and_leaves_the_history_alone():
     """Without grad nothing would roll the delayed scales, so a no-grad forward of a channel-recipe linear (not
     frozen) quantizes with current per-token scales: the rowwise recipe's output, bit for bit; state untouched."""
