@@ -4,7 +4,7 @@
 #   here (PyPI reachable):  bash bench/gpu_session.sh prepare
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
-#   on the device:          run command="bash bench/gpu_session.sh run 175 s14b" carry=[".whl"] (issue 6 first; then
+#   on the device:          run command="bash bench/gpu_session.sh run 420 s15" carry=[".whl"] (issue 6 first; then
 #                           attn, e2e, train as needed)
 #       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
@@ -69,19 +69,14 @@ run() {
             step dit_fps 420 python bench/bench_generate_chunk.py \
                 --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --steps compile+cuda_graph --linear fp8-fast \
                 --attention sdpa cudnn-fp8 --chunks 3 --out "$res" ;;
-        s14)    # the channel quantizer's explicit-cvt hardware path (tests), then the linear/FFN tables with it (fast-
-                # accumulation errors, clocks under load), then the 1.3B training step with it
-            step fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k channel
-            step fp8_linear_hw 200 python bench/bench_fp8_linear.py --warmup 10 --out "$res"
-            step train_step 150 python bench/bench_train_step.py --preset wan2.1-1.3b \
-                --quant bf16 fp8_channel --warmup 1 --steps 2 --out "$res" ;;
-        s14b)   # tokens padded to 128 for the wgrad (both recipes: tests), fast accumulation in all GEMMs; the
-                # 65520-token table first (where the padding matters), then the 1.3B step
-            step fp8_tests 45 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py
-            step fp8_linear 40 python bench/bench_fp8_linear.py --warmup 10 --tokens 65520 --models 1.3b --out "$res"
-            step train_step 90 python bench/bench_train_step.py --preset wan2.1-1.3b \
-                --quant bf16 fp8_channel_fast --warmup 1 --steps 1 --out "$res" ;;
-        *) echo "unknown group $g (s14 | s14b | attn | e2e | train)"; exit 2 ;;
+        s15)    # next: tokens padded to 128 for the wgrad and the cvt quantizer by default (tests, both recipes), the
+                # tables at 65520 (the training step's tokens, where the padding matters) and 32760 tokens with fast
+                # accumulation in all GEMMs as a column, then the 1.3B step: bf16, channel (default), channel + fast
+            step fp8_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py
+            step fp8_linear 150 python bench/bench_fp8_linear.py --warmup 10 --tokens 65520 32760 --out "$res"
+            step train_step 180 python bench/bench_train_step.py --preset wan2.1-1.3b \
+                --quant bf16 fp8_channel fp8_channel_fast fp8 --warmup 1 --steps 2 --out "$res" ;;
+        *) echo "unknown group $g (s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
