@@ -1,5 +1,5 @@
-"""The FP8 conv kernels compile for Hopper (sm90) without a GPU, in every autotune config, TMA and pointer loads,
-on E4M3 x E4M3 wgmma; the quantizer compiles to the hardware nearest-even E4M3 cast with one IEEE division.
+"""The FP8 conv kernels compile for Hopper (sm90) without a GPU, in every autotune config (tiled and persistent,
+plus the 2x-upsampling form), TMA and pointer loads, on E4M3 x E4M3 wgmma; the quantizer compiles to the hardware nearest-even E4M3 cast with one IEEE division.
 
 Runs in a subprocess without TRITON_INTERPRET (CPU test sessions set it in-process)."""
 from __future__ import annotations
@@ -11,21 +11,26 @@ SCRIPT = r"""
 import json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megatron_longlive.quant.fp8_conv.conv_triton import CONFIGS, conv_kernel as fn
-out_configs = len(CONFIGS)
+from megatron_longlive.quant.fp8_conv.conv_triton import CONFIGS, PERSISTENT_CONFIGS, conv_kernel as fn
+runs = [(c, False, False) for c in CONFIGS] + [(c, True, False) for c in PERSISTENT_CONFIGS] + [(CONFIGS[0], False, True)]
+out_configs = len(runs)
 from megatron_longlive.quant.fp8_conv import quantize_triton as Q
 target = GPUTarget("cuda", 90, 32)
 out = {}
 ptrs = {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "amax_ptr": "*i32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
         "out_ptr": "*bf16"}
-sig = {n: ptrs.get(n, "constexpr" if n.startswith(("HAS", "USE", "INTERP", "BLOCK")) else "i32") for n in fn.arg_names}
-for m, n, k, s, w in CONFIGS:
+constexprs = {p.name for p in fn.params if p.is_constexpr}     # from the kernel itself, so new flags stay constant
+sig = {n: ptrs.get(n, "constexpr" if n in constexprs else "i32") for n in fn.arg_names}
+for (m, n, k, s, w), persistent, up2x in runs:
     for tma in (True, False):
-        const = dict(HAS_BIAS=True, USE_TMA=tma, INTERPRET=False, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
+        const = dict(HAS_BIAS=True, USE_TMA=tma, INTERPRET=False, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
+                     NUM_PROGRAMS=132, PERSISTENT=persistent, UP2X=up2x)
+        assert set(const) == constexprs, sorted(constexprs ^ set(const))
         kk = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=target,
                             options=dict(num_warps=w, num_stages=s))
         ptx = kk.asm["ptx"]
-        out[f"conv {m}x{n}x{k} s{s} w{w}{' tma' if tma else ''}"] = {
+        out[f"conv {m}x{n}x{k} s{s} w{w}{' persistent' if persistent else ''}{' up2x' if up2x else ''}"
+            f"{' tma' if tma else ''}"] = {
             "cubin": "cubin" in kk.asm, "mma": sorted(set(re.findall(r"wgmma\.mma_async[a-z0-9._]*", ptx))),
             "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "shared": kk.metadata.shared}
 quant_sig = dict({n: "i32" for n in Q._quantize_kernel.arg_names}, x_ptr="*bf16", amax_ptr="*i32", buf_ptr="*u8",
