@@ -112,25 +112,22 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
     qx, sx, qxt, sxt = quantize_both(x.detach(), pad=TOKEN_PAD)     # as the linear lays out activations
     qw, sw, qwt, swt = quantize_both(w)
     qdy, sdy, qdyt, sdyt = quantize_both(dy, pad=TOKEN_PAD)
+    operands = {"fprop": (qx, sx, qw, sw), "dgrad": (qdy, sdy, qwt, swt), "wgrad": (qdyt, sdyt, qxt, sxt)}
 
     def gemms(fast: bool):
         def run():
-            torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), bias=lin.bias, out_dtype=torch.bfloat16,
-                             use_fast_accum=fast)
-            torch._scaled_mm(qdy, qwt.t(), scale_a=sdy, scale_b=swt.t(), out_dtype=torch.bfloat16,
-                             use_fast_accum=fast)
-            torch._scaled_mm(qdyt, qxt.t(), scale_a=sdyt, scale_b=sxt.t(), out_dtype=torch.bfloat16,
-                             use_fast_accum=fast)
+            for g in operands:
+                scaled_mm(*operands[g], fast=fast, bias=lin.bias if g == "fprop" else None)
         return run
 
     def ones(q):                                        # [rows, k/128] scales, outer-dim-major as cuBLAS wants
         return torch.ones(q.shape[1] // 128, q.shape[0], device=dev).t()
 
-    block_operands = [(qa, ones(qa), qb, ones(qb)) for qa, qb in ((qx, qw), (qdy, qwt), (qdyt, qxt))]
+    block_operands = [(qa, ones(qa), qb, ones(qb)) for qa, _, qb, _ in operands.values()]
 
     def blockwise_gemms():
-        for qa, sa, qb, sb in block_operands:
-            torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16)
+        for ops in block_operands:
+            scaled_mm(*ops)
 
     try:
         blockwise_gemms()
@@ -169,22 +166,15 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
              "fp8 quantize floor": 6 * (tokens * k + tokens * n + n * k) / bandwidth * 1e3,
              "fp8 gemm-only blockwise 1x128": blk}
     xb, wb = x.detach(), w
-    per_gemm = {"fprop": (lambda: torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16),
-                          lambda: xb @ wb.t()),
-                "dgrad": (lambda: torch._scaled_mm(qdy, qwt.t(), scale_a=sdy, scale_b=swt.t(), out_dtype=torch.bfloat16),
-                          lambda: dy @ wb),
-                "wgrad": (lambda: torch._scaled_mm(qdyt, qxt.t(), scale_a=sdyt, scale_b=sxt.t(),
-                                                   out_dtype=torch.bfloat16),
-                          lambda: dy.t() @ xb)}
-    for g, (f8, b16) in per_gemm.items():       # which GEMM loses FP8's edge at which token count
-        times[f"fp8 {g} gemm"] = cuda_time_ms(f8, a.warmup, a.iters)
+    bf16_gemms = {"fprop": lambda: xb @ wb.t(), "dgrad": lambda: dy @ wb, "wgrad": lambda: dy.t() @ xb}
+    for g, b16 in bf16_gemms.items():           # which GEMM loses FP8's edge at which token count
+        times[f"fp8 {g} gemm"] = cuda_time_ms(lambda: scaled_mm(*operands[g]), a.warmup, a.iters)
         times[f"bf16 {g} gemm"] = cuda_time_ms(b16, a.warmup, a.iters)
     half = qdyt.shape[1] // 32 * 16                 # exploration: the wgrad as two token halves (fp32 partials)
 
     def wgrad_split():
-        lo = torch._scaled_mm(qdyt[:, :half], qxt[:, :half].t(), scale_a=sdyt, scale_b=sxt.t(), out_dtype=torch.float32)
-        hi_ = torch._scaled_mm(qdyt[:, half:], qxt[:, half:].t(), scale_a=sdyt, scale_b=sxt.t(),
-                               out_dtype=torch.float32)
+        lo, hi_ = (scaled_mm(qdyt[:, part], sdyt, qxt[:, part], sxt, out_dtype=torch.float32)
+                   for part in (slice(None, half), slice(half, None)))
         return (lo + hi_).to(torch.bfloat16)
 
     try:
@@ -192,20 +182,25 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
     except (RuntimeError, ValueError) as err:      # strided halves refused by this torch/cuBLAS
         print(f"wgrad split: {str(err).splitlines()[0]}", file=sys.stderr)
         times["fp8 wgrad gemm split in 2"] = float("nan")
-    times.update(fast_accum_errors((qx, sx, qw, sw), (qdy, sdy, qwt, swt), (qdyt, sdyt, qxt, sxt)))
+    times.update(fast_accum_errors(operands))
     times.update(clocks_under_load(step(lin), "bf16"))
     times.update(clocks_under_load(gemms(True), "fp8 gemm-only fast-accum"))
     return times
 
 
-def fast_accum_errors(*operands) -> dict[str, float]:
-    """Per GEMM (fprop, dgrad, wgrad), the relative Frobenius error of the tensor cores' fast accumulation
-    against the promoted (exact fp32) one on the same E4M3 operands: what quant.fp8_fast_accum would cost if it
-    also covered the backward GEMMs (the wgrad reduces over all tokens)."""
+def scaled_mm(qa, sa, qb, sb, fast: bool = False, bias=None, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """(qa * sa) [M, K] @ ((qb * sb) [N, K])^T for row-major E4M3 operands with rowwise scales."""
+    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=fast)
+
+
+def fast_accum_errors(operands: dict) -> dict[str, float]:
+    """Per GEMM (fprop, dgrad, wgrad: name -> operands), the relative Frobenius error of the tensor cores' fast
+    accumulation against the promoted (exact fp32) one on the same E4M3 operands: what
+    quant.fp8_fast_accum_backward costs (the wgrad reduces over all tokens)."""
     out = {}
-    for name, (qa, sa, qb, sb) in zip(("fprop", "dgrad", "wgrad"), operands):
-        exact, fast = (torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.float32,
-                                        use_fast_accum=f) for f in (False, True))
+    for name, ops in operands.items():
+        exact, fast = (scaled_mm(*ops, fast=f, out_dtype=torch.float32) for f in (False, True))
         out[f"fp8 {name} fast-accum relative error"] = ((fast - exact).norm() / exact.norm()).item()
     return out
 

@@ -53,8 +53,8 @@ def quantize_both(t: torch.Tensor, col_sum: bool = False,
                   fold: tuple[torch.Tensor, torch.Tensor] | None = None, pad: int = 16) -> tuple[torch.Tensor, ...]:
     """t [M, K] -> (q [M, K], s [M, 1], qT [K, MP], sT [K, 1]): rowwise along K, and the transpose
     (zero-padded to MP = ceil(M/pad)*pad; activations use TOKEN_PAD) rowwise along M; with col_sum also the
-    column sums [K] of t in t's dtype, accumulated in fp32 (the bias gradient when t is dy). fold = (rfold [K], cfold [M]): the rows
-    quantize t * rfold[None, :] and the transpose t * cfold[:, None] (fp8_channel's weights). One fused Triton
+    column sums [K] of t in t's dtype, accumulated in fp32 (the bias gradient when t is dy). fold = (rfold [K],
+    cfold [M]): the rows quantize t * rfold[None, :] and the transpose t * cfold[:, None] (fp8_channel's weights). One fused Triton
     pass pair on CUDA (fp8_triton.py, bitwise equal codes and scales), plain torch elsewhere."""
     if t.is_cuda:
         from .fp8_triton import quantize_both as fused

@@ -50,8 +50,8 @@ def _gelu_grad(h):
 def _e4m3_bits_cvt(v):
     """uint8 E4M3 bits of clamp(v, -448, 448), nearest even, one PTX cvt per value: the pair form
     cvt.rn.satfinite.e4m3x2 converts v twice into one 16-bit register and the low byte is kept. Triton's own
-    fp32 -> float8e4nv cast pairs neighbouring elements for that instruction, and in this kernel's layouts that
-    pairing wrote wrong bytes (H100, Triton 3.6; see quantize_channelwise); here nothing is paired."""
+    fp32 -> float8e4nv cast (which feeds that instruction pairs of elements) wrote wrong bytes in this kernel on an
+    H100 (Triton 3.6; cause not isolated, see quantize_channelwise); nothing is paired here."""
     v = tl.minimum(tl.maximum(v, -448.0), 448.0)
     pair = tl.inline_asm_elementwise("{ .reg .b16 t; cvt.rn.satfinite.e4m3x2.f32 t, $1, $1; cvt.u32.u16 $0, t; }",
                                      "=r,f", [v], dtype=tl.uint32, is_pure=True, pack=1)
