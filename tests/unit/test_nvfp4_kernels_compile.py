@@ -49,6 +49,9 @@ for hw in (False, True):
         {"BM": FC.BM, "BK": FC.BK, "ROW_TILES": FC.STRIP // FC.BM, "COL_SUM": True, "HW_CAST": hw, "OP": 0})
     sigs["fp8ch_gelu_bwd_hw" if hw else "fp8ch_gelu"] = (sigs["fp8ch"][0], sigs["fp8ch"][1],
         {**sigs["fp8ch"][2], "HW_CAST": hw, "OP": FC.OPS["gelu_backward" if hw else "gelu"]})
+sigs["fp8roll"] = (FC._roll_kernel, {"hist_ptr": "*fp32", "pending_ptr": "*i32", "scale_ptr": "*fp32",
+                   "inv_ptr": "*fp32", "C": "i32", "cursor": "i32", "gain": "fp32", "LENGTH": "constexpr",
+                   "BC": "constexpr"}, {"LENGTH": 16, "BC": 1024})
 out = {}
 for name, (fn, sig, const) in sigs.items():
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=tgt)
@@ -74,3 +77,5 @@ def test_kernels_compile_for_sm90_with_ieee_division():
     # the FP8 quantizer: hardware nearest-even E4M3 cast (saturating after the explicit clamp) only when asked
     assert out["fp8q_hw"]["e4m3_cvt"] > 0 and out["fp8q"]["e4m3_cvt"] == 0
     assert out["fp8ch_hw"]["e4m3_cvt"] > 0 and out["fp8ch"]["e4m3_cvt"] == 0
+    # the amax roll's scales: IEEE divisions (amax / 448 and 448 / amax), as fp8.amax_scales computes them
+    assert out["fp8roll"]["ops"].get("div.rn.f32", 0) >= 2
