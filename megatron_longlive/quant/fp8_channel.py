@@ -111,13 +111,12 @@ class DelayedChannelScale:
         return self.history is not None
 
     def bootstrap(self, t2: torch.Tensor) -> None:
-        """First call: the history starts from t2's own channel amaxes (one extra read, once)."""
+        """First call: the history starts from t2's own channel amaxes (one extra read, once), rolled in."""
         amax = t2.float().abs().amax(0)
         self.history = torch.zeros(self.length, amax.numel(), dtype=torch.float32, device=amax.device)
-        self.history[0] = amax
-        self.cursor = 1 % self.length
-        self.pending = torch.zeros(amax.numel(), dtype=torch.int32, device=amax.device)
-        self._scales = channel_scales(amax * 2.0 ** self.margin)
+        self.pending = amax.view(torch.int32).clone()
+        self.cursor = 0
+        self.roll()
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(decode scale [C], encode multiplier [C]) of the current history (fixed until the next roll)."""
