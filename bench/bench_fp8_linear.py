@@ -15,9 +15,14 @@ layers. Per shape, one training pass of the layer (y = xW^T + b, then dx, dW, db
   ch ms        FP8Linear with quant.fp8_recipe=channel_delayed (fp8_channel.py: delayed per-channel scales, one
                pointwise E4M3 copy of x and of dy, 4 bytes per value), fast-accum fprop, after warm-up (so the
                amax histories are running); `ch quant` its quantization alone (x, dy + db, the weight fold)
-Then, per model, the FFN pair with its GELU: BF16, rowwise FP8 linears, and the channel recipe's fused FFN
-(quant/fp8_ffn.py: GELU and GELU backward inside the quantizers, so fc2's input and fc1's dy never exist in BF16).
-Prints a table, appends JSON lines (bench/record.py) to --out.
+Per token count (--tokens; 65520 is the teacher-forcing sequence of 21 latent frames) three more tables:
+  details      per GEMM, the fast accumulator's relative error against promoted accumulation; each GEMM alone in
+               BF16 and FP8 (and the wgrad as two token halves, exploration); SM clock and power under load
+  graphed      one training pass captured in a CUDA graph and replayed (device time, no host launch cost): BF16,
+               rowwise (fast fprop), channel, channel with quant.fp8_fast_accum_backward
+  FFN          per model, the FFN pair with its GELU: BF16, rowwise FP8 linears, and the channel recipe's fused FFN
+               (quant/fp8_ffn.py: GELU and GELU backward inside the quantizers), eager and graphed
+Prints the tables, appends JSON lines (bench/record.py) to --out.
 
   python bench/bench_fp8_linear.py --out bench/results.jsonl           # needs CUDA sm89+ (H100/H200)
 """
