@@ -22,6 +22,8 @@ Per token count (--tokens; 65520 is the teacher-forcing sequence of 21 latent fr
                rowwise (fast fprop), channel, channel with quant.fp8_fast_accum_backward
   FFN          per model, the FFN pair with its GELU: BF16, rowwise FP8 linears, and the channel recipe's fused FFN
                (quant/fp8_ffn.py: GELU and GELU backward inside the quantizers), eager and graphed
+--profile adds, per shape and FFN, the top device kernels of one pass: BF16 against the channel recipe (where the
+FP8 pass spends its time beyond the GEMMs).
 Prints the tables, appends JSON lines (bench/record.py) to --out.
 
   python bench/bench_fp8_linear.py --out bench/results.jsonl           # needs CUDA sm89+ (H100/H200)
@@ -36,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.profiling import print_kernels, top_kernels  # noqa: E402
 from bench.record import record  # noqa: E402
 from megatron_longlive.quant.fp8 import TOKEN_PAD, FP8Linear, quantize_both  # noqa: E402
 
@@ -187,6 +190,9 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
     except (RuntimeError, ValueError) as err:      # strided halves refused by this torch/cuBLAS
         print(f"wgrad split: {str(err).splitlines()[0]}", file=sys.stderr)
         times["fp8 wgrad gemm split in 2"] = float("nan")
+    if a.profile:
+        for label, mod in (("bf16", lin), ("channel", fp8_channel), ("channel fast-all", fp8_channel_fast)):
+            print_kernels(f"{tokens}x{k}->{n} {label}", top_kernels(step(mod), dev, 10))
     times.update(fast_accum_errors(operands))
     times.update(clocks_under_load(step(lin), "bf16"))
     times.update(clocks_under_load(gemms(True), "fp8 gemm-only fast-accum"))
@@ -259,6 +265,10 @@ def bench_ffn(tokens: int, dim: int, hidden: int, a) -> dict[str, float]:
             mod(x).backward(dy)
         return run
 
+    if a.profile:
+        for label, mod in (("bf16", seq), ("channel fused", channel)):
+            step(mod)()
+            print_kernels(f"FFN {tokens}x{dim}->{hidden} {label}", top_kernels(step(mod), dev, 12))
     return {"ffn bf16 graphed": graphed_ms(step(seq), a.warmup, a.iters),
             "ffn fp8 rowwise graphed": graphed_ms(step(rowwise), a.warmup, a.iters),
             "ffn fp8 channel_delayed fused graphed": graphed_ms(step(channel), a.warmup, a.iters),
@@ -278,6 +288,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
+    p.add_argument("--profile", action="store_true", help="print each pass's top device kernels (BF16, channel)")
     a = p.parse_args(argv)
     shapes = {m: SHAPES[m] for m in a.models}
     if a.shapes:
