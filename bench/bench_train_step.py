@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile one more step per variant: its top device kernels and their "
+                        "time per category (GEMMs, attention, quantizers, the rest)")
     a = p.parse_args(argv)
     if len(set(a.quant)) != len(a.quant):
         p.error(f"--quant lists a variant twice: {a.quant}")
@@ -76,7 +79,7 @@ def run_variant(a, variant: str, run_dir: str) -> dict:
         "data": {"source": "zarr", "path": os.path.join(run_dir, "none.pt"), "height": a.height, "width": a.width,
                  "num_frames": 1 + 4 * (a.latent_frames - 1)},
         "quant": tree["quant"],
-        "train": {"output_dir": os.path.join(run_dir, variant), "max_steps": a.warmup + a.steps,
+        "train": {"output_dir": os.path.join(run_dir, variant), "max_steps": a.warmup + a.steps + int(a.profile),
                   "wandb_mode": "disabled", "micro_batch": a.micro_batch, "chunk_frames": a.chunk_frames,
                   "precision": a.precision, "activation_checkpointing": ac, "warmup_steps": 1, "lr": 1e-5,
                   **tree["train"]}})
@@ -105,6 +108,8 @@ def run_variant(a, variant: str, run_dir: str) -> dict:
             times.append(time.perf_counter() - t0)
             tokens = m["tokens_per_s"] * m["step_time"]
     step_s = statistics.median(times)
+    if a.profile:
+        profile_step(trainer, variant, device)
     out = {"step_time": (round(step_s * 1e3, 2), "ms"), "tokens_per_s": (round(tokens / step_s, 1), "tokens/s"),
            "state_memory": (round(measured_state_bytes(trainer.model, trainer.optimizer)["total"] / 2**20, 2), "MiB")}
     if device.type == "cuda":
@@ -117,6 +122,32 @@ def run_variant(a, variant: str, run_dir: str) -> dict:
     del trainer, model
     gc.collect()
     return {"figures": out, "info": info, "ac": ac}
+
+
+# kernel-name patterns per category (the first match wins), for --profile's split of one step's device time
+KERNEL_CATEGORIES = (("fp8 gemm", r"e4m3|f8f8|fp8.*gemm|gemm.*fp8|scaled_mm"),
+                     ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+                     ("gemm", r"gemm|xmma|cutlass|cublas|sm90_|ampere_|nvjet"),
+                     ("fp8 quantizers (triton)", r"quantize|_roll_kernel|amax|e4m3_bits"),
+                     ("other triton", r"triton"),
+                     ("elementwise / reductions", r"elementwise|reduce|vectorized|unrolled|layer_norm|norm"))
+
+
+def profile_step(trainer, variant: str, device: torch.device) -> None:
+    """One more training step under the profiler: top kernels and the device time per KERNEL_CATEGORIES."""
+    import re
+
+    from bench.profiling import print_kernels, top_kernels
+
+    rows = top_kernels(trainer.train_step, device, n=None)
+    total = sum(ms for _, ms, _ in rows)
+    print_kernels(f"{variant}, one step", rows[:25], total)
+    split: dict[str, float] = {}
+    for name, ms, _ in rows:
+        cat = next((c for c, pat in KERNEL_CATEGORIES if re.search(pat, name, re.IGNORECASE)), "rest")
+        split[cat] = split.get(cat, 0.0) + ms
+    print(f"  {variant}: device time per category, one step: " +
+          ", ".join(f"{c} {ms:.1f} ms ({ms / total:.0%})" for c, ms in sorted(split.items(), key=lambda r: -r[1])))
 
 
 def main(argv=None) -> int:

@@ -75,7 +75,7 @@ run() {
             step fp8_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py
             step fp8_linear_65520 170 python bench/bench_fp8_linear.py --warmup 10 --tokens 65520 --profile --out "$res"
             step train_step 180 python bench/bench_train_step.py --preset wan2.1-1.3b \
-                --quant bf16 fp8_channel fp8_channel_fast fp8 --warmup 1 --steps 2 --out "$res"
+                --quant bf16 fp8_channel fp8_channel_fast fp8 --warmup 1 --steps 2 --profile --out "$res"
             step fp8_linear_32760 120 python bench/bench_fp8_linear.py --warmup 10 --tokens 32760 --out "$res" ;;
         *) echo "unknown group $g (s15 | attn | e2e | train)"; exit 2 ;;
         esac
