@@ -7,7 +7,8 @@ of the 1.3B / 5B activations) and op (identity: x or dy; identity + column sums:
 fc2's input from fc1's output; gelu_backward: fc1's dy), CUDA-graphed:
   us          one call, device time
   frac        bytes moved / time / copy bandwidth (1.0 = as fast as a copy moving those bytes)
-  tuned       the autotuner's pick (BM x BK, warps); `best cfg` / `best frac`: every config timed directly
+  tuned       the autotuner's pick (BM x BK, warps, tf32: transposed as fp32); `best cfg` / `best frac`: every
+              config timed directly (its codes checked equal to the tuned call's)
 The rowwise recipe's two-pass quantize_both is timed alongside (6 bytes per value; its `frac` counts them).
 
   python bench/bench_fp8_quantize.py --out bench/results.jsonl          # needs CUDA
@@ -37,28 +38,21 @@ def op_call(t, h, inv, amax, op: str):
     return lambda: quantize_channelwise(t, inv, amax, op=op, h=h if op == "gelu_backward" else None)
 
 
-def config_sweep(t, h, inv, amax, op: str, a) -> list[tuple[str, float]]:
-    """(config label, ms) of the kernel at every autotune config, launched directly (no tuner)."""
-    import triton
+def config_sweep(t, h, inv, amax, op: str, a, want) -> list[tuple[str, float]]:
+    """(config label, ms) of the kernel at every autotune config, launched directly (no tuner); each config's
+    codes must equal `want` (the tuned call's) byte for byte."""
+    from megatron_longlive.quant.fp8_channel_triton import CONFIGS, quantize_channelwise
 
-    from megatron_longlive.quant import fp8_channel_triton as k
-
-    m, kk = t.shape
-    mp = (m + 127) // 128 * 128
-    strips = triton.cdiv(mp, k.STRIP)
-    q = torch.empty(m, kk, dtype=torch.uint8, device=t.device)
-    qt = torch.empty(kk, mp, dtype=torch.uint8, device=t.device)
-    sums = torch.empty(strips, kk, dtype=torch.float32, device=t.device)
     out = []
-    for cfg in k._channel_quantize_tuned.configs:
-        bm, bk = cfg.kwargs["BM"], cfg.kwargs["BK"]
-
-        def run(bm=bm, bk=bk, w=cfg.num_warps):
-            k._channel_quantize_kernel[(strips, triton.cdiv(kk, bk))](
-                t, h if h is not None else t, inv, q, qt, amax, sums, m, kk, mp, m.bit_length(), BM=bm, BK=bk,
-                ROW_TILES=k.STRIP // bm, COL_SUM=op == "identity+sum", HW_CAST=True,
-                OP=k.OPS[op.removesuffix("+sum")], num_warps=w)
-        out.append((f"{bm}x{bk} w{cfg.num_warps}", graphed_ms(run, a.warmup, a.iters)))
+    for c in CONFIGS:
+        run = lambda c=c: quantize_channelwise(t, inv, amax, col_sum=op == "identity+sum",  # noqa: E731
+                                               op=op.removesuffix("+sum"), h=h, config=c)
+        got = run()
+        for g, w in zip(got[:2], want[:2]):
+            if not torch.equal(g.view(torch.uint8), w.view(torch.uint8)):
+                raise AssertionError(f"{op} config {c}: codes differ from the tuned call's")
+        label = f"{c['BM']}x{c['BK']} w{c['num_warps']}{' tf32' if c['TRANS_F32'] else ''}"
+        out.append((label, graphed_ms(run, a.warmup, a.iters)))
     return out
 
 
@@ -88,10 +82,12 @@ def main(argv=None) -> int:
         amax = torch.zeros(k, dtype=torch.int32, device="cuda")
         for op in a.ops:
             nbytes = m * k * (6 if op == "gelu_backward" else 4)
-            ms = graphed_ms(op_call(t, h, inv, amax, op), a.warmup, a.iters)
+            call = op_call(t, h, inv, amax, op)
+            ms = graphed_ms(call, a.warmup, a.iters)
             best = getattr(_channel_quantize_tuned, "best_config", None)
-            tuned = f"{best.kwargs['BM']}x{best.kwargs['BK']} w{best.num_warps}" if best else "-"
-            sweep = config_sweep(t, h if op == "gelu_backward" else None, inv, amax, op, a)
+            tuned = (f"{best.kwargs['BM']}x{best.kwargs['BK']} w{best.num_warps}"
+                     f"{' tf32' if best.kwargs['TRANS_F32'] else ''}") if best else "-"
+            sweep = config_sweep(t, h if op == "gelu_backward" else None, inv, amax, op, a, call())
             cfg, cfg_ms = min(sweep, key=lambda r: r[1])
             frac, best_frac = nbytes / (ms * 1e-3) / bw, nbytes / (cfg_ms * 1e-3) / bw
             print(f"{f'{m}x{k}':>13} {op:>14} {ms * 1e3:8.1f} {frac:6.2f} {tuned:>14} {cfg:>14} {best_frac:9.2f}")

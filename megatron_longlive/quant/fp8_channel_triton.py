@@ -61,7 +61,7 @@ def _e4m3_bits_cvt(v):
 @triton.jit
 def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum_ptr, M, K, MP, M_KEY,
                              BM: tl.constexpr, BK: tl.constexpr, ROW_TILES: tl.constexpr, COL_SUM: tl.constexpr,
-                             HW_CAST: tl.constexpr, OP: tl.constexpr):
+                             HW_CAST: tl.constexpr, OP: tl.constexpr, TRANS_F32: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     cols = pid_k * BK + tl.arange(0, BK)
     inv = tl.load(inv_ptr + cols, mask=cols < K, other=1.0)
@@ -77,11 +77,12 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
         elif OP == 2:           # x = d gelu-output: quantize bf16(x * gelu'(h)), the gradient at fc1's output
             x = _round_bf16(x * _gelu_grad(tl.load(h_ptr + offs, mask=inside, other=0.0).to(tl.float32)))
         v = x * inv[None, :]
-        if HW_CAST:
-            bits = _e4m3_bits_cvt(v)
-        else:
-            bits = _e4m3_bits(v, False)
-        bits_t = tl.trans(bits)
+        bits = _e4m3_bits_cvt(v) if HW_CAST else _e4m3_bits(v, False)
+        if TRANS_F32:           # transpose the fp32 tile and convert it again: 4-byte layout shuffles, twice the cvts
+            vt = tl.trans(v)
+            bits_t = _e4m3_bits_cvt(vt) if HW_CAST else _e4m3_bits(vt, False)
+        else:                   # convert once, transpose the bytes
+            bits_t = tl.trans(bits)
         tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], bits, mask=inside)
         tl.store(qt_ptr + cols[:, None].to(tl.int64) * MP + rows[None, :], bits_t,
                  mask=(cols[:, None] < K) & (rows[None, :] < MP))
@@ -91,15 +92,27 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
     store_column_stats(amax_ptr, sum_ptr, pid_m, cols, K, cmax, csum, COL_SUM)
 
 
+# Launch configs the autotuner picks from on CUDA (per token-count bucket, K and op: each op's arithmetic differs).
+# TRANS_F32 picks how the transposed tile is made (both give the same bytes; which is faster depends on the tile).
+CONFIGS = [dict(BM=bm, BK=bk, TRANS_F32=tf, num_warps=w)
+           for bm, bk, w in ((64, 128, 4), (128, 64, 8), (64, 64, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8))
+           for tf in (False, True)]
+INTERPRETER_CONFIG = dict(BM=BM, BK=BK, TRANS_F32=False, num_warps=4)
+
+
+def _launch_meta(config: dict) -> dict:
+    meta = {k: v for k, v in config.items() if k != "num_warps"}
+    return dict(meta, ROW_TILES=STRIP // config["BM"])
+
+
 _channel_quantize_tuned = triton.autotune(
-    [triton.Config({"BM": bm, "BK": bk, "ROW_TILES": STRIP // bm}, num_warps=w)
-     for bm, bk, w in ((64, 128, 4), (128, 64, 8), (64, 64, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8))],
-    key=["M_KEY", "K"], do_bench=_quick_bench)(_channel_quantize_kernel)
+    [triton.Config(_launch_meta(c), num_warps=c["num_warps"]) for c in CONFIGS],
+    key=["M_KEY", "K", "OP", "COL_SUM"], do_bench=_quick_bench)(_channel_quantize_kernel)
 
 
 def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Tensor, col_sum: bool = False,
                          hw_cast: bool | None = None, op: str = "identity", h: torch.Tensor | None = None,
-                         pad: int = TOKEN_PAD):
+                         pad: int = TOKEN_PAD, config: dict | None = None):
     """v = op(t) [M, K], inv [K] fp32 encode multipliers -> (q [M, K] e4m3, q^T [K, MP] e4m3) of v, plus v's
     fp32 column sums [K] when col_sum. Max-accumulates v's column amaxes into amax_bits [K] int32 (fp32 bits).
     op: "identity"; "gelu" (v = bf16(gelu_tanh(t))); "gelu_backward" (v = bf16(t * gelu_tanh'(h)), h [M, K]).
@@ -108,7 +121,9 @@ def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Te
     are bitwise equal to the definition on an H100, tests/gpu/test_fp8_gpu.py, 2026-12-07; the cvt quantizes
     ~25% faster). History: Triton's own fp32 -> float8e4nv cast, exact in fp8_triton's kernels, wrote 25-50%
     wrong bytes here (Triton 3.6) in two forms (cast then transpose the bytes; cast the transposed fp32 tile), so
-    the hardware path is the explicit unpaired cvt."""
+    the hardware path is the explicit unpaired cvt.
+    config: one entry of CONFIGS to launch with, bypassing the autotuner (tests and benchmarks check every config);
+    None = the autotuner's pick on CUDA, INTERPRETER_CONFIG under TRITON_INTERPRET."""
     if op not in OPS:
         raise ValueError(f"quantize_channelwise: unknown op {op!r} (one of {', '.join(OPS)})")
     if (op == "gelu_backward") != (h is not None):
@@ -127,13 +142,14 @@ def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Te
     q_t = torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=dev)
     args = (t, h, inv.contiguous(), q.view(torch.uint8), q_t.view(torch.uint8), amax_bits, sums, m, k, mp,
             m.bit_length())
-    if _hw_cast(t):
+    if config is None and _hw_cast(t):
         # autotuning reruns the kernel on the live buffers: harmless, its atomics and stores are idempotent
         _channel_quantize_tuned[lambda c: (strips, triton.cdiv(k, c["BK"]))](*args, COL_SUM=col_sum, HW_CAST=hw,
                                                                             OP=OPS[op])
     else:
-        _channel_quantize_kernel[(strips, triton.cdiv(k, BK))](*args, BM=BM, BK=BK, ROW_TILES=STRIP // BM,
-                                                               COL_SUM=col_sum, HW_CAST=hw, OP=OPS[op], num_warps=4)
+        config = config or INTERPRETER_CONFIG
+        _channel_quantize_kernel[(strips, triton.cdiv(k, config["BK"]))](
+            *args, COL_SUM=col_sum, HW_CAST=hw, OP=OPS[op], num_warps=config["num_warps"], **_launch_meta(config))
     return (q, q_t, sums.sum(0)) if col_sum else (q, q_t)
 
 

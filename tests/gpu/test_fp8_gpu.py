@@ -101,6 +101,17 @@ def test_fp8_channel_quantizer_and_weight_fold_bitwise_vs_cpu(shape, hw_cast):
             assert msg.startswith("0 of"), f"channel {src.dtype} hw_cast={hw_cast} {name}: {msg}"
         ref = src.double().sum(0)
         assert torch.all((colsum.cpu().double() - ref).abs() <= 1e-6 * src.double().abs().sum(0) + 1e-30)
+    if hw_cast:     # every launch config the autotuner may pick, each forced once (bf16, the activations' dtype)
+        from megatron_longlive.quant.fp8_channel_triton import CONFIGS
+
+        src = t.to(torch.bfloat16)
+        rq, rq_t, _ = quantize_channelwise_torch(src, inv)
+        for config in CONFIGS:
+            bits = torch.zeros(shape[1], dtype=torch.int32, device="cuda")
+            q, q_t = quantize_channelwise(src.cuda(), inv.cuda(), bits, config=config)
+            for name, g, w in (("codes", q, rq), ("codes^T", q_t, rq_t)):
+                msg = bytes_differ(g, w)
+                assert msg.startswith("0 of"), f"channel config {config} {name}: {msg}"
     w = _data(shape[1], 256, seed=1).to(torch.bfloat16)
     rfold, cfold = torch.rand(256) * 3, torch.rand(shape[1]) * 3
     got = quantize_both(w.cuda(), fold=(rfold.cuda(), cfold.cuda()), hw_cast=hw_cast)
