@@ -73,7 +73,7 @@ run() {
                 # tables at 65520 (the training step's tokens, where the padding matters) and 32760 tokens with fast
                 # accumulation in all GEMMs as a column, then the 1.3B step: bf16, channel (default), channel + fast
             step fp8_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py
-            step fp8_quantize 60 python bench/bench_fp8_quantize.py --out "$res"
+            step fp8_quantize 90 python bench/bench_fp8_quantize.py --out "$res"
             step fp8_linear_65520 170 python bench/bench_fp8_linear.py --warmup 10 --tokens 65520 --profile --out "$res"
             step train_step 180 python bench/bench_train_step.py --preset wan2.1-1.3b \
                 --quant bf16 fp8_channel fp8_channel_fast fp8 --warmup 1 --steps 2 --profile --out "$res"
