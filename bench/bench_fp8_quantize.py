@@ -8,6 +8,7 @@ fc2's input from fc1's output; gelu_backward: fc1's dy), CUDA-graphed:
   us          one call, device time
   frac        bytes moved / time / copy bandwidth (1.0 = as fast as a copy moving those bytes)
   codes/trans us  exploration: the tuned config storing only the row-major codes / only the transposed ones
+  tile-stats  exploration: the tuned config reducing its column stats across rows per tile (the earlier kernel)
   tuned       the autotuner's pick (BM x BK, warps, tf32: transposed as fp32); `best cfg` / `best frac`: every
               config timed directly (its codes checked equal to the tuned call's)
 The rowwise recipe's two-pass quantize_both is timed alongside (6 bytes per value; its `frac` counts them).
@@ -58,17 +59,17 @@ def config_sweep(t, h, inv, amax, op: str, a, want) -> list[tuple[str, float]]:
 
 
 def store_split(t, h, inv, amax, op: str, a, best) -> dict[str, float]:
-    """Exploration: ms of the tuned config with only the row-major codes stored, and with only the transposed ones
-    (the kernel's STORES flag): which layout costs what."""
+    """Exploration: ms of the tuned config with only the row-major codes stored, with only the transposed ones (the
+    kernel's STORES flag: which layout costs what), and with its column stats reduced per tile (TILE_STATS)."""
     from megatron_longlive.quant.fp8_channel_triton import CONFIGS, quantize_channelwise
 
     config = CONFIGS[0] if best is None else dict(BM=best.kwargs["BM"], BK=best.kwargs["BK"],
                                                   TRANS_F32=best.kwargs["TRANS_F32"], num_warps=best.num_warps)
     out = {}
-    for label, stores in (("codes only", 1), ("transposed only", 2)):
-        run = lambda stores=stores: quantize_channelwise(  # noqa: E731
-            t, inv, amax, col_sum=op == "identity+sum", op=op.removesuffix("+sum"), h=h,
-            config=dict(config, STORES=stores))
+    for label, flags in (("codes only", dict(STORES=1)), ("transposed only", dict(STORES=2)),
+                         ("stats per tile", dict(TILE_STATS=True))):
+        run = lambda flags=flags: quantize_channelwise(  # noqa: E731
+            t, inv, amax, col_sum=op == "identity+sum", op=op.removesuffix("+sum"), h=h, config=dict(config, **flags))
         out[label] = graphed_ms(run, a.warmup, a.iters)
     return out
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(a)
     print(f"device copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     print(f"{'shape':>13} {'op':>14} {'us':>8} {'frac':>6} {'tuned':>14} {'best cfg':>14} {'best frac':>9} "
-          f"{'codes us':>9} {'trans us':>9}")
+          f"{'codes us':>9} {'trans us':>9} {'tile-stats':>10}")
     for m, k in shapes:
         t = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         h = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
             frac, best_frac = nbytes / (ms * 1e-3) / bw, nbytes / (cfg_ms * 1e-3) / bw
             split = store_split(t, h if op == "gelu_backward" else None, inv, amax, op, a, best)
             print(f"{f'{m}x{k}':>13} {op:>14} {ms * 1e3:8.1f} {frac:6.2f} {tuned:>14} {cfg:>14} {best_frac:9.2f} "
-                  f"{split['codes only'] * 1e3:9.1f} {split['transposed only'] * 1e3:9.1f}")
+                  f"{split['codes only'] * 1e3:9.1f} {split['transposed only'] * 1e3:9.1f} "
+                  f"{split['stats per tile'] * 1e3:10.1f}")
             name = f"fp8 channel quantize {m}x{k} {op}"
             record(a.out, name, "time", round(ms * 1e3, 2), "us", tuned=tuned)
             record(a.out, name, "fraction of copy bandwidth", round(frac, 3), "ratio", best_config=cfg,

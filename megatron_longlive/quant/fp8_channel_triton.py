@@ -62,13 +62,17 @@ def _e4m3_bits_cvt(v):
 def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum_ptr, M, K, MP, M_KEY,
                              BM: tl.constexpr, BK: tl.constexpr, ROW_TILES: tl.constexpr, COL_SUM: tl.constexpr,
                              HW_CAST: tl.constexpr, OP: tl.constexpr, TRANS_F32: tl.constexpr,
-                             STORES: tl.constexpr = 3):
-    # STORES: bit 0 the codes, bit 1 the transposed codes (always 3; bench_fp8_quantize drops one to time the other)
+                             STORES: tl.constexpr = 3, TILE_STATS: tl.constexpr = False):
+    # exploration flags for bench_fp8_quantize (the library never sets them): STORES (bit 0 the codes, bit 1 the
+    # transposed codes) drops one store to time the other; TILE_STATS reduces the column stats per tile (the
+    # kernel's earlier form) instead of once per strip
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     cols = pid_k * BK + tl.arange(0, BK)
     inv = tl.load(inv_ptr + cols, mask=cols < K, other=1.0)
-    cmax = tl.zeros([BK], dtype=tl.float32)
-    csum = tl.zeros([BK], dtype=tl.float32)
+    # column stats accumulate elementwise over the strip's tiles and reduce across rows once at the end: a
+    # cross-warp reduction (shared memory + barrier) per tile would stall the loads behind it
+    cmax = tl.zeros([BM, BK], dtype=tl.float32)
+    csum = tl.zeros([BM, BK], dtype=tl.float32)
     for i in range(ROW_TILES):
         rows = (pid_m * ROW_TILES + i) * BM + tl.arange(0, BM)
         inside = (rows[:, None] < M) & (cols[None, :] < K)
@@ -90,17 +94,22 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
                 bits_t = tl.trans(bits)
             tl.store(qt_ptr + cols[:, None].to(tl.int64) * MP + rows[None, :], bits_t,
                      mask=(cols[:, None] < K) & (rows[None, :] < MP))
-        cmax = tl.maximum(cmax, tl.max(tl.abs(x), axis=0))
-        if COL_SUM:
-            csum += tl.sum(x, axis=0)
-    store_column_stats(amax_ptr, sum_ptr, pid_m, cols, K, cmax, csum, COL_SUM)
+        if TILE_STATS:
+            cmax = tl.maximum(cmax, tl.max(tl.abs(x), axis=0)[None, :])
+            if COL_SUM:
+                csum += tl.where(tl.arange(0, BM)[:, None] == 0, tl.sum(x, axis=0)[None, :], 0.0)
+        else:
+            cmax = tl.maximum(cmax, tl.abs(x))
+            if COL_SUM:
+                csum += x
+    store_column_stats(amax_ptr, sum_ptr, pid_m, cols, K, tl.max(cmax, axis=0), tl.sum(csum, axis=0), COL_SUM)
 
 
 # Launch configs the autotuner picks from on CUDA (per token-count bucket, K and op: each op's arithmetic differs).
 # TRANS_F32 picks how the transposed tile is made (both give the same bytes; which is faster depends on the tile).
 CONFIGS = [dict(BM=bm, BK=bk, TRANS_F32=tf, num_warps=w)
-           for bm, bk, w in ((64, 128, 4), (128, 64, 8), (64, 64, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8))
-           for tf in (False, True)]
+           for bm, bk, w, tf in ((64, 128, 4, False), (128, 64, 8, False), (32, 128, 4, False), (128, 128, 8, False),
+                                 (64, 256, 8, False), (64, 128, 4, True), (128, 128, 8, True))]
 INTERPRETER_CONFIG = dict(BM=BM, BK=BK, TRANS_F32=False, num_warps=4)
 
 
