@@ -53,7 +53,7 @@ def config_sweep(t, h, inv, amax, op: str, a, want) -> list[tuple[str, float]]:
         for g, w in zip(got[:2], want[:2]):
             if not torch.equal(g.view(torch.uint8), w.view(torch.uint8)):
                 raise AssertionError(f"{op} config {c}: codes differ from the tuned call's")
-        label = f"{c['BM']}x{c['BK']} w{c['num_warps']}{' tf32' if c['TRANS_F32'] else ''}"
+        label = f"{c['BM']}x{c['BK']} w{c['num_warps']} s{c['NUM_STAGES']}{' tf32' if c['TRANS_F32'] else ''}"
         out.append((label, graphed_ms(run, a.warmup, a.iters)))
     return out
 
@@ -63,8 +63,8 @@ def store_split(t, h, inv, amax, op: str, a, best) -> dict[str, float]:
     kernel's STORES flag: which layout costs what), and with its column stats reduced per tile (TILE_STATS)."""
     from megatron_longlive.quant.fp8_channel_triton import CONFIGS, quantize_channelwise
 
-    config = CONFIGS[0] if best is None else dict(BM=best.kwargs["BM"], BK=best.kwargs["BK"],
-                                                  TRANS_F32=best.kwargs["TRANS_F32"], num_warps=best.num_warps)
+    config = CONFIGS[0] if best is None else dict(best.kwargs, num_warps=best.num_warps)
+    config.pop("ROW_TILES", None)
     out = {}
     for label, flags in (("codes only", dict(STORES=1)), ("transposed only", dict(STORES=2)),
                          ("stats per tile", dict(TILE_STATS=True))):
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             call = op_call(t, h, inv, amax, op)
             ms = graphed_ms(call, a.warmup, a.iters)
             best = getattr(_channel_quantize_tuned, "best_config", None)
-            tuned = (f"{best.kwargs['BM']}x{best.kwargs['BK']} w{best.num_warps}"
+            tuned = (f"{best.kwargs['BM']}x{best.kwargs['BK']} w{best.num_warps} s{best.kwargs['NUM_STAGES']}"
                      f"{' tf32' if best.kwargs['TRANS_F32'] else ''}") if best else "-"
             sweep = config_sweep(t, h if op == "gelu_backward" else None, inv, amax, op, a, call())
             cfg, cfg_ms = min(sweep, key=lambda r: r[1])

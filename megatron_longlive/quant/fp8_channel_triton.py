@@ -62,7 +62,7 @@ def _e4m3_bits_cvt(v):
 def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum_ptr, M, K, MP, M_KEY,
                              BM: tl.constexpr, BK: tl.constexpr, ROW_TILES: tl.constexpr, COL_SUM: tl.constexpr,
                              HW_CAST: tl.constexpr, OP: tl.constexpr, TRANS_F32: tl.constexpr,
-                             STORES: tl.constexpr = 3, TILE_STATS: tl.constexpr = False):
+                             NUM_STAGES: tl.constexpr, STORES: tl.constexpr = 3, TILE_STATS: tl.constexpr = False):
     # exploration flags for bench_fp8_quantize (the library never sets them): STORES (bit 0 the codes, bit 1 the
     # transposed codes) drops one store to time the other; TILE_STATS reduces the column stats per tile (the
     # kernel's earlier form) instead of once per strip
@@ -73,7 +73,7 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
     # cross-warp reduction (shared memory + barrier) per tile would stall the loads behind it
     cmax = tl.zeros([BM, BK], dtype=tl.float32)
     csum = tl.zeros([BM, BK], dtype=tl.float32)
-    for i in range(ROW_TILES):
+    for i in tl.range(ROW_TILES, num_stages=NUM_STAGES):
         rows = (pid_m * ROW_TILES + i) * BM + tl.arange(0, BM)
         inside = (rows[:, None] < M) & (cols[None, :] < K)
         offs = rows[:, None].to(tl.int64) * K + cols[None, :]
@@ -107,10 +107,14 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
 
 # Launch configs the autotuner picks from on CUDA (per token-count bucket, K and op: each op's arithmetic differs).
 # TRANS_F32 picks how the transposed tile is made (both give the same bytes; which is faster depends on the tile).
-CONFIGS = [dict(BM=bm, BK=bk, TRANS_F32=tf, num_warps=w)
-           for bm, bk, w, tf in ((64, 128, 4, False), (128, 64, 8, False), (32, 128, 4, False), (128, 128, 8, False),
-                                 (64, 256, 8, False), (64, 128, 4, True), (128, 128, 8, True))]
-INTERPRETER_CONFIG = dict(BM=BM, BK=BK, TRANS_F32=False, num_warps=4)
+# NUM_STAGES > 1 prefetches the next row tiles (cp.async into shared memory) while this one is converted and
+# stored. Every config compiles for sm_90a without register spills in every op (ptxas -v; tiles of 64 x 128 per
+# 4 warps, 128 x 128 or 64 x 256 per 8 warps spill up to 460 bytes per thread in gelu_backward with column sums).
+CONFIGS = [dict(BM=bm, BK=bk, NUM_STAGES=st, TRANS_F32=tf, num_warps=w)
+           for bm, bk, w, st, tf in ((32, 128, 4, 1, False), (64, 128, 8, 1, False), (32, 128, 4, 3, False),
+                                     (64, 64, 4, 3, False), (64, 128, 8, 3, False), (128, 64, 8, 3, False),
+                                     (32, 64, 4, 3, False), (32, 256, 8, 3, False), (64, 128, 8, 3, True))]
+INTERPRETER_CONFIG = dict(BM=BM, BK=BK, NUM_STAGES=1, TRANS_F32=False, num_warps=4)
 
 
 def _launch_meta(config: dict) -> dict:
