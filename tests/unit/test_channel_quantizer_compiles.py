@@ -1,0 +1,30 @@
+"""The FP8 channel quantizer's launch configs, compiled for an H100 (sm_90a) on this CPU machine (Triton's own LLVM
+and ptxas, bench/kernel_report.py): none spills registers to local memory and every code store is vectorized (a
+one-byte store per value, or spills, cost the quantizer half its bandwidth: registers and stores decide its speed).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.kernel_report import channel_quantizer_reports_subprocess, ptxas_path
+
+pytestmark = pytest.mark.skipif(not os.path.exists(ptxas_path()), reason="this Triton wheel ships no ptxas")
+
+
+def test_every_channel_quantizer_config_compiles_spill_free_with_vector_stores():
+    from megatron_longlive.quant.fp8_channel_triton import CONFIGS
+
+    reports = channel_quantizer_reports_subprocess()
+    assert len(reports) == 4 * len(CONFIGS)
+    for r in reports:
+        where = f"config {r['config']}, op {r['op']}, col_sum {r['col_sum']}: {r}"
+        assert r["registers"] > 0, where
+        assert r["spill_bytes"] == 0, where
+        narrow = {k: n for k, n in r["global_ops"].items() if k.startswith("st.global") and
+                  any(w in k for w in ("b8", "u8", "b16", "u16"))}
+        assert not narrow, where
+        assert any(k.startswith("st.global.v4") for k in r["global_ops"]), where
+        if r["config"]["NUM_STAGES"] > 1:
+            assert r["cp_async"] > 0, f"the row tiles are not prefetched: {where}"
