@@ -77,17 +77,6 @@ def channel_quantizer_reports(configs=None):
                                                  CHANNEL_ALIGNED)
 
 
-def channel_quantizer_reports_subprocess() -> list[dict]:
-    """channel_quantizer_reports() run by a fresh interpreter without TRITON_INTERPRET (under it, and in a process
-    that imported the kernels with it set, kernels are Python functions that do not compile)."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--json"], env=env, capture_output=True,
-                         text=True, check=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="one JSON object per config and op instead of the table")

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from bench.kernel_report import channel_quantizer_reports_subprocess, ptxas_path
+from bench.kernel_report import ptxas_path
+from process_helpers import compile_report
 
 pytestmark = pytest.mark.skipif(not os.path.exists(ptxas_path()), reason="this Triton wheel ships no ptxas")
 
@@ -16,7 +17,9 @@ pytestmark = pytest.mark.skipif(not os.path.exists(ptxas_path()), reason="this T
 def test_every_channel_quantizer_config_compiles_spill_free_with_vector_stores():
     from megatron_longlive.quant.fp8_channel_triton import CONFIGS
 
-    reports = channel_quantizer_reports_subprocess()
+    reports = compile_report("import json; from bench.kernel_report import channel_quantizer_reports; "
+                             "print(json.dumps([dict(config=c, op=op, col_sum=s, **r) "
+                             "for c, op, s, r in channel_quantizer_reports()]))", timeout=600)
     assert len(reports) == 4 * len(CONFIGS)
     for r in reports:
         where = f"config {r['config']}, op {r['op']}, col_sum {r['col_sum']}: {r}"
