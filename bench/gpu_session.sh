@@ -69,14 +69,15 @@ run() {
             step dit_fps 420 python bench/bench_generate_chunk.py \
                 --settings wan2.2-ti2v-5b wan2.1-1.3b-2step wan2.1-1.3b --steps compile+cuda_graph --linear fp8-fast \
                 --attention sdpa cudnn-fp8 --chunks 3 --out "$res" ;;
-        s15)    # next: tokens padded to 128 for the wgrad and the cvt quantizer by default (tests, both recipes), the
-                # tables at 65520 (the training step's tokens, where the padding matters) and 32760 tokens with fast
-                # accumulation in all GEMMs as a column, then the 1.3B step: bf16, channel (default), channel + fast
+        s15)    # next: the FP8 tests (every channel quantizer config bitwise), the quantizer's bandwidth per op and
+                # config (pipelined, spill-free), the linear tables at 65520 tokens (the training step's; the token
+                # padding to 128) with kernel profiles, the 1.3B step (bf16, channel, channel + fast accumulation)
+                # with its kernel split, then the 32760-token tables
             step fp8_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py
             step fp8_quantize 90 python bench/bench_fp8_quantize.py --out "$res"
             step fp8_linear_65520 170 python bench/bench_fp8_linear.py --warmup 10 --tokens 65520 --profile --out "$res"
             step train_step 180 python bench/bench_train_step.py --preset wan2.1-1.3b \
-                --quant bf16 fp8_channel fp8_channel_fast fp8 --warmup 1 --steps 2 --profile --out "$res"
+                --quant bf16 fp8_channel fp8_channel_fast --warmup 1 --steps 2 --profile --out "$res"
             step fp8_linear_32760 120 python bench/bench_fp8_linear.py --warmup 10 --tokens 32760 --out "$res" ;;
         *) echo "unknown group $g (s15 | attn | e2e | train)"; exit 2 ;;
         esac
