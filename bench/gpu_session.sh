@@ -74,8 +74,10 @@ run() {
                 # padding to 128) with kernel profiles, the 1.3B step (bf16, channel, channel + fast accumulation)
                 # with its kernel split, then the 32760-token tables
             step fp8_tests 60 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py
-            step fp8_quantize 90 python bench/bench_fp8_quantize.py --out "$res"
-            step fp8_linear_65520 170 python bench/bench_fp8_linear.py --warmup 10 --tokens 65520 --profile --out "$res"
+            step fp8_quantize 80 python bench/bench_fp8_quantize.py --shapes 65520x1536 65520x8960 32760x14336 \
+                --out "$res"
+            step fp8_linear_65520 150 python bench/bench_fp8_linear.py --warmup 5 --iters 10 --tokens 65520 --profile \
+                --out "$res"
             step train_step 180 python bench/bench_train_step.py --preset wan2.1-1.3b \
                 --quant bf16 fp8_channel fp8_channel_fast --warmup 1 --steps 2 --profile --out "$res"
             step fp8_linear_32760 120 python bench/bench_fp8_linear.py --warmup 10 --tokens 32760 --out "$res" ;;
