@@ -108,12 +108,13 @@ def run_variant(a, variant: str, run_dir: str) -> dict:
             times.append(time.perf_counter() - t0)
             tokens = m["tokens_per_s"] * m["step_time"]
     step_s = statistics.median(times)
-    if a.profile:
-        profile_step(trainer, variant, device)
+    profiled = profile_step(trainer, variant, device) if a.profile else {}
     out = {"step_time": (round(step_s * 1e3, 2), "ms"), "tokens_per_s": (round(tokens / step_s, 1), "tokens/s"),
            "state_memory": (round(measured_state_bytes(trainer.model, trainer.optimizer)["total"] / 2**20, 2), "MiB")}
     if device.type == "cuda":
         out["peak_memory"] = (round(torch.cuda.max_memory_allocated() / 2**30, 2), "GiB")
+    out.update({f"profiled step device time{'' if cat == 'total' else ' in ' + cat}": (round(ms, 1), "ms")
+                for cat, ms in profiled.items()})
     info = {"tokens_per_step": int(tokens), "quantized_modules": {k: v for k, v in counts.items() if v},
             "trainable_params": sum(p.numel() for p in trainer.params), "lora_rank": cfg.train.lora_rank}
     if trainer.offload is not None:  # bytes of block inputs held in host memory per micro-batch (measured)
@@ -133,8 +134,9 @@ KERNEL_CATEGORIES = (("fp8 gemm", r"e4m3|f8f8|fp8.*gemm|gemm.*fp8|scaled_mm"),
                      ("elementwise / reductions", r"elementwise|reduce|vectorized|unrolled|layer_norm|norm"))
 
 
-def profile_step(trainer, variant: str, device: torch.device) -> None:
-    """One more training step under the profiler: top kernels and the device time per KERNEL_CATEGORIES."""
+def profile_step(trainer, variant: str, device: torch.device) -> dict[str, float]:
+    """One more training step under the profiler: prints its top kernels and the device time per KERNEL_CATEGORIES;
+    returns {"total": ms, category: ms, ...}."""
     import re
 
     from bench.profiling import print_kernels, top_kernels
@@ -148,36 +150,41 @@ def profile_step(trainer, variant: str, device: torch.device) -> None:
         split[cat] = split.get(cat, 0.0) + ms
     print(f"  {variant}: device time per category, one step: " +
           ", ".join(f"{c} {ms:.1f} ms ({ms / total:.0%})" for c, ms in sorted(split.items(), key=lambda r: -r[1])))
+    return {"total": total, **split}
+
+
+def record_variant(a, variant: str, r: dict, ref: dict | None) -> list[dict]:
+    """Append one variant's figures to --out (at once, so a later variant's crash or a timeout keeps them)."""
+    ac = torch.device(a.device).type == "cuda" and not a.no_activation_checkpointing
+    base = (f"{a.preset} train step {a.latent_frames}x{a.height}x{a.width} chunk{a.chunk_frames} mb{a.micro_batch} "
+            f"{a.precision}{' ac' if ac else ''}")
+    rank = r["info"]["lora_rank"]
+    name = base + (f" lora{rank}" if variant == "bf16" and rank else "")  # bf16: the pre-existing row names
+    if variant != "bf16":
+        name += f" {variant}" + (f" r{rank}" if rank else "")
+    rows = []
+    for metric, (value, unit) in r["figures"].items():
+        extra = dict(variant=variant, **r["info"])
+        if ref is not None and metric in ref["figures"] and ref["figures"][metric][0]:
+            extra["ratio_to_bf16"] = round(value / ref["figures"][metric][0], 4)
+        rows.append(record(a.out, name, metric, value, unit, **extra))
+    return rows
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    results, errors = {}, {}
+    results, errors, rows = {}, {}, []
     with tempfile.TemporaryDirectory() as run_dir:
         for variant in a.quant:
             try:
                 results[variant] = run_variant(a, variant, run_dir)
+                rows += record_variant(a, variant, results[variant], results.get("bf16"))
             except Exception as e:  # keep the other variants' figures, then fail loudly
                 traceback.print_exc()
                 errors[variant] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 if torch.device(a.device).type == "cuda":
                     gc.collect()
                     torch.cuda.empty_cache()
-    ac = torch.device(a.device).type == "cuda" and not a.no_activation_checkpointing
-    base = (f"{a.preset} train step {a.latent_frames}x{a.height}x{a.width} chunk{a.chunk_frames} mb{a.micro_batch} "
-            f"{a.precision}{' ac' if ac else ''}")
-    ref = results.get("bf16")
-    rows = []
-    for variant, r in results.items():
-        rank = r["info"]["lora_rank"]
-        name = base + (f" lora{rank}" if variant == "bf16" and rank else "")  # bf16: the pre-existing row names
-        if variant != "bf16":
-            name += f" {variant}" + (f" r{rank}" if rank else "")
-        for metric, (value, unit) in r["figures"].items():
-            extra = dict(variant=variant, **r["info"])
-            if ref is not None and metric in ref["figures"] and ref["figures"][metric][0]:
-                extra["ratio_to_bf16"] = round(value / ref["figures"][metric][0], 4)
-            rows.append(record(a.out, name, metric, value, unit, **extra))
     print(f"{'name':<72} {'metric':<13} {'value':>11} {'unit':<9} {'x bf16':>7}")
     for r in rows:
         ratio = f"{r['ratio_to_bf16']:.3f}" if "ratio_to_bf16" in r else "-"
