@@ -9,7 +9,7 @@ fc2's input from fc1's output; gelu_backward: fc1's dy), CUDA-graphed:
   frac        bytes moved / time / copy bandwidth (1.0 = as fast as a copy moving those bytes)
   codes/trans us  exploration: the tuned config storing only the row-major codes / only the transposed ones
   tile-stats  exploration: the tuned config reducing its column stats across rows per tile (the earlier kernel)
-  tuned       the autotuner's pick (BM x BK, warps, tf32: transposed as fp32); `best cfg` / `best frac`: every
+  tuned       the autotuner's pick (BM x BK, warps, pipeline stages); `best cfg` / `best frac`: every
               config timed directly (its codes checked equal to the tuned call's)
 The rowwise recipe's two-pass quantize_both is timed alongside (6 bytes per value; its `frac` counts them).
 
@@ -53,7 +53,7 @@ def config_sweep(t, h, inv, amax, op: str, a, want) -> list[tuple[str, float]]:
         for g, w in zip(got[:2], want[:2]):
             if not torch.equal(g.view(torch.uint8), w.view(torch.uint8)):
                 raise AssertionError(f"{op} config {c}: codes differ from the tuned call's")
-        label = f"{c['BM']}x{c['BK']} w{c['num_warps']} s{c['NUM_STAGES']}{' tf32' if c['TRANS_F32'] else ''}"
+        label = f"{c['BM']}x{c['BK']} w{c['num_warps']} s{c['NUM_STAGES']}"
         out.append((label, graphed_ms(run, a.warmup, a.iters)))
     return out
 
@@ -104,8 +104,7 @@ def main(argv=None) -> int:
             call = op_call(t, h, inv, amax, op)
             ms = graphed_ms(call, a.warmup, a.iters)
             best = getattr(_channel_quantize_tuned, "best_config", None)
-            tuned = (f"{best.kwargs['BM']}x{best.kwargs['BK']} w{best.num_warps} s{best.kwargs['NUM_STAGES']}"
-                     f"{' tf32' if best.kwargs['TRANS_F32'] else ''}") if best else "-"
+            tuned = f"{best.kwargs['BM']}x{best.kwargs['BK']} w{best.num_warps} s{best.kwargs['NUM_STAGES']}" if best else "-"
             sweep = config_sweep(t, h if op == "gelu_backward" else None, inv, amax, op, a, call())
             cfg, cfg_ms = min(sweep, key=lambda r: r[1])
             frac, best_frac = nbytes / (ms * 1e-3) / bw, nbytes / (cfg_ms * 1e-3) / bw

@@ -2,7 +2,7 @@
 
 Triton ships LLVM and NVIDIA's ptxas, so a kernel compiles for sm_90a on any machine: this reports, per launch
 config, the registers per thread and the bytes spilled to local memory (ptxas -v), and the global loads/stores by
-width and the shared-memory traffic in the PTX. A memory-bound kernel that spills, stores single bytes or holds
+width, the shared-memory traffic and the E4M3 conversions / exp2s per value in the PTX (static counts). A memory-bound kernel that spills, stores single bytes or holds
 200+ registers per thread (few warps per SM to hide DRAM latency) runs far below copy bandwidth; this finds that
 before a GPU is lent. Integer arguments and pointers are compiled as the launcher specializes them when divisible
 by 16 (vector accesses).
@@ -53,7 +53,10 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int, aligne
         mem[m.group(1)] = mem.get(m.group(1), 0) + 1
     return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": int(spills.group(1)) if spills else 0,
             "global_ops": mem, "shared_ops": len(re.findall(r"\b(?:ld|st)\.shared", ptx)),
-            "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx))}
+            "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
+            # per-value work as compiled: E4M3 conversions and exp2s (a count above the tile's values per thread means
+            # the compiler recomputed the chain in a second layout instead of moving its result through shared memory)
+            "e4m3_cvt": len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2", ptx)), "ex2": len(re.findall(r"\bex2\.", ptx))}
 
 
 CHANNEL_SIGNATURE = {"x_ptr": "*bf16", "h_ptr": "*bf16", "inv_ptr": "*fp32", "q_ptr": "*u8", "qt_ptr": "*u8",
@@ -69,7 +72,7 @@ def channel_quantizer_reports(configs=None):
     for c in configs or k.CONFIGS:
         meta = k._launch_meta(c)
         sig = dict(CHANNEL_SIGNATURE, **{name: "constexpr" for name in
-                                         ("BM", "BK", "ROW_TILES", "COL_SUM", "HW_CAST", "OP", "TRANS_F32",
+                                         ("BM", "BK", "ROW_TILES", "COL_SUM", "HW_CAST", "OP",
                                           "NUM_STAGES", "STORES", "TILE_STATS")})
         for op, col_sum in CHANNEL_OPS:
             consts = dict(meta, COL_SUM=col_sum, HW_CAST=True, OP=k.OPS[op], STORES=3, TILE_STATS=False)
@@ -90,11 +93,14 @@ def main(argv=None) -> int:
         for c, op, col_sum, r in channel_quantizer_reports():
             print(json.dumps(dict(config=c, op=op, col_sum=col_sum, **r)))
         return 0
-    print(f"{'config':>26} {'op':>14} {'sum':>4} {'regs':>5} {'spill B':>8} {'cp.async':>8} {'shared':>7}  global")
+    print(f"{'config':>26} {'op':>14} {'sum':>4} {'regs':>5} {'spill B':>8} {'cp.async':>8} {'shared':>7} "
+          f"{'cvt/val':>7} {'ex2/val':>7}  global")
     for c, op, col_sum, r in channel_quantizer_reports():
-        label = f"{c['BM']}x{c['BK']} w{c['num_warps']} s{c['NUM_STAGES']}{' tf32' if c['TRANS_F32'] else ''}"
+        label = f"{c['BM']}x{c['BK']} w{c['num_warps']} s{c['NUM_STAGES']}"
+        per_thread = c["BM"] * c["BK"] / (32 * c["num_warps"])      # tile values per thread and row tile
         print(f"{label:>26} {op:>14} {'y' if col_sum else 'n':>4} {r['registers']:5d} {r['spill_bytes']:8d} "
-              f"{r['cp_async']:8d} {r['shared_ops']:7d}  {r['global_ops']}")
+              f"{r['cp_async']:8d} {r['shared_ops']:7d} {r['e4m3_cvt'] / per_thread:7.2f} {r['ex2'] / per_thread:7.2f}"
+              f"  {r['global_ops']}")
     return 0
 
 

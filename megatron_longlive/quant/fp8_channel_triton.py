@@ -61,7 +61,7 @@ def _e4m3_bits_cvt(v):
 @triton.jit
 def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum_ptr, M, K, MP, M_KEY,
                              BM: tl.constexpr, BK: tl.constexpr, ROW_TILES: tl.constexpr, COL_SUM: tl.constexpr,
-                             HW_CAST: tl.constexpr, OP: tl.constexpr, TRANS_F32: tl.constexpr,
+                             HW_CAST: tl.constexpr, OP: tl.constexpr,
                              NUM_STAGES: tl.constexpr, STORES: tl.constexpr = 3, TILE_STATS: tl.constexpr = False):
     # exploration flags for bench_fp8_quantize (the library never sets them): STORES (bit 0 the codes, bit 1 the
     # transposed codes) drops one store to time the other; TILE_STATS reduces the column stats per tile (the
@@ -87,11 +87,10 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
         if STORES & 1:
             tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], bits, mask=inside)
         if STORES & 2:
-            if TRANS_F32:       # transpose the fp32 tile and convert it again: 4-byte layout shuffles, twice the cvts
-                vt = tl.trans(v)
-                bits_t = _e4m3_bits_cvt(vt) if HW_CAST else _e4m3_bits(vt, False)
-            else:               # convert once, transpose the bytes
-                bits_t = tl.trans(bits)
+            # Triton recomputes the chain above in the transposed layout (the staged input is read twice from shared
+            # memory) rather than moving these bytes: cheap for identity, the whole GELU twice for op 1
+            # (bench/kernel_report.py: cvt/val, ex2/val; transposing the fp32 tile instead compiles to the same code)
+            bits_t = tl.trans(bits)
             tl.store(qt_ptr + cols[:, None].to(tl.int64) * MP + rows[None, :], bits_t,
                      mask=(cols[:, None] < K) & (rows[None, :] < MP))
         if TILE_STATS:
@@ -106,15 +105,13 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
 
 
 # Launch configs the autotuner picks from on CUDA (per token-count bucket, K and op: each op's arithmetic differs).
-# TRANS_F32 picks how the transposed tile is made (both give the same bytes; which is faster depends on the tile).
 # NUM_STAGES > 1 prefetches the next row tiles (cp.async into shared memory) while this one is converted and
 # stored. Every config compiles for sm_90a without register spills in every op (ptxas -v; tiles of 64 x 128 per
 # 4 warps, 128 x 128 or 64 x 256 per 8 warps spill up to 460 bytes per thread in gelu_backward with column sums).
-CONFIGS = [dict(BM=bm, BK=bk, NUM_STAGES=st, TRANS_F32=tf, num_warps=w)
-           for bm, bk, w, st, tf in ((32, 128, 4, 1, False), (64, 128, 8, 1, False), (32, 128, 4, 3, False),
-                                     (64, 64, 4, 3, False), (64, 128, 8, 3, False), (128, 64, 8, 3, False),
-                                     (32, 64, 4, 3, False), (32, 256, 8, 3, False), (64, 128, 8, 3, True))]
-INTERPRETER_CONFIG = dict(BM=BM, BK=BK, NUM_STAGES=1, TRANS_F32=False, num_warps=4)
+CONFIGS = [dict(BM=bm, BK=bk, NUM_STAGES=st, num_warps=w)
+           for bm, bk, w, st in ((32, 128, 4, 1), (64, 128, 8, 1), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+                                 (128, 64, 8, 3), (32, 64, 4, 3), (32, 256, 8, 3))]
+INTERPRETER_CONFIG = dict(BM=BM, BK=BK, NUM_STAGES=1, num_warps=4)
 
 
 def _launch_meta(config: dict) -> dict:

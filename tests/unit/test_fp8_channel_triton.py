@@ -22,16 +22,16 @@ from megatron_longlive.quant.fp8_channel import channel_scales, quantize_channel
 from test_fp8_triton import _bytes_differ, _hard_data  # noqa: E402
 
 
-@pytest.mark.parametrize("trans_f32", [False, True])
+@pytest.mark.parametrize("tile_stats", [False, True])
 @pytest.mark.parametrize("shape", [(1100, 200), (70, 48), (16, 32)])
-def test_channel_quantizer_bitwise_amax_and_column_sums(shape, trans_f32):
+def test_channel_quantizer_bitwise_amax_and_column_sums(shape, tile_stats):
     t = _hard_data(*shape)
     amax = t.abs().amax(0) * torch.linspace(0.25, 4.0, shape[1])     # some columns saturate, some have headroom
     _, inv = channel_scales(amax)
     for src in (t, t.to(torch.bfloat16)):
         prior = torch.rand(shape[1]) * 50                               # an earlier call's amaxes: kept where larger
         bits = prior.view(torch.int32).clone()
-        config = dict(fp8_channel_triton.INTERPRETER_CONFIG, TRANS_F32=trans_f32)
+        config = dict(fp8_channel_triton.INTERPRETER_CONFIG, TILE_STATS=tile_stats)    # both stats forms
         q, q_t, colsum = fp8_channel_triton.quantize_channelwise(src, inv, bits, col_sum=True, config=config)
         rq, rq_t, ramax = quantize_channelwise_torch(src, inv)
         for what, got, want in (("codes", q, rq), ("codes^T", q_t, rq_t)):
