@@ -16,12 +16,16 @@ layers. Per shape, one training pass of the layer (y = xW^T + b, then dx, dW, db
                pointwise E4M3 copy of x and of dy, 4 bytes per value), fast-accum fprop, after warm-up (so the
                amax histories are running); `ch quant` its quantization alone (x, dy + db, the weight fold)
 Per token count (--tokens; 65520 is the teacher-forcing sequence of 21 latent frames) three more tables:
-  details      per GEMM, the fast accumulator's relative error against promoted accumulation; each GEMM alone in
-               BF16 and FP8 (and the wgrad as two token halves, exploration); SM clock and power under load
+  details      per GEMM, the fast accumulator's relative error against promoted accumulation, and both against the
+               exact product of the BF16 operands (the error E4M3 operands cost already); each GEMM alone in
+               BF16 and FP8 (and, exploration, the wgrad as two token halves, and the dgrad and wgrad on one
+               stream vs two: does the wgrad's last wave, 144 tiles of 1536x1536 on 132 SMs, hide behind the
+               dgrad); SM clock and power under load
   graphed      one training pass captured in a CUDA graph and replayed (device time, no host launch cost): BF16,
                rowwise (fast fprop), channel, channel with quant.fp8_fast_accum_backward
   FFN          per model, the FFN pair with its GELU: BF16, rowwise FP8 linears, and the channel recipe's fused FFN
-               (quant/fp8_ffn.py: GELU and GELU backward inside the quantizers), eager and graphed
+               (quant/fp8_ffn.py: GELU and GELU backward inside the quantizers), eager and graphed; graphed also
+               with quant.fp8_fast_accum_backward (fast-all)
 --profile adds, per shape and FFN, the top device kernels of one pass: BF16 against the channel recipe (where the
 FP8 pass spends its time beyond the GEMMs).
 Prints the tables, appends JSON lines (bench/record.py) to --out.
@@ -185,6 +189,25 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
                    for part in (slice(None, half), slice(half, None)))
         return (lo + hi_).to(torch.bfloat16)
 
+    side = torch.cuda.Stream() if dev.type == "cuda" else None
+
+    def grads(concurrent: bool):                 # exploration: the wgrad on a second stream beside the dgrad
+        def run():
+            if not concurrent:
+                scaled_mm(*operands["dgrad"])
+                scaled_mm(*operands["wgrad"])
+                return
+            main_stream = torch.cuda.current_stream()
+            side.wait_stream(main_stream)
+            scaled_mm(*operands["dgrad"])
+            with torch.cuda.stream(side):
+                scaled_mm(*operands["wgrad"])
+            main_stream.wait_stream(side)
+        return run
+
+    if side is not None:
+        times["fp8 dgrad+wgrad sequential"] = cuda_time_ms(grads(False), a.warmup, a.iters)
+        times["fp8 dgrad+wgrad concurrent"] = cuda_time_ms(grads(True), a.warmup, a.iters)
     try:
         times["fp8 wgrad gemm split in 2"] = cuda_time_ms(wgrad_split, a.warmup, a.iters)
     except (RuntimeError, ValueError) as err:      # strided halves refused by this torch/cuBLAS
@@ -193,7 +216,9 @@ def bench_shape(tokens: int, k: int, n: int, a, bandwidth: float) -> dict[str, f
     if a.profile:
         for label, mod in (("bf16", lin), ("channel", fp8_channel), ("channel fast-all", fp8_channel_fast)):
             print_kernels(f"{tokens}x{k}->{n} {label}", top_kernels(step(mod), dev, 10))
-    times.update(fast_accum_errors(operands))
+    exact = {"fprop": lambda: xb.float() @ wb.float().t(), "dgrad": lambda: dy.float() @ wb.float(),
+             "wgrad": lambda: dy.float().t() @ xb.float()}
+    times.update(fast_accum_errors(operands, exact))
     times.update(clocks_under_load(step(lin), "bf16"))
     times.update(clocks_under_load(gemms(True), "fp8 gemm-only fast-accum"))
     return times
@@ -205,14 +230,21 @@ def scaled_mm(qa, sa, qb, sb, fast: bool = False, bias=None, out_dtype=torch.bfl
                             use_fast_accum=fast)
 
 
-def fast_accum_errors(operands: dict) -> dict[str, float]:
+def fast_accum_errors(operands: dict, exact: dict | None = None) -> dict[str, float]:
     """Per GEMM (fprop, dgrad, wgrad: name -> operands), the relative Frobenius error of the tensor cores' fast
-    accumulation against the promoted (exact fp32) one on the same E4M3 operands: what
-    quant.fp8_fast_accum_backward costs (the wgrad reduces over all tokens)."""
+    accumulation against the promoted (fp32) one on the same E4M3 operands: what quant.fp8_fast_accum_backward
+    costs (the wgrad reduces over all tokens). With `exact` (name -> fp32 product of the BF16 operands, callable),
+    also the error of the promoted and of the fast FP8 GEMM against it: the budget E4M3 operands spend already,
+    which fast accumulation adds to (errors of independent sources add in quadrature)."""
     out = {}
     for name, ops in operands.items():
-        exact, fast = (scaled_mm(*ops, fast=f, out_dtype=torch.float32) for f in (False, True))
-        out[f"fp8 {name} fast-accum relative error"] = ((fast - exact).norm() / exact.norm()).item()
+        promoted, fast = (scaled_mm(*ops, fast=f, out_dtype=torch.float32) for f in (False, True))
+        out[f"fp8 {name} fast-accum relative error"] = ((fast - promoted).norm() / promoted.norm()).item()
+        if exact is not None:
+            ref = exact[name]()
+            out[f"fp8 {name} promoted vs bf16 operands exact relative error"] = ((promoted - ref).norm() / ref.norm()).item()
+            out[f"fp8 {name} fast-accum vs bf16 operands exact relative error"] = ((fast - ref).norm() / ref.norm()).item()
+            del ref
     return out
 
 
@@ -251,9 +283,11 @@ def bench_ffn(tokens: int, dim: int, hidden: int, a) -> dict[str, float]:
 
     dev = torch.device(a.device)
     seq = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)).to(dev, torch.bfloat16)
-    wrap = lambda recipe: [FP8Linear.from_linear(m, emulate=False, fast_accum=True, recipe=recipe)  # noqa: E731
-                           if isinstance(m, nn.Linear) else m for m in seq]
+    wrap = lambda recipe, fast_bwd=False: [  # noqa: E731
+        FP8Linear.from_linear(m, emulate=False, fast_accum=True, recipe=recipe, fast_accum_backward=fast_bwd)
+        if isinstance(m, nn.Linear) else m for m in seq]
     rowwise, channel = nn.Sequential(*wrap("rowwise")), FP8GeluFFN(*wrap("channel_delayed"))
+    channel_fast = FP8GeluFFN(*wrap("channel_delayed", fast_bwd=True))      # quant.fp8_fast_accum_backward
     x = torch.randn(tokens, dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, dim, device=dev, dtype=torch.bfloat16)
 
@@ -272,6 +306,7 @@ def bench_ffn(tokens: int, dim: int, hidden: int, a) -> dict[str, float]:
     return {"ffn bf16 graphed": graphed_ms(step(seq), a.warmup, a.iters),
             "ffn fp8 rowwise graphed": graphed_ms(step(rowwise), a.warmup, a.iters),
             "ffn fp8 channel_delayed fused graphed": graphed_ms(step(channel), a.warmup, a.iters),
+            "ffn fp8 channel_delayed fused fast-accum all graphed": graphed_ms(step(channel_fast), a.warmup, a.iters),
             "ffn bf16": cuda_time_ms(step(seq), a.warmup, a.iters),
             "ffn fp8 rowwise": cuda_time_ms(step(rowwise), a.warmup, a.iters),
             "ffn fp8 channel_delayed fused": cuda_time_ms(step(channel), a.warmup, a.iters)}
@@ -355,12 +390,17 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
     print(f"\ntokens {tokens}: fast accumulation's relative error per GEMM (vs promoted), the SM clock / power"
           " sampled under load, and each GEMM alone (bf16 / fp8 exact accumulation)")
     for model, k, n, t in details:
-        errs = " ".join(f"{g} {t[f'fp8 {g} fast-accum relative error']:.2e}" for g in ("fprop", "dgrad", "wgrad"))
+        errs = " ".join(f"{g} {t[f'fp8 {g} fast-accum relative error']:.2e} (vs exact: promoted "
+                        f"{t.get(f'fp8 {g} promoted vs bf16 operands exact relative error', float('nan')):.2e}, fast "
+                        f"{t.get(f'fp8 {g} fast-accum vs bf16 operands exact relative error', float('nan')):.2e})"
+                        for g in ("fprop", "dgrad", "wgrad"))
         clk = " ".join(f"{lbl}: {t.get(f'{lbl} sm clock under load', float('nan')):.0f} MHz "
                        f"{t.get(f'{lbl} power under load', float('nan')):.0f} W"
                        for lbl in ("bf16", "fp8 gemm-only fast-accum"))
         gemm = " ".join(f"{g} {t[f'bf16 {g} gemm']:.3f}/{t[f'fp8 {g} gemm']:.3f} ms" for g in ("fprop", "dgrad", "wgrad"))
-        gemm += f" (fp8 wgrad in 2 halves {t['fp8 wgrad gemm split in 2']:.3f} ms)"
+        gemm += (f" (fp8 wgrad in 2 halves {t['fp8 wgrad gemm split in 2']:.3f} ms; dgrad+wgrad sequential "
+                 f"{t.get('fp8 dgrad+wgrad sequential', float('nan')):.3f}, on two streams "
+                 f"{t.get('fp8 dgrad+wgrad concurrent', float('nan')):.3f} ms)")
         print(f"{model:6} {f'{k}->{n}':>13} {errs} | {clk} | bf16/fp8 {gemm}")
     print(f"\ntokens {tokens}, CUDA-graphed (device time, no host launch cost)")
     print(f"{'model':6} {'in->out':>13} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel ms':>11} {'x':>6} "
@@ -371,15 +411,16 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
     if "custom" in shapes:
         return
     print(f"\n{'FFN (GELU incl.)':24} {'bf16 ms':>8} {'rowwise ms':>11} {'x':>6} {'channel fused ms':>17} {'x':>6}"
-          f" {'graphed: bf16':>14} {'rowwise':>8} {'x':>6} {'fused':>8} {'x':>6}")
+          f" {'graphed: bf16':>14} {'rowwise':>8} {'x':>6} {'fused':>8} {'x':>6} {'fast-all':>9} {'x':>6}")
     for model in shapes:
         dim, hidden = FFNS[model]
         t = bench_ffn(tokens, dim, hidden, a)
         r, c = t["ffn bf16"] / t["ffn fp8 rowwise"], t["ffn bf16"] / t["ffn fp8 channel_delayed fused"]
-        gb, gr, gc = (t[f"ffn {v} graphed"] for v in ("bf16", "fp8 rowwise", "fp8 channel_delayed fused"))
+        gb, gr, gc, gf = (t[f"ffn {v} graphed"] for v in ("bf16", "fp8 rowwise", "fp8 channel_delayed fused",
+                                                          "fp8 channel_delayed fused fast-accum all"))
         print(f"{f'{model} {dim}->{hidden}->{dim}':24} {t['ffn bf16']:8.3f} {t['ffn fp8 rowwise']:11.3f} {r:5.2f}x "
               f"{t['ffn fp8 channel_delayed fused']:17.3f} {c:5.2f}x {gb:14.3f} {gr:8.3f} {gb / gr:5.2f}x {gc:8.3f} "
-              f"{gb / gc:5.2f}x")
+              f"{gb / gc:5.2f}x {gf:9.3f} {gb / gf:5.2f}x")
         name = f"ffn {model} {tokens}x{dim}->{hidden}->{dim} fwd+bwd (gelu incl.)"
         for key, v in t.items():
             if v == v:
@@ -388,6 +429,8 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
         record(a.out, name, "fp8 channel_delayed fused speedup over bf16", round(c, 3), "x")
         if gb == gb:
             record(a.out, name, "fp8 channel_delayed fused speedup over bf16, both graphed", round(gb / gc, 3), "x")
+            record(a.out, name, "fp8 channel_delayed fused fast-accum all speedup over bf16, both graphed",
+                   round(gb / gf, 3), "x")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ fc2's input from fc1's output; gelu_backward: fc1's dy), CUDA-graphed:
   frac        bytes moved / time / copy bandwidth (1.0 = as fast as a copy moving those bytes)
   codes/trans us  exploration: the tuned config storing only the row-major codes / only the transposed ones
   tile-stats  exploration: the tuned config reducing its column stats across rows per tile (the earlier kernel)
+  unpinned    exploration: the tuned config without PIN_CODES (the compiler recomputes the codes, GELU included,
+              for the transposed store: the session-15 kernel)
   tuned       the autotuner's pick (BM x BK, warps, pipeline stages); `best cfg` / `best frac`: every
               config timed directly (its codes checked equal to the tuned call's)
 The rowwise recipe's two-pass quantize_both is timed alongside (6 bytes per value; its `frac` counts them).
@@ -60,14 +62,15 @@ def config_sweep(t, h, inv, amax, op: str, a, want) -> list[tuple[str, float]]:
 
 def store_split(t, h, inv, amax, op: str, a, best) -> dict[str, float]:
     """Exploration: ms of the tuned config with only the row-major codes stored, with only the transposed ones (the
-    kernel's STORES flag: which layout costs what), and with its column stats reduced per tile (TILE_STATS)."""
+    kernel's STORES flag: which layout costs what), with its column stats reduced per tile (TILE_STATS) and with
+    the codes recomputed for the transposed store (PIN_CODES=False)."""
     from megatron_longlive.quant.fp8_channel_triton import CONFIGS, quantize_channelwise
 
     config = CONFIGS[0] if best is None else dict(best.kwargs, num_warps=best.num_warps)
     config.pop("ROW_TILES", None)
     out = {}
     for label, flags in (("codes only", dict(STORES=1)), ("transposed only", dict(STORES=2)),
-                         ("stats per tile", dict(TILE_STATS=True))):
+                         ("stats per tile", dict(TILE_STATS=True)), ("unpinned", dict(PIN_CODES=False))):
         run = lambda flags=flags: quantize_channelwise(  # noqa: E731
             t, inv, amax, col_sum=op == "identity+sum", op=op.removesuffix("+sum"), h=h, config=dict(config, **flags))
         out[label] = graphed_ms(run, a.warmup, a.iters)
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(a)
     print(f"device copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     print(f"{'shape':>13} {'op':>14} {'us':>8} {'frac':>6} {'tuned':>14} {'best cfg':>14} {'best frac':>9} "
-          f"{'codes us':>9} {'trans us':>9} {'tile-stats':>10}")
+          f"{'codes us':>9} {'trans us':>9} {'tile-stats':>10} {'unpinned':>9}")
     for m, k in shapes:
         t = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         h = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
             split = store_split(t, h if op == "gelu_backward" else None, inv, amax, op, a, best)
             print(f"{f'{m}x{k}':>13} {op:>14} {ms * 1e3:8.1f} {frac:6.2f} {tuned:>14} {cfg:>14} {best_frac:9.2f} "
                   f"{split['codes only'] * 1e3:9.1f} {split['transposed only'] * 1e3:9.1f} "
-                  f"{split['stats per tile'] * 1e3:10.1f}")
+                  f"{split['stats per tile'] * 1e3:10.1f} {split['unpinned'] * 1e3:9.1f}")
             name = f"fp8 channel quantize {m}x{k} {op}"
             record(a.out, name, "time", round(ms * 1e3, 2), "us", tuned=tuned)
             record(a.out, name, "fraction of copy bandwidth", round(frac, 3), "ratio", best_config=cfg,

@@ -4,7 +4,7 @@
 #   here (PyPI reachable):  bash bench/gpu_session.sh prepare
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
-#   on the device:          run command="bash bench/gpu_session.sh run 420 s15" carry=[".whl"] (issue 6 first; then
+#   on the device:          run command="bash bench/gpu_session.sh run 560 s16" carry=[".whl"] (issue 6 first; then
 #                           attn, e2e, train as needed)
 #       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
@@ -81,7 +81,22 @@ run() {
             step train_step 180 python bench/bench_train_step.py --preset wan2.1-1.3b \
                 --quant bf16 fp8_channel fp8_channel_fast --warmup 1 --steps 2 --profile --out "$res"
             step fp8_linear_32760 120 python bench/bench_fp8_linear.py --warmup 10 --tokens 32760 --out "$res" ;;
-        *) echo "unknown group $g (s15 | attn | e2e | train)"; exit 2 ;;
+        s16)    # the channel quantizer with its codes pinned (computed once for both stores: GELU forward), every
+                # config bitwise on the GPU; its bandwidth against the unpinned form; the 65520-token linear and FFN
+                # tables (FFN with fast accumulation in all GEMMs; the accumulators' errors against the exact
+                # product; dgrad and wgrad on two streams); then the timed 1.3B step, bf16 vs channel
+            step fp8_tests 90 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k channel
+            step fp8_quantize 110 python bench/bench_fp8_quantize.py --shapes 65520x1536 65520x8960 32760x14336 \
+                --out "$res"
+            step fp8_linear_65520 150 python bench/bench_fp8_linear.py --warmup 5 --iters 10 --tokens 65520 --profile \
+                --out "$res"
+            step train_step 240 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 fp8_channel \
+                --warmup 1 --steps 2 --out "$res" ;;
+        s16b)   # second call on the warm machine: the step with fast accumulation everywhere, and its kernel split
+            step train_step_fast 200 python bench/bench_train_step.py --preset wan2.1-1.3b \
+                --quant fp8_channel fp8_channel_fast --warmup 1 --steps 2 --out "$res"
+            step fp8_linear_32760 150 python bench/bench_fp8_linear.py --warmup 10 --tokens 32760 --out "$res" ;;
+        *) echo "unknown group $g (s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }

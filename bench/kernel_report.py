@@ -73,9 +73,9 @@ def channel_quantizer_reports(configs=None):
         meta = k._launch_meta(c)
         sig = dict(CHANNEL_SIGNATURE, **{name: "constexpr" for name in
                                          ("BM", "BK", "ROW_TILES", "COL_SUM", "HW_CAST", "OP",
-                                          "NUM_STAGES", "STORES", "TILE_STATS")})
+                                          "NUM_STAGES", "STORES", "TILE_STATS", "PIN_CODES")})
         for op, col_sum in CHANNEL_OPS:
-            consts = dict(meta, COL_SUM=col_sum, HW_CAST=True, OP=k.OPS[op], STORES=3, TILE_STATS=False)
+            consts = dict(meta, COL_SUM=col_sum, HW_CAST=True, OP=k.OPS[op], STORES=3, TILE_STATS=False, PIN_CODES=True)
             yield c, op, col_sum, compile_report(k._channel_quantize_kernel, sig, consts, c["num_warps"],
                                                  CHANNEL_ALIGNED)
 

@@ -59,13 +59,25 @@ def _e4m3_bits_cvt(v):
 
 
 @triton.jit
+def _pinned(bits):
+    """bits through an opaque (side-effecting) register move. Left alone, Triton serves the transposed store by
+    recomputing the whole chain from the input in the second layout (the GELU twice: bench/kernel_report.py's
+    ex2/val 2.0, and 0.53-0.57 of copy on an H100) instead of moving the finished bytes through shared memory; an
+    op it may not duplicate pins the codes, so they are computed once and transposed."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [bits.to(tl.uint32)], dtype=tl.uint32,
+                                     is_pure=False, pack=1).to(tl.uint8)
+
+
+@triton.jit
 def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum_ptr, M, K, MP, M_KEY,
                              BM: tl.constexpr, BK: tl.constexpr, ROW_TILES: tl.constexpr, COL_SUM: tl.constexpr,
                              HW_CAST: tl.constexpr, OP: tl.constexpr,
-                             NUM_STAGES: tl.constexpr, STORES: tl.constexpr = 3, TILE_STATS: tl.constexpr = False):
+                             NUM_STAGES: tl.constexpr, STORES: tl.constexpr = 3, TILE_STATS: tl.constexpr = False,
+                             PIN_CODES: tl.constexpr = False):
     # exploration flags for bench_fp8_quantize (the library never sets them): STORES (bit 0 the codes, bit 1 the
     # transposed codes) drops one store to time the other; TILE_STATS reduces the column stats per tile (the
-    # kernel's earlier form) instead of once per strip
+    # kernel's earlier form) instead of once per strip. PIN_CODES (set by the launcher wherever the kernel is
+    # compiled; inline PTX does not interpret) computes the codes once for both stores, see _pinned
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     cols = pid_k * BK + tl.arange(0, BK)
     inv = tl.load(inv_ptr + cols, mask=cols < K, other=1.0)
@@ -84,12 +96,11 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
             x = _round_bf16(x * _gelu_grad(tl.load(h_ptr + offs, mask=inside, other=0.0).to(tl.float32)))
         v = x * inv[None, :]
         bits = _e4m3_bits_cvt(v) if HW_CAST else _e4m3_bits(v, False)
+        if PIN_CODES:
+            bits = _pinned(bits)
         if STORES & 1:
             tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], bits, mask=inside)
         if STORES & 2:
-            # Triton recomputes the chain above in the transposed layout (the staged input is read twice from shared
-            # memory) rather than moving these bytes: cheap for identity, the whole GELU twice for op 1
-            # (bench/kernel_report.py: cvt/val, ex2/val; transposing the fp32 tile instead compiles to the same code)
             bits_t = tl.trans(bits)
             tl.store(qt_ptr + cols[:, None].to(tl.int64) * MP + rows[None, :], bits_t,
                      mask=(cols[:, None] < K) & (rows[None, :] < MP))
@@ -156,14 +167,16 @@ def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Te
     q_t = torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=dev)
     args = (t, h, inv.contiguous(), q.view(torch.uint8), q_t.view(torch.uint8), amax_bits, sums, m, k, mp,
             m.bit_length())
-    if config is None and _hw_cast(t):
+    compiled = _hw_cast(t)
+    if config is None and compiled:
         # autotuning reruns the kernel on the live buffers: harmless, its atomics and stores are idempotent
         _channel_quantize_tuned[lambda c: (strips, triton.cdiv(k, c["BK"]))](*args, COL_SUM=col_sum, HW_CAST=hw,
-                                                                            OP=OPS[op])
+                                                                            OP=OPS[op], PIN_CODES=True)
     else:
         config = config or INTERPRETER_CONFIG
+        meta = dict(dict(PIN_CODES=compiled), **_launch_meta(config))      # a config may set PIN_CODES (benchmarks)
         _channel_quantize_kernel[(strips, triton.cdiv(k, config["BK"]))](
-            *args, COL_SUM=col_sum, HW_CAST=hw, OP=OPS[op], num_warps=config["num_warps"], **_launch_meta(config))
+            *args, COL_SUM=col_sum, HW_CAST=hw, OP=OPS[op], num_warps=config["num_warps"], **meta)
     return (q, q_t, sums.sum(0)) if col_sum else (q, q_t)
 
 

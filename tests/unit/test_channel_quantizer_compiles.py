@@ -1,6 +1,7 @@
 """The FP8 channel quantizer's launch configs, compiled for an H100 (sm_90a) on this CPU machine (Triton's own LLVM
 and ptxas, bench/kernel_report.py): none spills registers to local memory and every code store is vectorized (a
-one-byte store per value, or spills, cost the quantizer half its bandwidth: registers and stores decide its speed).
+one-byte store per value, or spills, cost the quantizer half its bandwidth: registers and stores decide its speed),
+and the GELU ops evaluate one exp2 per value (not a second time for the transposed codes).
 """
 from __future__ import annotations
 
@@ -29,5 +30,8 @@ def test_every_channel_quantizer_config_compiles_spill_free_with_vector_stores()
                   any(w in k for w in ("b8", "u8", "b16", "u16"))}
         assert not narrow, where
         assert any(k.startswith("st.global.v4") for k in r["global_ops"]), where
+        if r["op"] != "identity":     # the GELU (or its derivative) once per value, not again for the transposed codes
+            per_thread = r["config"]["BM"] * r["config"]["BK"] / (32 * r["config"]["num_warps"])
+            assert r["ex2"] == per_thread, f"{r['ex2'] / per_thread} exp2 per value: {where}"
         if r["config"]["NUM_STAGES"] > 1:
             assert r["cp_async"] > 0, f"the row tiles are not prefetched: {where}"
