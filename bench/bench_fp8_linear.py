@@ -240,6 +240,8 @@ def fast_accum_errors(operands: dict, exact: dict | None = None) -> dict[str, fl
     for name, ops in operands.items():
         promoted, fast = (scaled_mm(*ops, fast=f, out_dtype=torch.float32) for f in (False, True))
         out[f"fp8 {name} fast-accum relative error"] = ((fast - promoted).norm() / promoted.norm()).item()
+        # a systematic part (e.g. truncation shrinking every sum) shows as a least-squares scale away from 1
+        out[f"fp8 {name} fast-accum scale vs promoted"] = ((fast * promoted).sum() / (promoted * promoted).sum()).item()
         if exact is not None:
             ref = exact[name]()
             out[f"fp8 {name} promoted vs bf16 operands exact relative error"] = ((promoted - ref).norm() / ref.norm()).item()
@@ -366,6 +368,7 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
             name = f"linear {model} {tokens}x{k}->{n} fwd+dgrad+wgrad"
             for key in (key for key in t if t[key] == t[key]):           # NaN: not measured here
                 metric, unit = (("relative error", "") if key.endswith("relative error") else
+                                ("scale", "") if key.endswith("scale vs promoted") else
                                 ("sm clock", "MHz") if key.endswith("clock under load") else
                                 ("power", "W") if key.endswith("power under load") else ("time", "ms"))
                 record(a.out, f"{name} {key}", metric, round(t[key], 6 if unit == "" else 4), unit)
@@ -390,7 +393,8 @@ def bench_tokens(tokens: int, shapes: dict, a, bandwidth: float) -> None:
     print(f"\ntokens {tokens}: fast accumulation's relative error per GEMM (vs promoted), the SM clock / power"
           " sampled under load, and each GEMM alone (bf16 / fp8 exact accumulation)")
     for model, k, n, t in details:
-        errs = " ".join(f"{g} {t[f'fp8 {g} fast-accum relative error']:.2e} (vs exact: promoted "
+        errs = " ".join(f"{g} {t[f'fp8 {g} fast-accum relative error']:.2e} "
+                        f"(scale {t[f'fp8 {g} fast-accum scale vs promoted']:.6f}; vs exact: promoted "
                         f"{t.get(f'fp8 {g} promoted vs bf16 operands exact relative error', float('nan')):.2e}, fast "
                         f"{t.get(f'fp8 {g} fast-accum vs bf16 operands exact relative error', float('nan')):.2e})"
                         for g in ("fprop", "dgrad", "wgrad"))

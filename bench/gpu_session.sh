@@ -92,10 +92,14 @@ run() {
                 --out "$res"
             step train_step 240 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 fp8_channel \
                 --warmup 1 --steps 2 --out "$res" ;;
-        s16b)   # second call on the warm machine: the step with fast accumulation everywhere, and its kernel split
-            step train_step_fast 200 python bench/bench_train_step.py --preset wan2.1-1.3b \
-                --quant fp8_channel fp8_channel_fast --warmup 1 --steps 2 --out "$res"
-            step fp8_linear_32760 150 python bench/bench_fp8_linear.py --warmup 10 --tokens 32760 --out "$res" ;;
+        s16b)   # quant.fp8_fast_accum_backward on trial: loss curves at the 1.3B shapes (4 blocks, 65520 tokens) for
+                # bf16 / channel / channel + fast accumulation, the timed step with it, whether the fast
+                # accumulator's error is systematic (its least-squares scale against promoted accumulation)
+            step loss_track 300 python bench/bench_fp8_loss_track.py --layers 4 --steps 60 --out "$res"
+            step train_step_fast 150 python bench/bench_train_step.py --preset wan2.1-1.3b \
+                --quant bf16 fp8_channel_fast --warmup 1 --steps 2 --out "$res"
+            step fp8_linear_1_3b 60 python bench/bench_fp8_linear.py --warmup 5 --iters 10 --tokens 65520 \
+                --models 1.3b --out "$res" ;;
         *) echo "unknown group $g (s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
