@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     base = (f"{a.preset} {a.layers}-block loss track {a.latent_frames}x{a.height}x{a.width} {a.steps} steps "
             f"lr {a.lr:g}")
     for variant, c in curves.items():
-        record(a.out, f"{base} {variant}", "loss series", round(c[-1], 5), "", losses=[round(v, 5) for v in c])
+        record(a.out, f"{base} {variant}", "loss series", round(c[-1], 5), "", losses=[round(v, 8) for v in c])
     pairs = [(v, "bf16") for v in curves if v != "bf16" and "bf16" in curves]
     if "fp8_channel_fast" in curves and "fp8_channel" in curves:
         pairs.append(("fp8_channel_fast", "fp8_channel"))
