@@ -8,7 +8,8 @@ way training builds them (one place, so the benchmark and the memory model descr
                   otherwise as bf16.
   fp8_channel     as fp8 with `quant.fp8_recipe=channel_delayed`, the config default (quant/fp8_channel.py: delayed
                   per-channel scales, one pointwise E4M3 copy of x and of dy, 4 bytes per value to quantize).
-  fp8_channel_fast  as fp8_channel with `quant.fp8_fast_accum_backward` (fast accumulation in all three GEMMs).
+  fp8_channel_fast  as fp8_channel with `quant.fp8_fast_accum_backward` (fast accumulation in all three GEMMs: the
+                  config default since session 16; fp8_channel sets it off, promoted gradient GEMMs).
   nvfp4_emulated  `quant.linear=nvfp4_emulated` through the provider (NVFP4Linear: the NVFP4 training recipe,
                   exact numerics), otherwise as bf16.
   nvfp4_lora      the memory mode (`quant.packed_base=true`): the model cast to the base dtype (bf16 on CUDA,

@@ -180,7 +180,7 @@ def test_fast_accum_backward_reaches_the_gradient_gemms(recipe, monkeypatch):
                           keep_high_precision=[])
         provider = build_linear_provider(cfg)
         fc1, fc2 = (provider.linear(f"blocks.0.ffn.{i}", a, b) for i, a, b in ((0, 32, 64), (2, 64, 32)))
-        assert QuantConfig().fp8_fast_accum_backward is False and fc1.fast_accum_backward is flag
+        assert QuantConfig().fp8_fast_accum_backward is True and fc1.fast_accum_backward is flag
         mods = [fc1] + ([FP8GeluFFN(fc1, nn.GELU(approximate="tanh"), fc2)] if recipe == "channel_delayed" else [])
         for mod in mods:
             calls.clear()
