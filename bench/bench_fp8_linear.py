@@ -241,11 +241,12 @@ def fast_accum_errors(operands: dict, exact: dict | None = None) -> dict[str, fl
         promoted, fast = (scaled_mm(*ops, fast=f, out_dtype=torch.float32) for f in (False, True))
         out[f"fp8 {name} fast-accum relative error"] = ((fast - promoted).norm() / promoted.norm()).item()
         # a systematic part (e.g. truncation shrinking every sum) shows as a least-squares scale away from 1
-        out[f"fp8 {name} fast-accum scale vs promoted"] = ((fast * promoted).sum() / (promoted * promoted).sum()).item()
+        out[f"fp8 {name} fast-accum scale vs promoted"] = ((fast * promoted).sum() / promoted.square().sum()).item()
         if exact is not None:
             ref = exact[name]()
-            out[f"fp8 {name} promoted vs bf16 operands exact relative error"] = ((promoted - ref).norm() / ref.norm()).item()
-            out[f"fp8 {name} fast-accum vs bf16 operands exact relative error"] = ((fast - ref).norm() / ref.norm()).item()
+            for label, got in (("promoted", promoted), ("fast-accum", fast)):
+                err = (got - ref).norm() / ref.norm()
+                out[f"fp8 {name} {label} vs bf16 operands exact relative error"] = err.item()
             del ref
     return out
 

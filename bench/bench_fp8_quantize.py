@@ -107,7 +107,8 @@ def main(argv=None) -> int:
             call = op_call(t, h, inv, amax, op)
             ms = graphed_ms(call, a.warmup, a.iters)
             best = getattr(_channel_quantize_tuned, "best_config", None)
-            tuned = f"{best.kwargs['BM']}x{best.kwargs['BK']} w{best.num_warps} s{best.kwargs['NUM_STAGES']}" if best else "-"
+            tuned = (f"{best.kwargs['BM']}x{best.kwargs['BK']} w{best.num_warps} s{best.kwargs['NUM_STAGES']}"
+                     if best else "-")
             sweep = config_sweep(t, h if op == "gelu_backward" else None, inv, amax, op, a, call())
             cfg, cfg_ms = min(sweep, key=lambda r: r[1])
             frac, best_frac = nbytes / (ms * 1e-3) / bw, nbytes / (cfg_ms * 1e-3) / bw

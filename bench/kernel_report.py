@@ -2,9 +2,9 @@
 
 Triton ships LLVM and NVIDIA's ptxas, so a kernel compiles for sm_90a on any machine: this reports, per launch
 config, the registers per thread and the bytes spilled to local memory (ptxas -v), and the global loads/stores by
-width, the shared-memory traffic and the E4M3 conversions / exp2s per value in the PTX (static counts). A memory-bound kernel that spills, stores single bytes or holds
-200+ registers per thread (few warps per SM to hide DRAM latency) runs far below copy bandwidth; this finds that
-before a GPU is lent. Integer arguments and pointers are compiled as the launcher specializes them when divisible
+width, the shared-memory traffic and the E4M3 conversions / exp2s per value in the PTX (static counts). A
+memory-bound kernel that spills, stores single bytes or holds 200+ registers per thread (few warps per SM to
+hide DRAM latency) runs far below copy bandwidth; this finds that before a GPU is lent. Integer arguments and pointers are compiled as the launcher specializes them when divisible
 by 16 (vector accesses).
 
   python bench/kernel_report.py                  # every launch config of the FP8 channel quantizer, every op
