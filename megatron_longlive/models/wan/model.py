@@ -88,6 +88,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class WanSelfAttention(nn.Module):
+    same_input = ("q", "k", "v")        # children that project the same tensor (a precision backend may share work)
+
     def __init__(self, cfg: ModelConfig, provider: LinearProvider, prefix: str):
         super().__init__()
         self.head_dim = cfg.head_dim
@@ -118,6 +120,7 @@ class WanSelfAttention(nn.Module):
 
 class WanCrossAttention(nn.Module):
     """Attention from video tokens to text tokens (no mask, no RoPE)."""
+    same_input = ("k", "v")             # both project the text context
 
     def __init__(self, cfg: ModelConfig, provider: LinearProvider, prefix: str):
         super().__init__()
