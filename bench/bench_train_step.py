@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", default=None, help="append JSON lines here (e.g. bench/results.jsonl)")
+    p.add_argument("--compile-elementwise", choices=["off", "on"], default="off",
+                   help="train.compile_elementwise: the DiT's norms, modulation, gated residuals and RoPE as "
+                        "torch.compile'd kernels (row names get ' compiled-ops')")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, profile one more step per variant: its top device kernels and their "
                         "time per category (GEMMs, attention, quantizers, the rest)")
@@ -82,6 +85,7 @@ def run_variant(a, variant: str, run_dir: str) -> dict:
         "train": {"output_dir": os.path.join(run_dir, variant), "max_steps": a.warmup + a.steps + int(a.profile),
                   "wandb_mode": "disabled", "micro_batch": a.micro_batch, "chunk_frames": a.chunk_frames,
                   "precision": a.precision, "activation_checkpointing": ac, "warmup_steps": 1, "lr": 1e-5,
+                  "compile_elementwise": a.compile_elementwise,
                   **tree["train"]}})
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -157,7 +161,7 @@ def record_variant(a, variant: str, r: dict, ref: dict | None) -> list[dict]:
     """Append one variant's figures to --out (at once, so a later variant's crash or a timeout keeps them)."""
     ac = torch.device(a.device).type == "cuda" and not a.no_activation_checkpointing
     base = (f"{a.preset} train step {a.latent_frames}x{a.height}x{a.width} chunk{a.chunk_frames} mb{a.micro_batch} "
-            f"{a.precision}{' ac' if ac else ''}")
+            f"{a.precision}{' ac' if ac else ''}{' compiled-ops' if a.compile_elementwise == 'on' else ''}")
     rank = r["info"]["lora_rank"]
     name = base + (f" lora{rank}" if variant == "bf16" and rank else "")  # bf16: the pre-existing row names
     if variant != "bf16":

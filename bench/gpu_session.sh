@@ -100,12 +100,16 @@ run() {
                 --quant bf16 fp8_channel_fast --warmup 1 --steps 2 --out "$res"
             step fp8_linear_1_3b 60 python bench/bench_fp8_linear.py --warmup 5 --iters 10 --tokens 65520 \
                 --models 1.3b --out "$res" ;;
-        s17)    # one shared x quantization for q/k/v (quant/fp8_shared_input.py): the channel GPU tests, the q/k/v
-                # pass (bf16, separate, shared) with kernel profiles, then the timed 1.3B step with it wired
-            step fp8_tests 90 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k channel
-            step fp8_qkv 120 python bench/bench_fp8_qkv.py --warmup 5 --iters 20 --profile --out "$res"
-            step train_step 200 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 fp8_channel_fast \
-                --warmup 1 --steps 2 --profile --out "$res" ;;
+        s17)    # train.compile_elementwise (models/compiled_ops.py) and one shared x quantization for q/k/v
+                # (quant/fp8_shared_input.py): the GPU tests of both, the 1.3B step eager then compiled (bf16 and
+                # FP8 with the shared q/k/v codes), then the q/k/v pass (bf16, separate, shared)
+            step tests 120 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py tests/gpu/test_compiled_ops_gpu.py \
+                -k "channel or compiled"
+            step train_step_eager 150 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
+                fp8_channel_fast --warmup 1 --steps 2 --out "$res"
+            step train_step_compiled 220 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
+                fp8_channel_fast --warmup 1 --steps 2 --compile-elementwise on --profile --out "$res"
+            step fp8_qkv 90 python bench/bench_fp8_qkv.py --warmup 5 --iters 20 --out "$res" ;;
         *) echo "unknown group $g (s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done

@@ -47,6 +47,8 @@ class TrainConfig(ConfigBase):
     """Recompute block activations in backward (also applied by `longlive distill`)."""
     offload_activations: bool = False
     """With activation_checkpointing: keep each block's saved hidden-state input in pinned host memory from the forward until its recompute (copied on a side stream, the next block's prefetched during backward); exact, saves ~num_layers x tokens x dim x 2 bytes of GPU memory (bf16). Also applied by `longlive distill`."""
+    compile_elementwise: str = "off"
+    """auto (on CUDA), on or off: run the DiT's elementwise chains (float32 norms, modulation, gated residuals, RoPE) as torch.compile'd fused kernels (models/compiled_ops.py) instead of one eager kernel per op; the first step compiles them. Outputs may differ from eager by one unit in the last place of a bf16 value (norm statistics). Also applied by `longlive distill`."""
     lora_rank: int = 0
     """0: full fine-tune; > 0: frozen base + LoRA of this rank."""
     lora_alpha: float = 0.0
@@ -108,5 +110,7 @@ class TrainConfig(ConfigBase):
         if self.offload_activations and not self.activation_checkpointing:
             raise self.error("offload_activations", "offloads the inputs that activation checkpointing saves",
                              "set train.activation_checkpointing=true as well (or offload_activations=false)")
+        if self.compile_elementwise not in ("auto", "on", "off"):
+            raise self.error("compile_elementwise", f"unknown value {self.compile_elementwise!r}", "use auto, on or off")
         if self.lora_rank < 0:
             raise self.error("lora_rank", f"must be >= 0, got {self.lora_rank}", "use 0 (full) or e.g. 16")

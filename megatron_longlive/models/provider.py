@@ -9,11 +9,13 @@ Precision and parallelism therefore never appear inside a model's `forward`.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
+from .compiled_ops import elementwise
 from .save_inputs import save_inputs
 
 # "column": output features may be split (q, k, v, ffn in); "row": input features may be split
@@ -30,11 +32,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return save_inputs(self._norm, x, self.weight)   # backward keeps x as given, not its float32 upcast
+        # backward keeps x as given, not its float32 upcast
+        return save_inputs(functools.partial(rms_norm_fp32, eps=self.eps), x, self.weight)
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * weight
+
+@elementwise
+def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim in >= float32, cast to x's dtype, times weight (Wan's order)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 class LinearProvider:

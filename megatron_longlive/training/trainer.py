@@ -151,7 +151,12 @@ def apply_activation_checkpointing(model: WanDiT, offload: BlockInputOffload | N
 
 def apply_memory_options(model: WanDiT, tc, device: torch.device) -> BlockInputOffload | None:
     """`train.activation_checkpointing` and `train.offload_activations` on `model` (the trainer's and the
-    distiller's one path); returns the offload (its byte counters) or None."""
+    distiller's one path), and `train.compile_elementwise` (process-wide); returns the offload (its byte
+    counters) or None."""
+    from ..models import compiled_ops
+
+    mode = tc.compile_elementwise
+    compiled_ops.enable(mode == "on" or (mode == "auto" and torch.device(device).type == "cuda"))
     offload = BlockInputOffload() if tc.offload_activations else None
     if tc.offload_activations and torch.device(device).type != "cuda":
         warnings.warn(f"train.offload_activations saves no memory on {torch.device(device).type}: the block inputs "

@@ -13,6 +13,7 @@ there); the self-attention core is an `AttentionCore` module that sequence paral
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config.model import ModelConfig
+from ..compiled_ops import elementwise
 from ..provider import LinearProvider
 from ..save_inputs import save_inputs
 from .attention import AttentionCore, ChunkMask
@@ -37,18 +39,22 @@ class FP32LayerNorm(nn.LayerNorm):
     float32 upcast, and recomputes the norm (save_inputs.py: bit for bit the same gradients)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return save_inputs(self._norm, x, *(p for p in (self.weight, self.bias) if p is not None))
-
-    def _norm(self, x: torch.Tensor, *affine: torch.Tensor) -> torch.Tensor:
-        xf, given = hi(x), iter(affine)
-        w = next(given).to(xf.dtype) if self.weight is not None else None
-        b = next(given).to(xf.dtype) if self.bias is not None else None
-        return F.layer_norm(xf, self.normalized_shape, w, b, self.eps).type_as(x)
+        # (), (weight,) or (weight, bias): torch's LayerNorm has no bias without a weight
+        affine = [p for p in (self.weight, self.bias) if p is not None]
+        return save_inputs(functools.partial(layer_norm_fp32, eps=self.eps), x, *affine)
 
 
 def hi(x: torch.Tensor) -> torch.Tensor:
     """Upcast to at least float32 (bf16 -> fp32; fp64 stays fp64) for norms, modulation and residuals."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+@elementwise
+def layer_norm_fp32(x: torch.Tensor, *affine: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim in >= float32, cast back to x's dtype; affine: (), (weight,) or (weight, bias)."""
+    xf = hi(x)
+    w, b = (*(a.to(xf.dtype) for a in affine), None, None)[:2]
+    return F.layer_norm(xf, xf.shape[-1:], w, b, eps).type_as(x)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -58,25 +64,35 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return (xf * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, s, d).type_as(x)
 
 
+@elementwise
+def _norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return modulate(layer_norm_fp32.eager(x, eps=eps), shift, scale)
+
+
 def norm_modulate(norm: FP32LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """modulate(norm(x), shift, scale); backward keeps only x, shift and scale (not the float32 copies of x
     and of the norm's output that plain autograd keeps when scale is trained) and recomputes both ops."""
     assert norm.weight is None and norm.bias is None, "the norm's parameters would get no gradient"
-    return save_inputs(lambda x, shift, scale: modulate(norm(x), shift, scale), x, shift, scale)
+    return save_inputs(functools.partial(_norm_modulate, eps=norm.eps), x, shift, scale)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + y * gate with a per-frame gate [B, F, D], in float32. A trained gate's gradient needs y: backward
     keeps y as given (bf16), not its float32 copy; a frozen gate needs nothing of y, so plain autograd."""
-    b, s, d = x.shape
     yg = save_inputs(_times_gate, y, gate) if gate.requires_grad else _times_gate(y, gate)
-    out = hi(x).view(b, gate.shape[1], -1, d) + yg
-    return out.view(b, s, d).type_as(x)
+    return _plus_residual(x, yg)
 
 
+@elementwise
 def _times_gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     b, s, d = y.shape
     return hi(y).view(b, gate.shape[1], -1, d) * gate[:, :, None]
+
+
+@elementwise
+def _plus_residual(x: torch.Tensor, yg: torch.Tensor) -> torch.Tensor:
+    """x [B, S, D] + yg [B, F, S/F, D] (float32), cast back to x's dtype."""
+    return (hi(x).view(yg.shape) + yg).view(x.shape).type_as(x)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..compiled_ops import elementwise
+
 
 def _inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
     # made on the positions' device: a host-to-device copy would break CUDA-graph capture
@@ -33,6 +35,7 @@ def rope_cos_sin(positions: torch.Tensor, dims: tuple[int, int, int], theta: flo
     return torch.cos(angles), torch.sin(angles)
 
 
+@elementwise
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs of the last dim. x: [B, S, H, D]; cos/sin: [S, D/2]. Math in float32."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2]

@@ -1,0 +1,48 @@
+"""The DiT's elementwise chains (float32 norms, modulation, gated residuals, RoPE), optionally through torch.compile.
+
+Each of these functions is a chain of float32 ops over a whole activation tensor. Eager PyTorch runs every op as
+its own kernel with a float32 intermediate in device memory (a norm + modulation moves ~40 bytes per value where
+one fused kernel moves 4): in the 1.3B training step such kernels took 36% of the device time (bench/RESULTS.md,
+session 15). `enable(True)` (`train.compile_elementwise`, set by the trainer) runs every `@elementwise` function as
+an Inductor-generated kernel instead: inside `save_inputs` its forward compiles to a no-grad graph and the
+backward's recompute + gradient to one joint graph, so what backward keeps is unchanged.
+
+Off by default (eager everywhere: the CPU tests, inference) and bypassed while torch is already compiling (an outer
+`torch.compile`, e.g. the streaming chunk step, traces the plain function). Compiled results may differ from eager
+in the last bit of a float32 reduction (norm statistics), so a bf16 output can differ by one unit in the last place.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+_ENABLED = False
+
+
+def enable(flag: bool = True) -> None:
+    """Run the `@elementwise` functions compiled (True) or eagerly (False), process-wide."""
+    global _ENABLED
+    _ENABLED = bool(flag)
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def elementwise(fn: Callable) -> Callable:
+    """Mark a pure function of tensors (and constant Python scalars) as a fusible elementwise chain."""
+    compiled: Callable | None = None
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        nonlocal compiled
+        if not _ENABLED or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
+        return compiled(*args, **kwargs)
+
+    run.eager = fn
+    return run
