@@ -7,7 +7,8 @@ teacher-forcing sequence (21 latent frames of 480x832: 65520 tokens) for --steps
 variant from the same init, data, noise and timesteps (seeded), and compares the loss curves:
   gap max / gap end   max over steps / last step of |smoothed loss - reference's| / reference's (trailing mean
                       over --window steps), against bf16, and fp8_channel_fast against fp8_channel (what
-                      quant.fp8_fast_accum_backward changes)
+                      quant.fp8_fast_accum_backward changes), and a `+compiled` variant (train.compile_elementwise=on)
+                      against its eager self
 Prints a table; appends JSON lines (bench/record.py) to --out: each variant's raw loss series, and the gaps.
 
   python bench/bench_fp8_loss_track.py --out bench/results.jsonl           # needs CUDA sm89+ (H100/H200)
@@ -30,12 +31,16 @@ from megatron_longlive.config import build_config  # noqa: E402
 from megatron_longlive.training.trainer import Trainer  # noqa: E402
 from tools.compare_runs import smooth  # noqa: E402
 
-CHOICES = ("bf16", "fp8_channel", "fp8_channel_fast", "fp8")
+BASE = ("bf16", "fp8_channel", "fp8_channel_fast", "fp8")
+COMPILED = "+compiled"      # suffix: the same variant with train.compile_elementwise=on (models/compiled_ops.py)
+CHOICES = BASE + tuple(v + COMPILED for v in BASE)
 
 
 def losses(a, variant: str, run_dir: str) -> list[float]:
-    """The loss of each of a.steps training steps of `variant` (bench/train_variants.py), seeded like every other."""
-    tree = variant_tree(variant)
+    """The loss of each of a.steps training steps of `variant` (bench/train_variants.py, optionally +compiled),
+    seeded like every other."""
+    base = variant.removesuffix(COMPILED)
+    tree = variant_tree(base)
     cfg = build_config({
         "model": {"preset": a.preset, "num_layers": a.layers},
         "data": {"source": "zarr", "path": os.path.join(run_dir, "none.pt"), "height": a.height, "width": a.width,
@@ -43,7 +48,8 @@ def losses(a, variant: str, run_dir: str) -> list[float]:
         "quant": tree["quant"],
         "train": {"output_dir": os.path.join(run_dir, variant), "max_steps": a.steps, "wandb_mode": "disabled",
                   "micro_batch": 1, "chunk_frames": 3, "precision": "bf16", "activation_checkpointing": True,
-                  "warmup_steps": 5, "lr": a.lr, **tree["train"]}})
+                  "warmup_steps": 5, "lr": a.lr, "compile_elementwise": "on" if variant != base else "off",
+                  **tree["train"]}})
     model = build_variant_model(cfg, a.device)
     trainer = Trainer(cfg, dataset=random_latent_dataset(cfg, a.videos), device=torch.device(a.device), model=model,
                       progress=False)
@@ -99,6 +105,8 @@ def main(argv=None) -> int:
     pairs = [(v, "bf16") for v in curves if v != "bf16" and "bf16" in curves]
     if "fp8_channel_fast" in curves and "fp8_channel" in curves:
         pairs.append(("fp8_channel_fast", "fp8_channel"))
+    pairs += [(v, v.removesuffix(COMPILED)) for v in curves if v.endswith(COMPILED) and v.removesuffix(COMPILED) in curves
+              and v.removesuffix(COMPILED) != "bf16"]         # (bf16+compiled vs bf16 is in the first list)
     print(f"{'variant':>18} {'against':>12} {'gap max':>9} {'gap end':>9}   (smoothed over {a.window} steps)")
     for variant, ref in pairs:
         worst, end = gaps(curves[variant], curves[ref], a.window)

@@ -110,7 +110,12 @@ run() {
             step train_step_compiled 220 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
                 fp8_channel_fast --warmup 1 --steps 2 --compile-elementwise on --profile --out "$res"
             step fp8_qkv 90 python bench/bench_fp8_qkv.py --warmup 5 --iters 20 --out "$res" ;;
-        *) echo "unknown group $g (s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
+        s17b)   # train.compile_elementwise against float64 on the GPU (compiled no less accurate than eager), then
+                # loss curves at the 1.3B block shapes: bf16 eager vs compiled, FP8 (defaults) compiled
+            step tests 100 python -m pytest -q -m gpu -s tests/gpu/test_compiled_ops_gpu.py
+            step loss_track 300 python bench/bench_fp8_loss_track.py --layers 4 --steps 60 \
+                --quant bf16 bf16+compiled fp8_channel_fast+compiled --out "$res" ;;
+        *) echo "unknown group $g (s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }

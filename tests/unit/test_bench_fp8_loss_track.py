@@ -36,3 +36,20 @@ def test_cpu_smoke_records_series_and_gaps(tmp_path, capsys):
     assert series["fp8_channel_fast"] == series["fp8_channel"]
     assert series["fp8_channel"] != series["bf16"]          # the FP8 variant did quantize
     assert "gap max" in capsys.readouterr().out
+
+
+def test_cpu_smoke_compiled_variant_tracks_its_eager_self(tmp_path):
+    """A `+compiled` variant (train.compile_elementwise=on) runs and is compared with bf16; on the CPU Inductor keeps
+    eager's roundings, so the tiny fp32 curves agree to float32 reduction noise."""
+    from megatron_longlive.models import compiled_ops
+
+    out = tmp_path / "r.jsonl"
+    try:
+        assert track.main(["--device", "cpu", "--preset", "tiny", "--layers", "1", "--latent-frames", "3", "--height",
+                           "32", "--width", "32", "--steps", "2", "--window", "1", "--quant", "bf16", "bf16+compiled",
+                           "--out", str(out)]) == 0
+    finally:
+        compiled_ops.enable(False)
+    rows = [json.loads(line) for line in open(out)]
+    gap = [r for r in rows if r["name"].endswith("bf16+compiled vs bf16")]
+    assert len(gap) == 1 and gap[0]["value"] < 1e-4, gap

@@ -1,11 +1,12 @@
 """train.compile_elementwise: the DiT's elementwise chains run through torch.compile (models/compiled_ops.py).
 
-Tier (c): every chain compiled on the CPU (Inductor's C++ backend) against its eager form, forward and every input
-gradient, on bf16 activations with float32 modulation/gate/weights: bf16 results within one unit in the last place
-(measured on the CPU: all bitwise but 0.1% of two input gradients, 0.7 ulp), float32 sums over tokens within 1e-5
-(reduction order). Inductor keeps eager's intermediate bf16 roundings (`emulate_precision_casts`; without it 29%
-of norm_modulate's outputs moved). The tiny WanDiT trains through them tracking the eager run; the switch follows
-the config and is bypassed inside an outer compile.
+Tier (c): every chain compiled on the CPU (Inductor's C++ backend) and its eager form, forward and every gradient,
+on bf16 activations with float32 modulation/gate/weights, both measured against the same chain in float64: compiled
+is no less accurate than eager (max and mean error). On the CPU Inductor keeps eager's intermediate bf16 roundings
+(`emulate_precision_casts`), so the activations come out bitwise equal; only float32 sums over tokens move (reduction
+order). On CUDA (tests/gpu/test_compiled_ops_gpu.py) Triton kernels keep some of those intermediates in float32, so
+values move by up to a unit in the last place, towards the float64 result. The tiny WanDiT trains through them
+tracking the eager run; the switch follows the config and is bypassed inside an outer compile.
 """
 from __future__ import annotations
 
@@ -30,18 +31,23 @@ def compiled():
     compiled_ops.enable(False)
 
 
-def _chains(b=2, f=3, per=8, d=32, heads=2, device="cpu"):
+def _chains(b=2, f=3, per=8, d=32, heads=2, device="cpu", double=False):
+    """name -> (fn, args): every chain on bf16 activations with float32 modulation, gate, weights and float64 RoPE
+    tables; double=True: the same values (the bf16 ones exactly) in float64, where the chain is exact math (hi()
+    and type_as keep float64: no intermediate rounding), the reference both eager and compiled are measured to."""
     g = torch.Generator().manual_seed(0)
-    r = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=g).to(device, dt)  # noqa: E731
+    act, par = (torch.float64, torch.float64) if double else (torch.bfloat16, torch.float32)
+    r = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16).to(device, act)  # noqa: E731
+    p = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(device, par)  # noqa: E731
     x, y = r(b, f * per, d), r(b, f * per, d)
-    shift, scale, gate = (r(b, f, d, dt=torch.float32) * 0.3 for _ in range(3))
+    shift, scale, gate = p(b, f, d), p(b, f, d), p(b, f, d)
     ln = wan.FP32LayerNorm(d, 1e-6, elementwise_affine=False)
     ln_affine = wan.FP32LayerNorm(d, 1e-6, elementwise_affine=True)
     rms = RMSNorm(d, 1e-6)
-    ln, ln_affine, rms = (m.to(device) for m in (ln, ln_affine, rms))
+    ln, ln_affine, rms = (m.to(device, par) for m in (ln, ln_affine, rms))
     with torch.no_grad():
-        for p in (*ln_affine.parameters(), rms.weight):
-            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+        for q in (*ln_affine.parameters(), rms.weight):
+            q.copy_(1 + 0.5 * torch.randn(q.shape, generator=g))
     ang = torch.rand(f * per, d // heads // 2, generator=g, dtype=torch.float64).to(device) * 6
     cos, sin = ang.cos(), ang.sin()
     return {"norm_modulate": (lambda x, sh, sc: wan.norm_modulate(ln, x, sh, sc), (x, shift, scale)),
@@ -62,26 +68,37 @@ def _run(fn, args):
     return [out, *(a.grad for a in args), *params]
 
 
-def _ulps(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max |a - b| in units of the last place of b's dtype at |b| (bf16: 2**-7 relative, fp32: 2**-23)."""
-    eps = torch.finfo(b.dtype).eps
-    scale = b.abs().float().clamp_min(torch.finfo(b.dtype).tiny) * eps
-    return ((a.float() - b.float()).abs() / scale).max().item()
+def compare_to_float64(name: str, device: str = "cpu", **shape) -> list[tuple[float, float, float]]:
+    """Compiled and eager runs of chain `name` against its float64 run: per output / gradient, (share of values where
+    compiled != eager, compiled's max error / eager's, compiled's mean error / eager's). Asserts compiled is no
+    less accurate than eager: max and mean error within 1.25x eager's (or half a unit in the last place at the
+    largest value, where eager is exact)."""
+    fn, args = _chains(device=device, **shape)[name]
+    compiled_ops.enable(True)
+    try:
+        got = _run(fn, args)
+    finally:
+        compiled_ops.enable(False)
+    want = _run(fn, args)
+    ref = _run(*_chains(device=device, double=True, **shape)[name])
+    rows = []
+    for i, (a, b, r) in enumerate(zip(got, want, ref)):
+        assert a.dtype == b.dtype and a.shape == b.shape == r.shape, (name, i)
+        ec, ee = (a.double() - r).abs(), (b.double() - r).abs()
+        half_ulp = 0.5 * torch.finfo(b.dtype).eps * r.abs().max().item()
+        assert ec.max() <= max(1.25 * ee.max().item(), half_ulp), (name, i, ec.max().item(), ee.max().item())
+        assert ec.mean() <= 1.25 * ee.mean().item() + 0.01 * half_ulp, (name, i, ec.mean().item(), ee.mean().item())
+        rows.append(((a != b).float().mean().item(), (ec.max() / ee.max().clamp_min(1e-300)).item(),
+                     (ec.mean() / ee.mean().clamp_min(1e-300)).item()))
+    assert got[0].abs().max() > 0.1
+    return rows
 
 
 @pytest.mark.parametrize("name", ["norm_modulate", "layer_norm_affine", "gated_residual", "rms_norm", "rope"])
-def test_compiled_chain_matches_eager(name, compiled):
-    fn, args = _chains()[name]
-    got = _run(fn, args)
-    compiled_ops.enable(False)
-    want = _run(fn, args)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert a.dtype == b.dtype and a.shape == b.shape, (name, i)
-        if b.dtype == torch.bfloat16:                   # activations and their gradients
-            assert _ulps(a, b) <= 1.0, (name, i, _ulps(a, b))
-        else:                                           # float32 sums over tokens (weight, shift/scale/gate grads)
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item()), (name, i)
-    assert got[0].abs().max() > 0.1
+def test_compiled_chain_no_less_accurate_than_eager(name, compiled):
+    rows = compare_to_float64(name)
+    differ = [d for d, _, _ in rows]
+    assert differ[0] == 0.0, (name, rows)            # on the CPU Inductor keeps eager's roundings: same activations
 
 
 def test_compiled_path_really_compiles(compiled):
