@@ -43,8 +43,8 @@ def elementwise(fn: Callable) -> Callable:
         nonlocal compiled
         if not _ENABLED or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
+        if compiled is None:     # static shapes first; a second shape recompiles once with dynamic ones
+            compiled = torch.compile(fn, options={"emulate_precision_casts": True})
         return compiled(*args, **kwargs)
 
     run.eager = fn
