@@ -113,8 +113,8 @@ run() {
         s17b)   # train.compile_elementwise against float64 on the GPU (compiled no less accurate than eager), then
                 # loss curves at the 1.3B block shapes: bf16 eager vs compiled, FP8 (defaults) compiled
             step tests 100 python -m pytest -q -m gpu -s tests/gpu/test_compiled_ops_gpu.py
-            step loss_track 170 python bench/bench_fp8_loss_track.py --layers 4 --steps 30 --window 5 \
-                --quant bf16 bf16+compiled fp8_channel_fast+compiled --out "$res" ;;
+            step loss_track 170 python bench/bench_fp8_loss_track.py --layers 4 --steps 20 --window 5 \
+                --quant bf16 bf16+compiled --out "$res" ;;
         *) echo "unknown group $g (s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
