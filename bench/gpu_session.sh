@@ -4,8 +4,9 @@
 #   here (PyPI reachable):  bash bench/gpu_session.sh prepare
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
-#   on the device:          run command="bash bench/gpu_session.sh run 560 s16" carry=[".whl"] (issue 6 first; then
-#                           attn, e2e, train as needed)
+#   on the device:          run command="bash bench/gpu_session.sh run 300 s17b" carry=[".whl"] (pending since
+#                           session 17: the compiled-ops GPU test against float64 and the eager/compiled loss track;
+#                           then attn, e2e, train as needed)
 #       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
 #          steps.txt and results.jsonl come back in $OUT.
