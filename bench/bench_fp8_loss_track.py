@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     pairs = [(v, "bf16") for v in curves if v != "bf16" and "bf16" in curves]
     if "fp8_channel_fast" in curves and "fp8_channel" in curves:
         pairs.append(("fp8_channel_fast", "fp8_channel"))
-    pairs += [(v, v.removesuffix(COMPILED)) for v in curves if v.endswith(COMPILED) and v.removesuffix(COMPILED) in curves
-              and v.removesuffix(COMPILED) != "bf16"]         # (bf16+compiled vs bf16 is in the first list)
+    eager = {v: v.removesuffix(COMPILED) for v in curves if v.endswith(COMPILED)}
+    pairs += [(v, e) for v, e in eager.items() if e in curves and (v, e) not in pairs]    # a +compiled vs its eager self
     print(f"{'variant':>18} {'against':>12} {'gap max':>9} {'gap end':>9}   (smoothed over {a.window} steps)")
     for variant, ref in pairs:
         worst, end = gaps(curves[variant], curves[ref], a.window)
