@@ -4,9 +4,9 @@
 #   here (PyPI reachable):  bash bench/gpu_session.sh prepare
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
-#   on the device:          run command="bash bench/gpu_session.sh run 300 s17b" carry=[".whl"] (pending since
-#                           session 17: the compiled-ops GPU test against float64 and the eager/compiled loss track;
-#                           then attn, e2e, train as needed)
+#   on the device:          run command="bash bench/gpu_session.sh run 560 <group>" carry=[".whl"] (nothing
+#                           pending since session 18; s18 = the prologue-quantizing GEMM probe; attn, e2e, train
+#                           rerun the main tables)
 #       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
 #          steps.txt and results.jsonl come back in $OUT.
@@ -116,7 +116,13 @@ run() {
             step tests 100 python -m pytest -q -m gpu -s tests/gpu/test_compiled_ops_gpu.py
             step loss_track 170 python bench/bench_fp8_loss_track.py --layers 4 --steps 20 --window 5 \
                 --quant bf16 bf16+compiled --out "$res" ;;
-        *) echo "unknown group $g (s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
+        s18)    # probe: FP8 GEMMs quantizing their BF16 operands in the prologue (no quantizer pass) against the
+                # channel quantizer + cuBLAS, per GEMM and per training pass, at 65520 tokens
+            step probe_check 60 python bench/probe_fp8_prologue_gemm.py --check
+            step probe_1536 240 python bench/probe_fp8_prologue_gemm.py --shapes 1536x1536 --out "$OUT/probe.jsonl"
+            step probe_ffn 240 python bench/probe_fp8_prologue_gemm.py --shapes 1536x8960,8960x1536 \
+                --out "$OUT/probe.jsonl" ;;
+        *) echo "unknown group $g (s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
