@@ -4,7 +4,8 @@
 `DistCheckpointManager` keeps its layout and loader, and makes the save collective: global rank 0
 names the temp dir (broadcast), every rank joins `dcp.save` (DCP de-duplicates the replicated model and
 optimizer tensors, so the files do not depend on the SP/DP degree), the first SP/TP rank of every DP
-rank writes `trainer_rank{dp_rank}.pt`, and rank 0 alone finalises (COMPLETE, rename, `latest`,
+rank writes `trainer_rank{dp_rank}.pt`, every rank its `local_rank{rank}.pt` (FP8 amax histories, reloaded only
+under the same layout), and rank 0 alone finalises (COMPLETE, rename, `latest`,
 pruning) between barriers. Every rank loads (DCP reads collectively), so a checkpoint written at SP=2
 resumes at SP=4 or SP=1 unchanged.
 
@@ -39,7 +40,16 @@ class DistCheckpointManager(CheckpointManager):
         if not self.is_root:
             super().__init__(run_dir, keep_last, rank=groups.dp_rank)
 
-    def save(self, step: int, model, optimizer, ema_state: dict | None, trainer_state: dict, save_extra=None) -> str:
+    def layout(self) -> dict:
+        g = self.groups
+        return {"world_size": dist.get_world_size(), "rank": dist.get_rank(), "dp": g.dp_rank, "sp": g.sp_rank,
+                "tp": g.tp_rank, "sizes": (g.dp_size, g.sp_size, g.tp_size)}
+
+    def local_file(self, directory: str) -> str:
+        return os.path.join(directory, f"local_rank{dist.get_rank()}.pt")
+
+    def save(self, step: int, model, optimizer, ema_state: dict | None, trainer_state: dict, save_extra=None,
+             local_state: dict | None = None) -> str:
         final = self.path(step)
         names = [None]
         if self.is_root:
@@ -55,6 +65,7 @@ class DistCheckpointManager(CheckpointManager):
             torch.save(trainer_state, os.path.join(tmp, f"trainer_rank{self.groups.dp_rank}.pt"))
             if save_extra is not None and self.groups.dp_rank == 0:
                 save_extra(tmp)
+        self.write_local(tmp, local_state)                 # every rank: its own FP8 amax histories
         dist.barrier()
         if self.is_root:
             with open(os.path.join(tmp, COMPLETE), "w") as f:

@@ -21,8 +21,8 @@ State: one DelayedChannelScale per operand (x, dy) per linear. Each call max-acc
 history rolls once per backward of the linear, after dy is quantized. So a recomputed forward (activation
 checkpointing) quantizes with the same scales as the first forward, and the backward uses the dy scale the
 forward folded into W^T (saved with the other tensors, so interleaved forwards/backwards stay exact). The
-histories are not part of the state dict (checkpoints stay interchangeable with BF16 models): a resumed run
-starts them again from its first step's amaxes, so it is not bit-identical to an uninterrupted FP8 run.
+histories are not part of the model's state dict (checkpoints stay interchangeable with BF16 models); they
+travel in the checkpoint's per-rank local state (fp8_state.py), so a resumed run continues bit-identically.
 """
 from __future__ import annotations
 
@@ -131,6 +131,28 @@ class DelayedChannelScale:
         """Push this step's amaxes into the history (the next call's scales) and start a new step."""
         self._scales = roll_history(self.history, self.pending, self.cursor, self.margin)
         self.cursor = (self.cursor + 1) % self.length
+
+    def state_dict(self) -> dict:
+        """Everything the next step's quantization depends on (CPU copies), for checkpoints (fp8_state.py)."""
+        if not self.ready:
+            return {"length": self.length, "margin": self.margin, "ready": False}
+        return {"length": self.length, "margin": self.margin, "ready": True, "cursor": self.cursor,
+                "history": self.history.cpu(), "pending": self.pending.cpu(),
+                "scale": self._scales[0].cpu(), "inverse": self._scales[1].cpu()}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        """Restore a state_dict() onto `device`; a different history length or margin is a config change."""
+        if (state["length"], state["margin"]) != (self.length, self.margin):
+            raise ValueError(f"FP8 amax history saved with quant.fp8_amax_history={state['length']}, "
+                             f"quant.fp8_amax_margin={state['margin']}, this run has {self.length}, {self.margin}. "
+                             f"Fix: resume with the saved values.")
+        if not state["ready"]:
+            self.history = self.pending = self._scales = None
+            self.cursor = 0
+            return
+        self.history, self.pending = state["history"].to(device), state["pending"].to(device)
+        self._scales = (state["scale"].to(device), state["inverse"].to(device))
+        self.cursor = int(state["cursor"])
 
 
 def quantize_operand(t2: torch.Tensor, state: DelayedChannelScale, col_sum: bool = False, op: str = "identity",

@@ -4,6 +4,8 @@ Layout under `<run_dir>/checkpoints/`:
   step_00000100/            a complete checkpoint
     .metadata, *.distcp     DCP: model, optimizer, EMA (tensors; sharded the same way by later SP/TP/DP runs)
     trainer_rank0.pt        step, scheduler, data-loader position, RNG states (torch, numpy, python, CUDA, noise)
+    local_rank0.pt          state each process keeps of its own (the FP8 amax histories: quant/fp8_state.py),
+                            stamped with the parallel layout it holds for (one file per global rank)
     adapter/                peft LoRA files (LoRA runs only)
     COMPLETE                written and fsynced last
   latest                    name of the newest complete checkpoint, replaced atomically after the rename
@@ -64,6 +66,24 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
         generator.set_state(state["generator"])
 
 
+def local_state(model) -> dict | None:
+    """What a process keeps of its own for a bit-identical resume: the model's FP8 amax histories, if any."""
+    from ..quant.fp8_state import delayed_scale_state
+
+    scales = delayed_scale_state(model)
+    return None if scales is None else {"fp8_amax_histories": scales}
+
+
+def restore_local_state(model, manager: "CheckpointManager", path: str) -> None:
+    """Put local_state() back from checkpoint `path` (nothing to do when it has none: the histories then start
+    from the first step's amaxes, as in a fresh run)."""
+    from ..quant.fp8_state import load_delayed_scale_state
+
+    state = manager.load_local(path) or {}
+    if "fp8_amax_histories" in state:
+        load_delayed_scale_state(model, state["fp8_amax_histories"], where=path)
+
+
 def _dcp_quiet(fn, *args, **kwargs):
     # Single-process DCP warns that no process group exists; that is the intended mode here.
     with warnings.catch_warnings():
@@ -111,9 +131,35 @@ class CheckpointManager:
         return self.path(steps[-1]) if steps else None
 
     # ----- save -----------------------------------------------------------------------------------
+    # ----- per-process state ----------------------------------------------------------------------
+    def layout(self) -> dict:
+        """The parallel layout a local state belongs to (one process here)."""
+        return {"world_size": 1}
+
+    def local_file(self, directory: str) -> str:
+        return os.path.join(directory, "local_rank0.pt")
+
+    def write_local(self, directory: str, local_state: dict | None) -> None:
+        if local_state is not None:
+            torch.save({"layout": self.layout(), "state": local_state}, self.local_file(directory))
+
+    def load_local(self, path: str) -> dict | None:
+        """This process's local state from checkpoint `path`; None when there is none or it was written under
+        another parallel layout (each rank's FP8 amaxes describe its own tokens and shards: they start afresh)."""
+        f = self.local_file(path)
+        if not os.path.exists(f):
+            return None
+        blob = torch.load(f, weights_only=False)
+        if blob["layout"] != self.layout():
+            warnings.warn(f"{path}: local state written under layout {blob['layout']}, this run is "
+                          f"{self.layout()}: FP8 amax histories start afresh (the resume is not bit-identical)")
+            return None
+        return blob["state"]
+
     def save(self, step: int, model, optimizer, ema_state: dict | None, trainer_state: dict,
-             save_extra=None) -> str:
-        """Write checkpoint `step` atomically. save_extra(dir) may add files (e.g. LoRA adapters)."""
+             save_extra=None, local_state: dict | None = None) -> str:
+        """Write checkpoint `step` atomically. save_extra(dir) may add files (e.g. LoRA adapters);
+        local_state: this process's own state (local_rank0.pt)."""
         final = self.path(step)
         for name in os.listdir(self.root):  # leftovers of crashed writes
             if name.startswith(".tmp-"):
@@ -126,6 +172,7 @@ class CheckpointManager:
             state["ema"] = ema_state
         _dcp_quiet(dcp.save, state, checkpoint_id=tmp)
         torch.save(trainer_state, os.path.join(tmp, f"trainer_rank{self.rank}.pt"))
+        self.write_local(tmp, local_state)
         if save_extra is not None:
             save_extra(tmp)
         with open(os.path.join(tmp, COMPLETE), "w") as f:

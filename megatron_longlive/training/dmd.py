@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..config import InferConfig, RunConfig, to_plain
 from ..inference.engine import StreamingEngine
 from ..models.wan.rope import grid_positions
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, local_state, restore_local_state, rng_state, set_rng_state
 from .lora_switch import adapter_parameters, add_adapter, save_named_adapter, use_adapter
 from .metrics import MetricsLogger
 from .schedule import noise_latents, shift_sigma
@@ -243,7 +243,8 @@ class Distiller:
     def save_checkpoint(self) -> str:
         """Atomic resumable checkpoint under output_dir/checkpoints/step_N (see training/checkpoint.py)."""
         state = {"step": self.step, "rng": rng_state(self.gen)}
-        self.last_checkpoint = self.ckpt.save(self.step, self.model, self.optimizers, None, state)
+        self.last_checkpoint = self.ckpt.save(self.step, self.model, self.optimizers, None, state,
+                                              local_state=local_state(self.model))
         return self.last_checkpoint
 
     def resume(self) -> str | None:
@@ -254,6 +255,7 @@ class Distiller:
         state = self.ckpt.load(path, self.model, self.optimizers, None)
         self.step = int(state["step"])
         set_rng_state(state["rng"], self.gen)
+        restore_local_state(self.model, self.ckpt, path)
         self.last_checkpoint = path
         tqdm.write(f"resumed distillation from {path} at step {self.step}")
         return path

@@ -30,7 +30,7 @@ from dataloaders.latent_dataset import LatentLoader, build_dataset, check_item, 
 from ..config import RunConfig, to_plain
 from ..models.provider import LinearProvider
 from ..models.wan import WanDiT
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, local_state, restore_local_state, rng_state, set_rng_state
 from .ema import EMA
 from .error_recycling import ErrorRecycler, RecyclingOptions
 from .lora import adapter_state_dict, apply_lora, lora_modules, save_adapter
@@ -282,7 +282,8 @@ class Trainer:
             extra = lambda d: save_adapter(self.model, os.path.join(d, "adapter"), self.tc.lora_targets,  # noqa: E731
                                            tensors)
         self.last_checkpoint = self.ckpt.save(self.step, self.model, self.optimizer,
-                                              self.ema.state_dict() if self.ema else None, self._trainer_state(), extra)
+                                              self.ema.state_dict() if self.ema else None, self._trainer_state(), extra,
+                                              local_state=local_state(self.model))
         return self.last_checkpoint
 
     def _restore(self, path: str) -> None:
@@ -293,6 +294,7 @@ class Trainer:
         set_rng_state(state["rng"], self.generator)
         if self.recycler is not None and "error_recycling" in state:
             self.recycler.load_state_dict(state["error_recycling"])
+        restore_local_state(self.model, self.ckpt, path)
         self.last_checkpoint = path
         tqdm.write(f"resumed from {path} at step {self.step}")
 

@@ -78,8 +78,9 @@ def reference_run(steps: int, dp_size: int = 1):
     return out, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def setup_rank(tp: int, sp: int, kind: str = "balanced", seed_model: bool = True):
-    """Grid, the reference weights loaded into a (TP) model with the SP plan applied, and the layout."""
+def setup_rank(tp: int, sp: int, kind: str = "balanced", seed_model: bool = True, provider=None):
+    """Grid, the reference weights loaded into a (TP) model with the SP plan applied, and the layout.
+    provider: the linear provider of a TP=1 model (default: plain linears)."""
     from megatron_longlive.distributed.balanced_sp import TFLayout
     from megatron_longlive.distributed.grid import init_grid
     from megatron_longlive.distributed.sp_plan import apply_sp_plan
@@ -87,7 +88,7 @@ def setup_rank(tp: int, sp: int, kind: str = "balanced", seed_model: bool = True
     from megatron_longlive.models.wan.sp_plan import WAN_SP_PLAN
 
     groups = init_grid(tp, sp, CFG.num_heads)
-    model = make_model(TPLinearProvider(groups.tp, tp) if tp > 1 else None)
+    model = make_model(TPLinearProvider(groups.tp, tp) if tp > 1 else provider)
     if seed_model:
         load_full_state_dict(model, make_model().state_dict(), groups.tp_rank, tp)
     apply_sp_plan(model, WAN_SP_PLAN, groups.sp)

@@ -28,13 +28,17 @@ def tree(run_dir, **train):
                                                  "height": 64, "width": 64, "num_frames": 9}}
 
 
-def make(run_dir, resume=False, **train):
-    cfg = build_config(tree(run_dir, **train))
+def make(run_dir, resume=False, quant=None, **train):
+    cfg = build_config({**tree(run_dir, **train), **({"quant": quant} if quant else {})})
     return Trainer(cfg, dataset=random_latent_dataset(cfg, 3), resume=resume, progress=False)
 
 
-@pytest.mark.parametrize("extra", [dict(ema_decay=0.9, grad_accum=2), dict(lora_rank=2, ema_decay=0.5)],
-                         ids=["full+ema+accum", "lora+ema"])
+FP8_CHANNEL = {"linear": "fp8", "fp8_recipe": "channel_delayed", "fp8_amax_history": 4}   # delayed scales: state
+
+
+@pytest.mark.parametrize("extra", [dict(ema_decay=0.9, grad_accum=2), dict(lora_rank=2, ema_decay=0.5),
+                                   dict(quant=FP8_CHANNEL, grad_accum=2)],
+                         ids=["full+ema+accum", "lora+ema", "fp8-channel+accum"])
 def test_resume_is_bit_identical(tmp_path, extra):
     ref = make(tmp_path / "ref", **extra)
     ref_losses = ref.train()
@@ -48,7 +52,7 @@ def test_resume_is_bit_identical(tmp_path, extra):
     assert first + rest == ref_losses  # exact float equality, every step
     for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
-    for k in ref.ema.shadow:
+    for k in (ref.ema.shadow if ref.ema else ()):
         assert torch.equal(ref.ema.shadow[k], resumed.ema.shadow[k]), k
 
 
