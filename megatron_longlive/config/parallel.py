@@ -14,7 +14,8 @@ class ParallelConfig(ConfigBase):
     _section: ClassVar[str] = "parallel"
 
     tp_size: int = 1
-    """Tensor-parallel degree (megatron-core column/row-parallel linears). Must divide num_heads."""
+    """Tensor-parallel degree (column/row-parallel linears: megatron-core's in bf16, sharded FP8 / NVFP4 ones
+    with quant.linear=fp8 / nvfp4_emulated). Must divide num_heads."""
     sp_size: int = 1
     """Sequence-parallel degree (Ulysses over the context-parallel group). Must divide num_heads."""
     sp_layout: Literal["balanced", "naive"] = "balanced"

@@ -25,7 +25,7 @@ from .data_parallel import allreduce_gradients, any_rank, reduce_loss
 from .grid import ProcessGroups, init_grid
 from .sp_plan import apply_sp_plan
 from .sp_teacher_forcing import frame_noise, local_tf_loss, needed_frames
-from .tensor_parallel import TPLinearProvider, load_full_state_dict
+from .tensor_parallel import TPLinearProvider, TPQuantProvider, load_full_state_dict
 
 
 @dataclasses.dataclass
@@ -91,6 +91,23 @@ def parallel_hooks(groups: ProcessGroups, output_dir: str, keep_last: int, model
                          checkpoint=DistCheckpointManager(output_dir, keep_last, groups))
 
 
+def check_tp_quant(cfg) -> None:
+    """What tensor parallelism combines with: bf16, and fp8 / nvfp4_emulated full fine-tunes (sharded quantized
+    linears, quant/tensor_parallel.py). Not (yet): Transformer Engine's own linears, a packed NVFP4 base, LoRA on
+    a quantized base (its TP adapters wrap megatron-core's BF16 linears)."""
+    p, q = cfg.parallel, cfg.quant
+    if p.tp_size == 1:
+        return
+    why = ("quant.linear=te_nvfp4 builds Transformer Engine's own linears" if q.linear == "te_nvfp4" else
+           "quant.packed_base=true packs a frozen base" if q.packed_base else
+           f"train.lora_rank={cfg.train.lora_rank} wraps megatron-core's BF16 TP linears with adapters"
+           if q.linear != "bf16" and cfg.train.lora_rank > 0 else None)
+    if why:
+        raise ValueError(f"parallel.tp_size={p.tp_size} with quant.linear={q.linear!r}: {why}, which has no "
+                         f"tensor-parallel form here. Fix: tp_size=1 (SP/DP) for this setting, or quant.linear=fp8 / "
+                         f"nvfp4_emulated for a full fine-tune, or quant.linear=bf16 for LoRA")
+
+
 def build_parallel_training(cfg, device: str | torch.device | None = None) -> dict:
     """Grid, model, step strategy and hooks for `Trainer(cfg, **build_parallel_training(cfg))`."""
     from ..training.trainer import build_model
@@ -100,16 +117,18 @@ def build_parallel_training(cfg, device: str | torch.device | None = None) -> di
     if device is not None and torch.device(device).type != groups.device.type:
         raise ValueError(f"--device {device} does not match the process-group backend {groups.backend}. "
                          f"Fix: drop --device (nccl uses this rank's GPU, gloo the CPU).")
+    check_tp_quant(cfg)
     model = build_model(cfg, device="cpu")  # the full model of a single-process run (seed or init_from)
-    if p.tp_size > 1 and (cfg.quant.linear != "bf16" or cfg.quant.packed_base):
-        raise ValueError(f"parallel.tp_size={p.tp_size} with quant.linear={cfg.quant.linear!r} / quant.packed_base="
-                         f"{cfg.quant.packed_base}: the tensor-parallel model is built from megatron-core BF16 linears. "
-                         "Fix: quant.linear=bf16 and quant.packed_base=false with TP, or tp_size=1 (SP/DP) for low precision")
-    if p.tp_size > 1:  # the same weights, sliced into megatron-core column/row-parallel linears
+    if p.tp_size > 1:  # the same weights, sliced into column/row-parallel linears (megatron-core's, or quantized)
+        from ..quant.fp8_ffn import fuse_for_training
+
         full = model.state_dict()
+        tp_options = dict(use_cpu_initialization=True, initialize=False)
         with torch.random.fork_rng(devices=[]):  # RNG as after build_model: LoRA then draws what TP=1 draws
-            model = WanDiT(cfg.model, TPLinearProvider(groups.tp, p.tp_size, use_cpu_initialization=True,
-                                                       initialize=False))
+            provider = (TPLinearProvider(groups.tp, p.tp_size, **tp_options) if cfg.quant.linear == "bf16"
+                        else TPQuantProvider(cfg.quant, groups.tp, p.tp_size, **tp_options))
+            model = WanDiT(cfg.model, provider)
+            fuse_for_training(model, cfg.quant)
         load_full_state_dict(model, full, groups.tp_rank, p.tp_size)
         if cfg.train.lora_rank > 0:  # TP-sharded adapters (the trainer wraps plain models itself)
             from .tp_lora import apply_tp_lora

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.provider import LinearProvider
+from ..models.provider import KeepListProvider, LinearProvider
 
 
 def _megatron_config(tp_size: int, params_dtype: torch.dtype, use_cpu_initialization: bool, initialize: bool):
@@ -131,6 +131,20 @@ class TPLinearProvider(LinearProvider):
 
     def qk_norm(self, name, dim, eps, style="column"):
         return TPRMSNorm(dim, eps, self.group, self.tp_size)
+
+
+class TPQuantProvider(KeepListProvider):
+    """Low-precision (fp8, nvfp4_emulated) column/row linears sharded over the TP group; layers kept in high
+    precision (`quant.keep_high_precision`) from megatron-core's TP linears; the TP q/k norms."""
+
+    def __init__(self, quant_cfg, group, tp_size: int, **tp_options):
+        from ..quant.providers import build_linear_provider
+
+        quantized = build_linear_provider(quant_cfg, tp_group=group)
+        super().__init__(quantized.low, TPLinearProvider(group, tp_size, **tp_options), quant_cfg.keep_high_precision)
+
+    def qk_norm(self, name, dim, eps, style="column"):
+        return self.high.qk_norm(name, dim, eps, style)
 
 
 def _sharded_dim(param: torch.Tensor) -> int | None:

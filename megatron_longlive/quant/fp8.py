@@ -141,8 +141,13 @@ class FP8Linear(QuantLinearBase):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, emulate: bool | None = None,
                  device=None, dtype=None, fast_accum: bool = False, recipe: str = "rowwise", amax_history: int = 16,
-                 amax_margin: int = 2, fast_accum_backward: bool = False):
+                 amax_margin: int = 2, fast_accum_backward: bool = False, style: str = "replicated", tp_group=None):
+        """in/out_features are this rank's shard with style "column"/"row" and a tp_group (tensor_parallel.py)."""
+        from .tensor_parallel import mark_tp_parameters, tp_style
+
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.style, self.tp_group = tp_style(style, tp_group)
+        mark_tp_parameters(self, self.style)
         if recipe not in RECIPES:
             raise ValueError(f"quant.fp8_recipe: unknown recipe {recipe!r}. Fix: use one of {', '.join(RECIPES)}")
         self.emulate, self.fast_accum, self.recipe = emulate, fast_accum, recipe
@@ -167,11 +172,11 @@ class FP8Linear(QuantLinearBase):
         qw, sw = quantize_rowwise(self.weight)
         self.qweight, self.wscale = qw, sw
 
-    def frozen_gemm(self, qx: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+    def frozen_gemm(self, qx: torch.Tensor, sx: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """y = (qx * sx) W^T + b with the frozen E4M3 weight, for an input already quantized row by row [M, K]:
-        fp32 when emulated, bf16 from torch._scaled_mm."""
+        fp32 when emulated, bf16 from torch._scaled_mm. with_bias=False: the product alone (a row shard's)."""
         emulate = self.emulate if self.emulate is not None else not use_scaled_mm(qx.device)
-        bias = None if self.bias is None else self.bias.to(torch.float32 if emulate else torch.bfloat16)
+        bias = None if self.bias is None or not with_bias else self.bias.to(torch.float32 if emulate else torch.bfloat16)
         return fp8_inference_gemm(qx, sx, self.qweight, self.wscale, bias, emulate, self.fast_accum)
 
     def training_settings(self, x: torch.Tensor) -> tuple[bool, torch.dtype]:
@@ -183,13 +188,21 @@ class FP8Linear(QuantLinearBase):
         return emulate, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None:
+            return self._local(x, self.bias)
+        from .tensor_parallel import tp_forward
+
+        return tp_forward(self._local, x, self.bias, self.style, self.tp_group)
+
+    def _local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's product x W^T (+ bias): the whole layer when unsharded."""
         if self.qweight is not None and not torch.is_grad_enabled():
             # The activation quantization is plain torch ops on purpose: under `torch.compile` Inductor fuses it
             # into the op that produced x (norm + modulation), which is what makes FP8 pay off on Hopper (an
             # unfused quantization pass costs more than the GEMM saves).
             lead, k = x.shape[:-1], x.shape[-1]
             qx, sx = quantize_rowwise(x.reshape(-1, k))
-            return self.frozen_gemm(qx, sx).to(x.dtype).view(*lead, -1)
+            return self.frozen_gemm(qx, sx, with_bias=bias is not None).to(x.dtype).view(*lead, -1)
         emulate, out_dtype = self.training_settings(x)
         with torch.autocast(x.device.type, enabled=False):
             # No grad, no backward, so no roll: delayed scales would stay at their first call's amaxes. Such
@@ -197,7 +210,7 @@ class FP8Linear(QuantLinearBase):
             if self.recipe == "channel_delayed" and torch.is_grad_enabled():
                 from .fp8_channel import FP8ChannelLinearFunction
                 xs = getattr(self, "x_codes", self.x_scale)     # shared with linears reading the same x, if wired
-                return FP8ChannelLinearFunction.apply(x, self.weight, self.bias, xs, self.dy_scale, emulate,
+                return FP8ChannelLinearFunction.apply(x, self.weight, bias, xs, self.dy_scale, emulate,
                                                       out_dtype, self.fast_accum, self.fast_accum_backward)
-            return FP8LinearFunction.apply(x, self.weight, self.bias, emulate, out_dtype, self.fast_accum,
+            return FP8LinearFunction.apply(x, self.weight, bias, emulate, out_dtype, self.fast_accum,
                                            self.fast_accum_backward)

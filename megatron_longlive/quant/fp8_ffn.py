@@ -31,7 +31,7 @@ class FP8GeluFFN(nn.Sequential):
         fc1, fc2 = self[0], self[2]
         if torch.is_grad_enabled() and _channel_recipe(fc1) and _channel_recipe(fc2):
             return self._fused_training(x)
-        if fc2.qweight is None or torch.is_grad_enabled() or not (x.is_cuda or self.interpret):
+        if fc2.qweight is None or torch.is_grad_enabled() or not (x.is_cuda or self.interpret) or fc2.tp_group:
             return super().forward(x)
         h = fc1(x)
         lead, k = h.shape[:-1], h.shape[-1]
@@ -39,14 +39,29 @@ class FP8GeluFFN(nn.Sequential):
         return fc2.frozen_gemm(qh, sh).to(x.dtype).view(*lead, -1)
 
     def _fused_training(self, x: torch.Tensor) -> torch.Tensor:
-        """Training with quant.fp8_recipe=channel_delayed: FP8ChannelFFNFunction (GELU fused into the quantizers)."""
+        """Training with quant.fp8_recipe=channel_delayed: FP8ChannelFFNFunction (GELU fused into the quantizers).
+        Tensor parallel (fc1 column, fc2 row: megatron's FFN split) the function runs on this rank's shards,
+        between fc1's and fc2's collectives (quant/tensor_parallel.py)."""
         from .fp8_channel import FP8ChannelFFNFunction
+        from .tensor_parallel import tp_forward
 
         fc1, fc2 = self[0], self[2]
         emulate, out_dtype = fc2.training_settings(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return FP8ChannelFFNFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc1, fc2, emulate,
-                                               out_dtype, fc2.fast_accum)
+
+        def local(x, b2):
+            with torch.autocast(x.device.type, enabled=False):
+                return FP8ChannelFFNFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, b2, fc1, fc2, emulate,
+                                                   out_dtype, fc2.fast_accum)
+
+        if fc1.tp_group is None and fc2.tp_group is None:
+            return local(x, fc2.bias)
+        if (fc1.style, fc2.style) != ("column", "row") or fc1.tp_group is not fc2.tp_group:
+            raise ValueError(f"FP8GeluFFN: tensor parallel needs fc1 column- and fc2 row-parallel over one group, "
+                             f"got {fc1.style} / {fc2.style}")
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+        x = copy_to_tensor_model_parallel_region(x, group=fc1.tp_group)        # fc1's input is replicated
+        return tp_forward(local, x, fc2.bias, "row", fc2.tp_group)
 
 
 def _channel_recipe(m: nn.Module) -> bool:

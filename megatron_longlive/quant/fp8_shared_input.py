@@ -52,9 +52,11 @@ class SharedInputCodes:
 
 
 def _channel_linear(m: nn.Module) -> bool:
+    """An unsharded channel-recipe FP8Linear: a tensor-parallel one reads its input through its own
+    copy-to-region (a new tensor per linear), so there is no shared tensor to key codes on."""
     from .fp8 import FP8Linear
 
-    return isinstance(m, FP8Linear) and m.recipe == "channel_delayed"
+    return isinstance(m, FP8Linear) and m.recipe == "channel_delayed" and m.tp_group is None
 
 
 def share_input_quantization(model: nn.Module) -> int:

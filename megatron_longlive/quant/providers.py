@@ -46,17 +46,14 @@ class NVFP4EmulatedProvider(LinearProvider):
     def linear(self, name, in_features, out_features, bias=True, style="replicated"):
         from .nvfp4.linear import NVFP4Linear
 
+        from .tensor_parallel import local_features, tp_style
+
         tp = 1
-        if self.tp_group is not None and style in ("column", "row"):
+        if tp_style(style, self.tp_group)[1] is not None:
             import torch.distributed as dist
 
             tp = dist.get_world_size(self.tp_group)
-            split = out_features if style == "column" else in_features
-            if split % (tp * BLOCK):
-                raise ValueError(f"nvfp4_emulated: {name} ({style}-parallel) has {split} features, not a multiple of "
-                                 f"tp_size * {BLOCK} = {tp * BLOCK}; change parallel.tp_size or keep it in high precision")
-        local_in = in_features // tp if style == "row" else in_features
-        local_out = out_features // tp if style == "column" else out_features
+        local_in, local_out = local_features(name, in_features, out_features, style, tp, BLOCK, "nvfp4_emulated")
         if not _blocked(name, local_in, local_out, "nvfp4_emulated"):
             return nn.Linear(in_features, out_features, bias=bias)
         return NVFP4Linear(local_in, local_out, bias, self.recipe, style=style, tp_group=self.tp_group)
@@ -66,14 +63,24 @@ class FP8Provider(LinearProvider):
     """Builds FP8Linear: E4M3 GEMMs with rowwise scales (torch._scaled_mm, or its exact emulation)."""
 
     def __init__(self, emulate: bool | None = None, fast_accum: bool = False, recipe: str = "rowwise",
-                 amax_history: int = 16, amax_margin: int = 2, fast_accum_backward: bool = False):
-        self.emulate = emulate
+                 amax_history: int = 16, amax_margin: int = 2, fast_accum_backward: bool = False, tp_group=None):
+        """tp_group: "column" / "row" layers become this rank's shard (quant/tensor_parallel.py)."""
+        self.emulate, self.tp_group = emulate, tp_group
         self.options = dict(fast_accum=fast_accum, recipe=recipe, amax_history=amax_history, amax_margin=amax_margin,
                             fast_accum_backward=fast_accum_backward)
 
     def linear(self, name, in_features, out_features, bias=True, style="replicated"):
         from .fp8 import FP8Linear
+        from .tensor_parallel import local_features, tp_style
 
+        style, group = tp_style(style, self.tp_group)
+        if group is not None:
+            import torch.distributed as dist
+
+            local_in, local_out = local_features(name, in_features, out_features, style,
+                                                 dist.get_world_size(group), BLOCK, "fp8")
+            return FP8Linear(local_in, local_out, bias, emulate=self.emulate, style=style, tp_group=group,
+                             **self.options)
         if not _blocked(name, in_features, out_features, "fp8"):
             return nn.Linear(in_features, out_features, bias=bias)
         return FP8Linear(in_features, out_features, bias, emulate=self.emulate, **self.options)
@@ -141,7 +148,8 @@ class TENVFP4Provider(LinearProvider):
 
 def build_linear_provider(quant_cfg: QuantConfig, tp_group=None) -> LinearProvider:
     """The provider for `quant_cfg.linear`, with `keep_high_precision` modules kept as plain nn.Linear.
-    tp_group: tensor-parallel group for the nvfp4_emulated column/row layers (None: unsharded)."""
+    tp_group: tensor-parallel group for the nvfp4_emulated and fp8 column/row layers (None: unsharded); kept
+    layers then stay whole (a TP model routes them to megatron-core's TP linears instead: tp_quant_provider)."""
     kind = quant_cfg.linear
     if kind == "bf16":
         return LinearProvider()
@@ -152,7 +160,7 @@ def build_linear_provider(quant_cfg: QuantConfig, tp_group=None) -> LinearProvid
     elif kind == "te_nvfp4":
         low = TENVFP4Provider(**switches)
     elif kind == "fp8":
-        low = FP8Provider(**fp8_options(quant_cfg))
+        low = FP8Provider(**fp8_options(quant_cfg), tp_group=tp_group)
     else:
         raise ValueError(f"quant.linear: unknown backend {kind!r}. Fix: use bf16, fp8, nvfp4_emulated or te_nvfp4")
     return KeepListProvider(low, LinearProvider(), quant_cfg.keep_high_precision)

@@ -135,8 +135,10 @@ class NVFP4Linear(QuantLinearBase):
         tensor parallel (module docstring), anything else runs unsharded."""
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = recipe or NVFP4Recipe()
-        self.style = style if tp_group is not None and style in ("column", "row") else "replicated"
-        self.tp_group = tp_group if self.style != "replicated" else None
+        from ..tensor_parallel import mark_tp_parameters, tp_style
+
+        self.style, self.tp_group = tp_style(style, tp_group)
+        mark_tp_parameters(self, self.style)
 
     @classmethod
     def from_linear(cls, linear, recipe: NVFP4Recipe | None = None, **switches) -> "NVFP4Linear":
