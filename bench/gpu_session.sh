@@ -122,7 +122,12 @@ run() {
             step probe_1536 240 python bench/probe_fp8_prologue_gemm.py --shapes 1536x1536 --out "$OUT/probe.jsonl"
             step probe_ffn 240 python bench/probe_fp8_prologue_gemm.py --shapes 1536x8960,8960x1536 \
                 --out "$OUT/probe.jsonl" ;;
-        *) echo "unknown group $g (s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
+        s18b)   # resume bit-identical on CUDA (bf16, FP8 delayed scales from the checkpoint), the FP8 linear after
+                # its tensor-parallel refactor, the probe's GPU check with the FP8 accumulator's tolerance
+            step resume 200 python -m pytest -q -m gpu -s tests/gpu/test_train_resume_gpu.py
+            step fp8_tests 200 python -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py
+            step probe_check 60 python bench/probe_fp8_prologue_gemm.py --check ;;
+        *) echo "unknown group $g (s18b | s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
