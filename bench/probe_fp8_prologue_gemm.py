@@ -186,7 +186,6 @@ def bench(tokens, shapes, out):
         ones = torch.ones(tokens, 1, device="cuda")
         amax_x = torch.zeros(k, dtype=torch.int32, device="cuda")
         amax_dy = torch.zeros(n, dtype=torch.int32, device="cuda")
-        pad = (tokens + 127) // 128 * 128
 
         def bf16_pass():
             torch.mm(x, w.t())

@@ -92,20 +92,18 @@ def parallel_hooks(groups: ProcessGroups, output_dir: str, keep_last: int, model
 
 
 def check_tp_quant(cfg) -> None:
-    """What tensor parallelism combines with: bf16, and fp8 / nvfp4_emulated full fine-tunes (sharded quantized
-    linears, quant/tensor_parallel.py). Not (yet): Transformer Engine's own linears, a packed NVFP4 base, LoRA on
-    a quantized base (its TP adapters wrap megatron-core's BF16 linears)."""
+    """What tensor parallelism combines with: bf16, fp8 and nvfp4_emulated (sharded quantized linears,
+    quant/tensor_parallel.py), full fine-tunes and LoRA alike. Not: Transformer Engine's own linears, a packed
+    NVFP4 base (quant.packed_base)."""
     p, q = cfg.parallel, cfg.quant
     if p.tp_size == 1:
         return
     why = ("quant.linear=te_nvfp4 builds Transformer Engine's own linears" if q.linear == "te_nvfp4" else
-           "quant.packed_base=true packs a frozen base" if q.packed_base else
-           f"train.lora_rank={cfg.train.lora_rank} wraps megatron-core's BF16 TP linears with adapters"
-           if q.linear != "bf16" and cfg.train.lora_rank > 0 else None)
+           "quant.packed_base=true packs a frozen base" if q.packed_base else None)
     if why:
         raise ValueError(f"parallel.tp_size={p.tp_size} with quant.linear={q.linear!r}: {why}, which has no "
                          f"tensor-parallel form here. Fix: tp_size=1 (SP/DP) for this setting, or quant.linear=fp8 / "
-                         f"nvfp4_emulated for a full fine-tune, or quant.linear=bf16 for LoRA")
+                         f"nvfp4_emulated with quant.packed_base=false")
 
 
 def build_parallel_training(cfg, device: str | torch.device | None = None) -> dict:

@@ -1,4 +1,6 @@
-"""LoRA on megatron-core tensor-parallel linears (issue 5), applied from outside like `training/lora.py`.
+"""LoRA on tensor-parallel linears (issue 5), applied from outside like `training/lora.py`: megatron-core's
+Column/RowParallelLinear, and the sharded quantized linears (FP8Linear, NVFP4Linear with a `style` and a `tp_group`,
+quant/tensor_parallel.py), whose forwards run the same collectives.
 
 For a column-parallel base (output features split, input replicated): lora_A [r, in] is replicated and
 lora_B [out/tp, r] is split along its output like the base. The rank-r activation h = A x feeds every
@@ -34,21 +36,34 @@ def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def tp_base(module: nn.Module) -> tuple[bool, int, int] | None:
+    """(column-parallel?, whole in_features, whole out_features) of a tensor-parallel linear, else None."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        return isinstance(module, ColumnParallelLinear), module.input_size, module.output_size
+    style, group = getattr(module, "style", None), getattr(module, "tp_group", None)
+    if style not in ("column", "row") or group is None:
+        return None
+    tp = dist.get_world_size(group)
+    if style == "column":
+        return True, module.in_features, module.out_features * tp
+    return False, module.in_features * tp, module.out_features
+
+
 class TPLoRALinear(LoRALinear):
-    """A frozen megatron-core Column/RowParallelLinear plus a TP-sharded low-rank update (see module docstring)."""
+    """A frozen tensor-parallel linear plus a TP-sharded low-rank update (see module docstring)."""
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, group):
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
         nn.Module.__init__(self)
-        if not isinstance(base_layer, (ColumnParallelLinear, RowParallelLinear)):
-            raise TypeError(f"TPLoRALinear wraps megatron-core Column/RowParallelLinear, "
-                            f"got {type(base_layer).__name__}")
+        shape = tp_base(base_layer)
+        if shape is None:
+            raise TypeError(f"TPLoRALinear wraps a tensor-parallel linear (megatron-core Column/RowParallelLinear, "
+                            f"or FP8Linear / NVFP4Linear with a tp_group), got {type(base_layer).__name__}")
         self.base_layer, self.group = base_layer, group
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        self.column = isinstance(base_layer, ColumnParallelLinear)
+        self.column, self.in_features, self.out_features = shape                          # whole layer
         tp, tp_rank = dist.get_world_size(group), dist.get_rank(group)
-        self.in_features, self.out_features = base_layer.input_size, base_layer.output_size   # whole layer
         # 1. draw the whole A and B exactly as LoRALinear does at TP=1 (same RNG consumption), on the CPU
         a = nn.Linear(self.in_features, rank, bias=False)
         b = nn.Linear(rank, self.out_features, bias=False)
@@ -102,12 +117,11 @@ class TPLoRALinear(LoRALinear):
 
 
 def apply_tp_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, group) -> list[str]:
-    """`apply_lora` for a model built by `TPLinearProvider`: megatron-core Column/RowParallelLinear targets get
-    `TPLoRALinear`, replicated nn.Linear targets the plain `LoRALinear`. Returns the wrapped module names."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    """`apply_lora` for a model built by `TPLinearProvider` or `TPQuantProvider`: tensor-parallel targets get
+    `TPLoRALinear`, replicated ones the plain `LoRALinear`. Returns the wrapped module names."""
 
     def wrap(module: nn.Module, r: int, a: float) -> nn.Module:
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        if tp_base(module) is not None:
             return TPLoRALinear(module, r, a, group)
         return LoRALinear(module, r, a)
 

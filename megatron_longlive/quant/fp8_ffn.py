@@ -31,7 +31,8 @@ class FP8GeluFFN(nn.Sequential):
         fc1, fc2 = self[0], self[2]
         if torch.is_grad_enabled() and _channel_recipe(fc1) and _channel_recipe(fc2):
             return self._fused_training(x)
-        if fc2.qweight is None or torch.is_grad_enabled() or not (x.is_cuda or self.interpret) or fc2.tp_group:
+        if (not isinstance(fc2, FP8Linear) or fc2.qweight is None or torch.is_grad_enabled()   # e.g. LoRA-wrapped
+                or not (x.is_cuda or self.interpret) or fc2.tp_group):
             return super().forward(x)
         h = fc1(x)
         lead, k = h.shape[:-1], h.shape[-1]

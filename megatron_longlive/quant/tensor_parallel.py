@@ -30,11 +30,11 @@ def mark_tp_parameters(linear: nn.Linear, style: str) -> None:
     only dim; a row linear's bias is whole (added after the all-reduce)."""
     if style not in STYLES:
         return
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    from ..distributed.tensor_parallel import _mark_sharded
 
-    set_tensor_model_parallel_attributes(linear.weight, True, 0 if style == "column" else 1, 1)
+    _mark_sharded(linear.weight, 0 if style == "column" else 1)
     if style == "column" and linear.bias is not None:
-        set_tensor_model_parallel_attributes(linear.bias, True, 0, 1)
+        _mark_sharded(linear.bias, 0)
 
 
 def tp_forward(local: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], x: torch.Tensor,

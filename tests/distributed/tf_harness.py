@@ -78,9 +78,10 @@ def reference_run(steps: int, dp_size: int = 1):
     return out, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def setup_rank(tp: int, sp: int, kind: str = "balanced", seed_model: bool = True, provider=None):
+def setup_rank(tp: int, sp: int, kind: str = "balanced", seed_model: bool = True, provider=None, quant=None):
     """Grid, the reference weights loaded into a (TP) model with the SP plan applied, and the layout.
-    provider: the linear provider of a TP=1 model (default: plain linears)."""
+    provider: the linear provider of a TP=1 model (default: plain linears); quant: a QuantConfig whose sharded
+    linears a TP model gets (TPQuantProvider) instead of megatron-core's."""
     from megatron_longlive.distributed.balanced_sp import TFLayout
     from megatron_longlive.distributed.grid import init_grid
     from megatron_longlive.distributed.sp_plan import apply_sp_plan
@@ -88,7 +89,11 @@ def setup_rank(tp: int, sp: int, kind: str = "balanced", seed_model: bool = True
     from megatron_longlive.models.wan.sp_plan import WAN_SP_PLAN
 
     groups = init_grid(tp, sp, CFG.num_heads)
-    model = make_model(TPLinearProvider(groups.tp, tp) if tp > 1 else provider)
+    if tp > 1:
+        from megatron_longlive.distributed.tensor_parallel import TPQuantProvider
+
+        provider = TPQuantProvider(quant, groups.tp, tp) if quant is not None else TPLinearProvider(groups.tp, tp)
+    model = make_model(provider)
     if seed_model:
         load_full_state_dict(model, make_model().state_dict(), groups.tp_rank, tp)
     apply_sp_plan(model, WAN_SP_PLAN, groups.sp)

@@ -87,8 +87,12 @@ def test_activation_checkpointing_same_loss_and_grads(tmp_path):
         assert torch.allclose(a, b, atol=1e-7)
 
 
-def test_lora_mode_trains_only_adapters_and_writes_peft_files(tmp_path):
+@pytest.mark.parametrize("quant", [None, {"linear": "fp8"}, {"linear": "nvfp4_emulated"}], ids=["bf16", "fp8", "nvfp4"])
+def test_lora_mode_trains_only_adapters_and_writes_peft_files(tmp_path, quant):
+    """LoRA on a frozen base, also a quantized one (fp8: its fused FFN must step aside for the wrapped linears)."""
     cfg = tiny_config(tmp_path, lora_rank=2, lora_alpha=4.0, max_steps=3, save_interval=3, lr=1e-2)
+    if quant:
+        cfg = build_config({**cfg.to_dict(), "quant": quant})
     model = build_model(cfg)
     torch.nn.init.normal_(model.head.head.weight, std=0.02)  # a zero head (fresh init) passes no gradient back
     trainer = Trainer(cfg, dataset=random_latent_dataset(cfg, 4), model=model, progress=False)
