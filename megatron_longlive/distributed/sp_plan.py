@@ -2,8 +2,12 @@
 
 An `SPPlan` names (a) the attention cores to wrap with Ulysses (fnmatch patterns over module names),
 (b) the inputs of the model's token-level forward that are split over SP ranks and along which dim /
-in which unit (token or frame), (c) the inputs that stay replicated (text), and (d) the outputs and how
-they are gathered. `apply_sp_plan` swaps the cores from outside; `shard_input` / `gather_output` do the
+in which unit (token or frame), (c) the inputs that stay replicated (text), (d) the outputs and how
+they are gathered, and (e) the modules whose outputs are replicated but whose gradients arrive as per-rank
+partial sums (the cross-attention K/V of the text: each rank's queries contribute their share). `apply_sp_plan`
+swaps the cores and averages (e)'s output gradients over SP from outside, so those modules' backwards see one
+whole gradient, the same on every rank: required for quantized linears (an FP8 or NVFP4 gradient quantization
+of partial sums is not the quantization of their sum), exact either way in BF16; `shard_input` / `gather_output` do the
 data movement for any layout given as token indices (`balanced_sp.local_token_index`).
 """
 from __future__ import annotations
@@ -37,6 +41,25 @@ class SPPlan:
     """Inputs every SP rank holds in full (text tokens, their K/V)."""
     outputs: dict[str, SplitSpec]
     """Outputs left sharded like the inputs; `gather_output` assembles them when needed."""
+    replicated_grads: tuple[str, ...] = ()
+    """Module-name patterns of modules computed alike on every SP rank (replicated inputs) whose output gradient
+    is a per-rank partial sum: averaged over SP before their backward (the SP gradient sum restores the whole)."""
+
+
+class _MeanGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward: the gradient averaged over `group` (every rank then back-propagates the same
+    1/size share of the whole gradient, and the parameter-gradient sum over SP restores it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad / dist.get_world_size(ctx.group), None
 
 
 def apply_sp_plan(model: nn.Module, plan: SPPlan, group) -> list[str]:
@@ -56,6 +79,10 @@ def apply_sp_plan(model: nn.Module, plan: SPPlan, group) -> list[str]:
         core = getattr(parent, attr)
         if not isinstance(core, UlyssesAttention):
             setattr(parent, attr, UlyssesAttention(core, group))
+    for name, module in model.named_modules():
+        if any(fnmatch.fnmatchcase(name, p) for p in plan.replicated_grads) and not hasattr(module, "_sp_mean_grad"):
+            module._sp_mean_grad = module.register_forward_hook(     # a training-only op (inference: nothing)
+                lambda _m, _args, out: _MeanGradOverGroup.apply(out, group) if torch.is_grad_enabled() else out)
     return targets
 
 

@@ -134,6 +134,10 @@ def build_parallel_training(cfg, device: str | torch.device | None = None) -> di
             apply_tp_lora(model, cfg.train.lora_targets, cfg.train.lora_rank, cfg.train.lora_alpha, groups.tp)
     model = model.to(groups.device)
     apply_sp_plan(model, WAN_SP_PLAN, groups.sp)
+    if groups.dp_sp is not None and cfg.quant.linear == "fp8":
+        from ..quant.fp8_channel import reduce_amaxes_over
+
+        reduce_amaxes_over(model, groups.dp_sp)   # FP8 delayed scales from the whole batch's amaxes
     autocast = torch.bfloat16 if (cfg.train.precision == "bf16" and groups.device.type == "cuda") else None
     strategy = SPTeacherForcingStep(groups, cfg.train.chunk_frames, p.sp_layout, cfg.train.timestep_shift,
                                     cfg.train.num_train_timesteps, autocast)

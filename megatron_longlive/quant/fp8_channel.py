@@ -105,6 +105,7 @@ class DelayedChannelScale:
         self.cursor = 0                              # its oldest row: the next roll overwrites it
         self.pending: torch.Tensor | None = None     # [C] int32: fp32 bits of this step's running channel amax
         self._scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.group = None                            # ranks holding other tokens of the batch (reduce_amaxes_over)
 
     @property
     def ready(self) -> bool:
@@ -128,7 +129,13 @@ class DelayedChannelScale:
         return self.history[order]
 
     def roll(self) -> None:
-        """Push this step's amaxes into the history (the next call's scales) and start a new step."""
+        """Push this step's amaxes into the history (the next call's scales) and start a new step. With a group,
+        the amaxes are first max-reduced over it, so every rank rolls the amaxes of all the batch's tokens."""
+        if self.group is not None:
+            import torch.distributed as dist
+
+            # fp32 bits of amaxes >= 0 order like int32: an integer MAX is the float MAX
+            dist.all_reduce(self.pending, op=dist.ReduceOp.MAX, group=self.group)
         self._scales = roll_history(self.history, self.pending, self.cursor, self.margin)
         self.cursor = (self.cursor + 1) % self.length
 
@@ -153,6 +160,30 @@ class DelayedChannelScale:
         self.history, self.pending = state["history"].to(device), state["pending"].to(device)
         self._scales = (state["scale"].to(device), state["inverse"].to(device))
         self.cursor = int(state["cursor"])
+
+
+def delayed_scales(model: torch.nn.Module):
+    """(name.x_scale / name.dy_scale, DelayedChannelScale) of every channel-recipe linear of `model`, each
+    history once (q, k and v may share one: fp8_shared_input.py), in module order."""
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        for attr in ("x_scale", "dy_scale"):
+            scale = getattr(module, attr, None)
+            if isinstance(scale, DelayedChannelScale) and id(scale) not in seen:
+                seen.add(id(scale))
+                yield f"{name}.{attr}", scale
+
+
+def reduce_amaxes_over(model: torch.nn.Module, group) -> int:
+    """Make every delayed scale of `model` max-reduce its step's channel amaxes over `group` before rolling:
+    the data x sequence parallel group (ranks holding other tokens of the same batch), so each rank quantizes
+    with the scales one process holding the whole batch would use (SP=N reproduces SP=1) and DP replicas
+    quantize alike. Applied from outside the model by the training strategy; returns how many histories."""
+    count = 0
+    for _, scale in delayed_scales(model):
+        scale.group = group
+        count += 1
+    return count
 
 
 def quantize_operand(t2: torch.Tensor, state: DelayedChannelScale, col_sum: bool = False, op: str = "identity",

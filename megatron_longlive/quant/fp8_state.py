@@ -11,20 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-SCALES = ("x_scale", "dy_scale")
-
-
-def _delayed_scales(model: nn.Module):
-    """(key, DelayedChannelScale) of every channel-recipe linear, each history once, in module order."""
-    from .fp8_channel import DelayedChannelScale
-
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        for attr in SCALES:
-            scale = getattr(module, attr, None)
-            if isinstance(scale, DelayedChannelScale) and id(scale) not in seen:
-                seen.add(id(scale))
-                yield f"{name}.{attr}", scale
+from .fp8_channel import delayed_scales as _delayed_scales
 
 
 def delayed_scale_state(model: nn.Module) -> dict | None:
