@@ -127,7 +127,10 @@ run() {
             step resume 200 python -m pytest -q -m gpu -s tests/gpu/test_train_resume_gpu.py
             step fp8_tests 200 python -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py
             step probe_check 60 python bench/probe_fp8_prologue_gemm.py --check ;;
-        *) echo "unknown group $g (s18b | s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
+        s18c)   # the 1.3B step after session 18's changes (TP-ready FP8Linear, checkpointed scales), compiled ops
+            step train_step_compiled 240 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
+                fp8_channel_fast --warmup 1 --steps 2 --compile-elementwise on --out "$res" ;;
+        *) echo "unknown group $g (s18c | s18b | s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }
