@@ -57,7 +57,7 @@ class _MeanGradOverGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)      # all_reduce works in place
         dist.all_reduce(grad, group=ctx.group)
         return grad / dist.get_world_size(ctx.group), None
 

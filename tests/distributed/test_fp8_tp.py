@@ -56,14 +56,11 @@ def _linear_worker(rank, world, style, recipe):
         yt = tp(xt)
         yt.backward(dy_local)
         yr = ref(xr)
-        if style == "row":
-            yr = _gather_sum(yr.detach(), group).requires_grad_() + b          # partial products, then the bias
-            yr_local = ref(xr)                                                  # (again, for the backward)
-            yr_local.backward(dy)
-            db = dy.reshape(-1, 96).sum(0)
-            pairs = [(yt, yr), (xt.grad, xr.grad), (tp.weight.grad, ref.weight.grad), (tp.bias.grad, db)]
-        else:
-            yr.backward(dy_local)
+        yr.backward(dy_local)
+        if style == "row":                       # the partial products summed, then the bias; dy is whole here
+            y_full, db = _gather_sum(yr.detach(), group) + b, dy.reshape(-1, 96).sum(0)
+            pairs = [(yt, y_full), (xt.grad, xr.grad), (tp.weight.grad, ref.weight.grad), (tp.bias.grad, db)]
+        else:                                    # the input is replicated: dx summed over the ranks
             dx = _gather_sum(xr.grad, group)
             pairs = [(yt, yr), (xt.grad, dx), (tp.weight.grad, ref.weight.grad), (tp.bias.grad, ref.bias.grad)]
         errs.append([((a.detach() - b_.detach()).abs().max() / b_.detach().abs().max()).item() for a, b_ in pairs])
