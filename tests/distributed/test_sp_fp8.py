@@ -7,8 +7,10 @@ text K/V projections' partial gradients averaged over SP before their backward (
   that differ at float32 order: measured 1.2e-3 of a gradient's norm at step 3).
 - At SP=4 every rank rolls the same histories in the same order (the collectives pair up) and ends the step with
   the same scales; the text K/V dy histories hold 1/4 of SP=1's amaxes (the averaged gradient; a power of 2, so
-  the same E4M3 codes), and the last block's other histories (its backward runs first) equal SP=1's to float32 order. Measured there: per-head attention on one head per rank differs from SP=1 at float32
-  order, which the E4M3 codes of block 0 amplify (its cross-attention q dy amax 1% off, gradients up to 8e-3).
+  the same E4M3 codes), and the last block's other histories (its backward runs first) equal SP=1's to float32
+  order. Measured there: the float32 forward of SP=4 already differs from SP=1's in the last bits (without any
+  quantization its loss is not bitwise SP=1's; SP=2's is), and E4M3 rounding amplifies that in block 0 (its
+  cross-attention q dy amax 1% off, gradients up to 8e-3).
 - Without the reduction each rank scales by its own tokens' amaxes: SP=2 gradients ~10% off (the control)."""
 from __future__ import annotations
 
