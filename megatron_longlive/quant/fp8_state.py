@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from .fp8_channel import delayed_scales as _delayed_scales
+from .fp8_channel import delayed_scales
 
 
 def delayed_scale_state(model: nn.Module) -> dict | None:
     """{module.x_scale / module.dy_scale: history state} of the model; None when it has no delayed scales."""
-    state = {key: scale.state_dict() for key, scale in _delayed_scales(model)}
+    state = {key: scale.state_dict() for key, scale in delayed_scales(model)}
     return state or None
 
 
 def load_delayed_scale_state(model: nn.Module, state: dict, where: str = "checkpoint") -> int:
     """Restore delayed_scale_state() into a model of the same structure; returns how many histories it set."""
-    scales = dict(_delayed_scales(model))
+    scales = dict(delayed_scales(model))
     missing, extra = sorted(set(scales) - set(state)), sorted(set(state) - set(scales))
     if missing or extra:
         raise ValueError(f"{where}: its FP8 amax histories do not match this model's channel-recipe linears "
