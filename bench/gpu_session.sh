@@ -5,7 +5,7 @@
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
 #   on the device:          run command="bash bench/gpu_session.sh run 560 <group>" carry=[".whl"] (nothing
-#                           pending since session 18; s18 = the prologue-quantizing GEMM probe; attn, e2e, train
+#                           pending since session 19; s19 = q/k/v as one FP8 GEMM; attn, e2e, train
 #                           rerun the main tables)
 #       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
@@ -130,7 +130,14 @@ run() {
         s18c)   # the 1.3B step after session 18's changes (TP-ready FP8Linear, checkpointed scales), compiled ops
             step train_step_compiled 240 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
                 fp8_channel_fast --warmup 1 --steps 2 --compile-elementwise on --out "$res" ;;
-        *) echo "unknown group $g (s18c | s18b | s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
+        s19)    # q/k/v as one FP8 GEMM per pass (quant/fp8_shared_input.py): its GPU test (the quantizer writing into
+                # slices of the concatenated codes), the channel quantizer configs bitwise (q's row stride is now an
+                # argument), the q/k/v pass (bf16, bf16 one linear, FP8 separate, FP8 one GEMM), then the 1.3B step
+            step fp8_tests 150 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k "channel or same_input"
+            step fp8_qkv 100 python bench/bench_fp8_qkv.py --warmup 5 --iters 20 --profile --out "$res"
+            step train_step_compiled 260 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
+                fp8_channel_fast --warmup 1 --steps 2 --compile-elementwise on --out "$res" ;;
+        *) echo "unknown group $g (s19 | s18c | s18b | s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
 }

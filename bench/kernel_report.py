@@ -60,8 +60,9 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int, aligne
 
 
 CHANNEL_SIGNATURE = {"x_ptr": "*bf16", "h_ptr": "*bf16", "inv_ptr": "*fp32", "q_ptr": "*u8", "qt_ptr": "*u8",
-                     "amax_ptr": "*i32", "sum_ptr": "*fp32", "M": "i32", "K": "i32", "MP": "i32", "M_KEY": "i32"}
-CHANNEL_ALIGNED = (0, 1, 2, 3, 4, 5, 6, 8, 9)      # pointers, K and MP (multiples of 16 in every model)
+                     "amax_ptr": "*i32", "sum_ptr": "*fp32", "M": "i32", "K": "i32", "MP": "i32", "M_KEY": "i32",
+                     "Q_STRIDE": "i32"}
+CHANNEL_ALIGNED = (0, 1, 2, 3, 4, 5, 6, 8, 9, 11)  # pointers, K, MP and q's row stride (multiples of 16 in every model)
 CHANNEL_OPS = (("identity", False), ("identity", True), ("gelu", False), ("gelu_backward", True))
 
 

@@ -209,8 +209,10 @@ class FP8Linear(QuantLinearBase):
             # forwards (evaluation, a frozen teacher that was never `freeze()`d) scale per token, as rowwise does.
             if self.recipe == "channel_delayed" and torch.is_grad_enabled():
                 from .fp8_channel import FP8ChannelLinearFunction
-                xs = getattr(self, "x_codes", self.x_scale)     # shared with linears reading the same x, if wired
-                return FP8ChannelLinearFunction.apply(x, self.weight, bias, xs, self.dy_scale, emulate,
+                group = getattr(self, "same_input_group", None)   # one GEMM with the linears reading x too, if wired
+                if group is not None:
+                    return group.output(self, x, emulate, out_dtype)
+                return FP8ChannelLinearFunction.apply(x, self.weight, bias, self.x_scale, self.dy_scale, emulate,
                                                       out_dtype, self.fast_accum, self.fast_accum_backward)
             return FP8LinearFunction.apply(x, self.weight, bias, emulate, out_dtype, self.fast_accum,
                                            self.fast_accum_backward)

@@ -60,14 +60,21 @@ def quantize_channelwise_torch(t: torch.Tensor, inv: torch.Tensor,
 
 
 def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Tensor, col_sum: bool = False,
-                         op: str = "identity", h: torch.Tensor | None = None):
+                         op: str = "identity", h: torch.Tensor | None = None,
+                         out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """(q, q^T) [+ fp32 column sums] of v = op(t, h) with encode multipliers inv; max-accumulates v's channel amaxes
-    into amax_bits [K] (int32 fp32 bits). One Triton pass on CUDA (bitwise equal without an op), torch elsewhere."""
+    into amax_bits [K] (int32 fp32 bits). One Triton pass on CUDA (bitwise equal without an op), torch elsewhere.
+    out: (q, q^T) buffers to write (slices of wider code buffers, fp8_channel_triton.check_code_buffers)."""
     if t.is_cuda:
         from .fp8_channel_triton import quantize_channelwise as fused
-        return fused(t, inv, amax_bits, col_sum=col_sum, op=op, h=h)
+        return fused(t, inv, amax_bits, col_sum=col_sum, op=op, h=h, out=out)
     v = apply_op_torch(t, op, h)
     q, q_t, amax = quantize_channelwise_torch(v, inv)
+    if out is not None:
+        from .fp8_channel_triton import check_code_buffers
+
+        check_code_buffers(*out, *q.shape, q_t.shape[1])
+        q, q_t = out[0].copy_(q), out[1].copy_(q_t)
     torch.maximum(amax_bits, amax.view(torch.int32), out=amax_bits)
     return (q, q_t, v.float().sum(0)) if col_sum else (q, q_t)
 
@@ -243,24 +250,15 @@ def backward_gemms(qdy, qdy_t, s_dy, qw_t, sw_t, qx_t, s_x, need_dx: bool, need_
     return dx, dw
 
 
-def quantize_input(x: torch.Tensor, xs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(s_x, qx, qx_t, owner) of x [..., K]: xs is the linear's own DelayedChannelScale (always the owner), or
-    the SharedInputCodes of linears reading the same tensor (fp8_shared_input.py: the owner quantized, the
-    others reuse its codes). Only an owner's backward rolls the history."""
-    if isinstance(xs, DelayedChannelScale):
-        return (*quantize_operand(x.reshape(-1, x.shape[-1]), xs), True)
-    return xs.quantize(x)
-
-
 class FP8ChannelLinearFunction(torch.autograd.Function):
     """y = x W^T + b with the channel-scaled recipe. Saves x's transposed codes (1 byte/value), the weight
     (a parameter: no copy) and the forward's scale snapshots."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, xs, dys: DelayedChannelScale, emulate: bool,
+    def forward(ctx, x, weight, bias, xs: DelayedChannelScale, dys: DelayedChannelScale, emulate: bool,
                 out_dtype: torch.dtype, fast_accum: bool = False, fast_accum_backward: bool = False):
         lead = x.shape[:-1]
-        s_x, qx, qx_t, ctx.rolls_x = quantize_input(x, xs)
+        s_x, qx, qx_t = quantize_operand(x.reshape(-1, x.shape[-1]), xs)
         y, wsaved = fprop(qx, s_x, weight, bias, dys, emulate, out_dtype, fast_accum)
         ctx.save_for_backward(qx_t, s_x, weight, *(wsaved or ()))
         ctx.states, ctx.emulate, ctx.has_bias = (xs, dys), emulate, bias is not None
@@ -279,8 +277,7 @@ class FP8ChannelLinearFunction(torch.autograd.Function):
         qdy, qdy_t, *db = quantize_channelwise(dy2, inv_dy, dys.pending, col_sum=want_db)   # the folded scales
         dx, dw = backward_gemms(qdy, qdy_t, s_dy, qw_t, sw_t, qx_t, s_x, ctx.needs_input_grad[0],
                                 ctx.needs_input_grad[1], ctx.emulate, x_dtype, w_dtype, ctx.fast_backward)
-        if ctx.rolls_x:
-            xs.roll()
+        xs.roll()
         dys.roll()
         return (None if dx is None else dx.view(x_shape), dw, db[0].to(dy.dtype) if want_db else None,
                 None, None, None, None, None, None)

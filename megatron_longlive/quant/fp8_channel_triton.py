@@ -69,7 +69,7 @@ def _pinned(bits):
 
 
 @triton.jit
-def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum_ptr, M, K, MP, M_KEY,
+def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum_ptr, M, K, MP, M_KEY, Q_STRIDE,
                              BM: tl.constexpr, BK: tl.constexpr, ROW_TILES: tl.constexpr, COL_SUM: tl.constexpr,
                              HW_CAST: tl.constexpr, OP: tl.constexpr,
                              NUM_STAGES: tl.constexpr, STORES: tl.constexpr = 3, TILE_STATS: tl.constexpr = False,
@@ -99,7 +99,7 @@ def _channel_quantize_kernel(x_ptr, h_ptr, inv_ptr, q_ptr, qt_ptr, amax_ptr, sum
         if PIN_CODES:
             bits = _pinned(bits)
         if STORES & 1:
-            tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], bits, mask=inside)
+            tl.store(q_ptr + rows[:, None].to(tl.int64) * Q_STRIDE + cols[None, :], bits, mask=inside)
         if STORES & 2:
             bits_t = tl.trans(bits)
             tl.store(qt_ptr + cols[:, None].to(tl.int64) * MP + rows[None, :], bits_t,
@@ -137,7 +137,8 @@ _channel_quantize_tuned = triton.autotune(
 
 def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Tensor, col_sum: bool = False,
                          hw_cast: bool | None = None, op: str = "identity", h: torch.Tensor | None = None,
-                         pad: int = TOKEN_PAD, config: dict | None = None):
+                         pad: int = TOKEN_PAD, config: dict | None = None,
+                         out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """v = op(t) [M, K], inv [K] fp32 encode multipliers -> (q [M, K] e4m3, q^T [K, MP] e4m3) of v, plus v's
     fp32 column sums [K] when col_sum. Max-accumulates v's column amaxes into amax_bits [K] int32 (fp32 bits).
     op: "identity"; "gelu" (v = bf16(gelu_tanh(t))); "gelu_backward" (v = bf16(t * gelu_tanh'(h)), h [M, K]).
@@ -148,7 +149,9 @@ def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Te
     wrong bytes here (Triton 3.6) in two forms (cast then transpose the bytes; cast the transposed fp32 tile), so
     the hardware path is the explicit unpaired cvt.
     config: one entry of CONFIGS to launch with, bypassing the autotuner (tests and benchmarks check every config);
-    None = the autotuner's pick on CUDA, INTERPRETER_CONFIG under TRITON_INTERPRET."""
+    None = the autotuner's pick on CUDA, INTERPRETER_CONFIG under TRITON_INTERPRET.
+    out: (q, q^T) to write into instead of new tensors: q may be a column slice of a wider code buffer (unit
+    column stride), q^T a row slice of a taller one (contiguous): fp8_shared_input's concatenated dy codes."""
     if op not in OPS:
         raise ValueError(f"quantize_channelwise: unknown op {op!r} (one of {', '.join(OPS)})")
     if (op == "gelu_backward") != (h is not None):
@@ -163,10 +166,11 @@ def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Te
     hw = bool(hw_cast) and _hw_cast(t)
     strips = triton.cdiv(mp, STRIP)             # programs past M write zero codes (and zero column sums)
     sums = torch.empty(strips if col_sum else 1, k, dtype=torch.float32, device=dev)
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev)
-    q_t = torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=dev)
+    q, q_t = out if out is not None else (torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev),
+                                          torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=dev))
+    check_code_buffers(q, q_t, m, k, mp)
     args = (t, h, inv.contiguous(), q.view(torch.uint8), q_t.view(torch.uint8), amax_bits, sums, m, k, mp,
-            m.bit_length())
+            m.bit_length(), q.stride(0))
     compiled = _hw_cast(t)
     if config is None and compiled:
         # autotuning reruns the kernel on the live buffers: harmless, its atomics and stores are idempotent
@@ -178,6 +182,19 @@ def quantize_channelwise(t: torch.Tensor, inv: torch.Tensor, amax_bits: torch.Te
         _channel_quantize_kernel[(strips, triton.cdiv(k, config["BK"]))](
             *args, COL_SUM=col_sum, HW_CAST=hw, OP=OPS[op], num_warps=config["num_warps"], **meta)
     return (q, q_t, sums.sum(0)) if col_sum else (q, q_t)
+
+
+def check_code_buffers(q: torch.Tensor, q_t: torch.Tensor, m: int, k: int, mp: int) -> None:
+    """The output buffers' layout, as the kernel writes them: q [m, k] with unit column stride, q^T [k, mp]
+    contiguous, both E4M3."""
+    if q.dtype != torch.float8_e4m3fn or q_t.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"quantize_channelwise: out buffers must be float8_e4m3fn, got {q.dtype}, {q_t.dtype}")
+    if tuple(q.shape) != (m, k) or q.stride(1) != 1:
+        raise ValueError(f"quantize_channelwise: out q must be [{m}, {k}] with unit column stride, got "
+                         f"{tuple(q.shape)} strides {q.stride()}")
+    if tuple(q_t.shape) != (k, mp) or not q_t.is_contiguous():
+        raise ValueError(f"quantize_channelwise: out q^T must be a contiguous [{k}, {mp}], got {tuple(q_t.shape)} "
+                         f"strides {q_t.stride()}")
 
 
 @triton.jit

@@ -6,7 +6,7 @@ TRITON_INTERPRET=1) one kernel (fp8_gelu_quant_triton) turns fc1's output into f
 Inductor's GELU + row-amax + cast chain. In training with both linears in the channel recipe
 (quant.fp8_recipe=channel_delayed) it runs fp8_channel.FP8ChannelFFNFunction: the GELU and its backward fused
 into the quantizers. Every other case runs the plain Sequential.
-`fuse_for_training` also shares one input quantization among the linears that read the same tensor.
+`fuse_for_training` also runs the linears that read the same tensor as one linear (fp8_shared_input.py).
 Applied from outside the model by `freeze_for_inference` and `fuse_for_training` (STYLE.md §2).
 """
 from __future__ import annotations
@@ -86,7 +86,8 @@ def fuse_gelu_quant(model: nn.Module) -> int:
 
 def fuse_for_training(model: nn.Module, quant_cfg) -> int:
     """With quant.linear=fp8 and quant.fp8_recipe=channel_delayed, swap the FFNs for FP8GeluFFN (its fused
-    training path) and give linears that read the same tensor one input quantization (fp8_shared_input.py);
+    training path) and run linears that read the same tensor as one linear (fp8_shared_input.py: x quantized
+    once, one GEMM per pass);
     returns how many FFNs were swapped (0 for any other config)."""
     if quant_cfg.linear != "fp8" or quant_cfg.fp8_recipe != "channel_delayed":
         return 0

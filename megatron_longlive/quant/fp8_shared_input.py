@@ -1,18 +1,30 @@
-"""One input quantization for the channel-recipe linears that read the same tensor (a self-attention's q, k, v).
+"""Channel-recipe FP8 linears that read the same tensor (a self-attention's q, k, v) as one linear per pass.
 
-Under quant.fp8_recipe=channel_delayed a linear's x codes depend only on x and on x's delayed channel scales. The
-q, k and v projections of a self-attention read the same tensor, so with one shared scale history their codes are
-the same bytes: `SharedInputCodes` quantizes x at the first of them (the owner) and hands the other members those
-codes, saving two quantizer passes per attention forward (0.17 ms each at 65520 x 1536 on an H100) and two copies
-of the transposed codes kept for the backward. Outputs and gradients are bitwise those of separate linears (their
-separate histories would hold equal amaxes).
+Under quant.fp8_recipe=channel_delayed a linear's x codes depend only on x and on x's delayed channel scales, so
+linears of one input with one shared x history quantize it to the same bytes. `SameInputGroup` runs them as one
+linear of their concatenated weights [sum N, K] (`SameInputFunction`):
 
-The cache holds the codes of one input, keyed by the tensor object (a weak reference, its version counter) so a
-freed or modified tensor never matches, and drops them once every member has read them. The owner's backward
-rolls the shared history (once per step, as a linear's own history rolls); a recomputed forward (activation
-checkpointing) quantizes its new input again with the same scales. Modules declare which children read the same
-tensor (`same_input`, a model fact: WanSelfAttention's q, k, v; WanCrossAttention's k, v);
-`share_input_quantization` wires them from outside the model (STYLE.md §2).
+  forward   x quantized once; one fprop GEMM [M, K] x [K, sum N]; each member's output is its column slice (a view)
+  backward  each member's dy quantized (its own delayed scales) into its column slice of one [M, sum N] code buffer
+            and its row slice of the transposed one; one dgrad GEMM reducing over all sum N (dx summed in the
+            tensor cores' fp32 accumulator, not as three bf16 products added), one wgrad GEMM for all the weights
+            ([sum N, K]: 432 output tiles of 128 x 128 at the 1.3B q/k/v instead of three GEMMs of 144 tiles, the
+            second wave of each nearly empty on 132 SMs)
+
+Outputs, weight and bias gradients and every scale history are those of separate channel linears sharing x's
+history (the same codes, scales and per-element products). dx differs in rounding: it is summed before its one
+bf16 rounding, and the folded W^T's rowwise scale is one per input channel across all members (separate linears
+scale each member's rows on their own); tests/unit/test_fp8_shared_input.py measures both against float64.
+
+The group keeps the outputs of its last input, keyed by the tensor object (a weak reference, its version
+counter) so a freed or modified tensor never matches: the first member called computes all of them, the others
+take theirs, and once each member has taken its output the group holds nothing. A member called again on the
+same input (or an input of its own) runs the whole group again. The backward rolls x's history once and each
+member's dy history; a member whose output got no gradient gets none, and its history does not roll (zero codes
+stand in for its dy in the shared GEMMs), as if its own backward had not run. A
+recomputed forward (activation checkpointing) recomputes the group with the same scales. Modules declare which
+children read the same tensor (`same_input`, a model fact: WanSelfAttention's q, k, v; WanCrossAttention's k,
+v); `share_input_quantization` wires them from outside the model (STYLE.md §2).
 """
 from __future__ import annotations
 
@@ -21,55 +33,147 @@ import weakref
 import torch
 from torch import nn
 
-from .fp8_channel import DelayedChannelScale, quantize_operand
+from .fp8 import TOKEN_PAD, quantize_both
+from .fp8_channel import DelayedChannelScale, backward_gemms, fprop, quantize_channelwise, quantize_operand
 
 
-class SharedInputCodes:
-    """The channel codes of the last input of a group of `members` linears, and the group's scale history."""
+class _ConcatScales:
+    """The members' dy histories seen as one history of sum N channels (what fprop and the dgrad's weight fold
+    read): ready when all are, scales concatenated in member order."""
 
-    def __init__(self, scale: DelayedChannelScale, members: int):
-        self.scale, self.members = scale, members
+    def __init__(self, states: list[DelayedChannelScale]):
+        self.states = states
+
+    @property
+    def ready(self) -> bool:
+        return all(s.ready for s in self.states)
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [s.scales() for s in self.states]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+class SameInputGroup:
+    """Linears (FP8Linear, channel recipe, unsharded) that read one tensor: one x history, one GEMM per pass."""
+
+    def __init__(self, members: list[nn.Module]):
+        self.members = members
+        self.x_scale = members[0].x_scale
+        self.dy_scales = _ConcatScales([m.dy_scale for m in members])
         self._key: tuple | None = None          # (weakref to x, x._version)
-        self._codes: tuple | None = None        # (s_x, qx, qx_t)
-        self._reads = 0
+        self._outs: list | None = None          # the members' outputs not yet taken (None once taken)
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """(s_x, qx, qx_t, owner) for x [..., K]: the cached codes when x is the tensor the last owner quantized
-        (owner False), else x's own codes (owner True: this call's backward rolls the history)."""
+    def output(self, member: nn.Module, x: torch.Tensor, emulate: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        """member(x): taken from the group's outputs for x when computed and not yet taken, else computes all."""
+        i = next(j for j, m in enumerate(self.members) if m is member)
         key = self._key
-        hit = key is not None and key[0]() is x and key[1] == x._version
-        if not hit:
-            self._codes = quantize_operand(x.reshape(-1, x.shape[-1]), self.scale)
-            self._key, self._reads = (weakref.ref(x), x._version), 0
-        codes = self._codes
-        self._reads += 1
-        if self._reads >= self.members:          # every member has its codes: hold nothing until the next input
-            self._key = self._codes = None
-        return (*codes, not hit)
+        if not (key is not None and key[0]() is x and key[1] == x._version and self._outs[i] is not None):
+            params = [t for m in self.members for t in (m.weight, m.bias)]
+            lead = self.members[0]
+            outs = SameInputFunction.apply(x, self, emulate, out_dtype, lead.fast_accum, lead.fast_accum_backward,
+                                           *params)
+            self._key, self._outs = (weakref.ref(x), x._version), list(outs)
+        out, self._outs[i] = self._outs[i], None
+        if all(o is None for o in self._outs):  # every member has its output: hold nothing until the next input
+            self._key = self._outs = None
+        return out
 
-    def roll(self) -> None:
-        self.scale.roll()
+
+class SameInputFunction(torch.autograd.Function):
+    """The members' y_i = x W_i^T + b_i as one channel-recipe linear of the concatenated weights. Saves x's
+    transposed codes (1 byte/value, once), the weights (parameters: no copy) and the forward's scale snapshots."""
+
+    @staticmethod
+    def forward(ctx, x, group: SameInputGroup, emulate: bool, out_dtype: torch.dtype, fast_accum: bool,
+                fast_accum_backward: bool, *params):
+        weights, biases = params[0::2], params[1::2]
+        sizes = [w.shape[0] for w in weights]
+        lead = x.shape[:-1]
+        s_x, qx, qx_t = quantize_operand(x.reshape(-1, x.shape[-1]), group.x_scale)
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else weights[0].new_zeros(n) for b, n in zip(biases, sizes)])
+        y, wsaved = fprop(qx, s_x, torch.cat(weights), bias, group.dy_scales, emulate, out_dtype, fast_accum)
+        ctx.save_for_backward(qx_t, s_x, *weights, *(wsaved or ()))
+        ctx.group, ctx.emulate, ctx.fast_backward = group, emulate, fast_accum_backward
+        ctx.sizes, ctx.has_bias, ctx.saved_weights = sizes, [b is not None for b in biases], wsaved is not None
+        ctx.x_meta = (x.shape, x.dtype, weights[0].dtype)
+        ctx.set_materialize_grads(False)       # an unused member's dy stays None (not a zero tensor to quantize)
+        return tuple(y.split(sizes, dim=-1)[i].view(*lead, n) for i, n in enumerate(sizes))
+
+    @staticmethod
+    def backward(ctx, *dys):
+        group, sizes = ctx.group, ctx.sizes
+        qx_t, s_x, *rest = ctx.saved_tensors
+        weights, wsaved = rest[:len(sizes)], rest[len(sizes):]
+        x_shape, x_dtype, w_dtype = ctx.x_meta
+        used = [dy is not None for dy in dys]
+        dy2s = [dy.reshape(-1, n) if dy is not None else None for dy, n in zip(dys, sizes)]
+        for state, dy2 in zip(group.dy_scales.states, dy2s):
+            if dy2 is not None and not state.ready:     # dy's first call: its history starts from its amaxes
+                state.bootstrap(dy2)
+        if ctx.saved_weights:
+            qw_t, sw_t, s_dy, inv_dy = wsaved
+        else:                                   # an unused member's scales only scale its zero codes: ones
+            pairs = [st.scales() if st.ready else (torch.ones(n, device=qx_t.device),) * 2
+                     for st, n in zip(group.dy_scales.states, sizes)]
+            s_dy, inv_dy = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+            w = torch.cat(weights)
+            _, _, qw_t, sw_t = quantize_both(w, fold=(torch.ones(w.shape[1], device=w.device), s_dy))
+        m = x_shape[:-1].numel()
+        total = sum(sizes)
+        mp = (m + TOKEN_PAD - 1) // TOKEN_PAD * TOKEN_PAD
+        qdy = torch.empty(m, total, dtype=torch.float8_e4m3fn, device=qx_t.device)
+        qdy_t = torch.empty(total, mp, dtype=torch.float8_e4m3fn, device=qx_t.device)
+        needs = ctx.needs_input_grad[6:]
+        dbs, start = [], 0
+        for state, dy2, n, has_bias, need_b in zip(group.dy_scales.states, dy2s, sizes, ctx.has_bias, needs[1::2]):
+            cols = slice(start, start + n)
+            start += n
+            if dy2 is None:
+                qdy[:, cols].view(torch.uint8).zero_()
+                qdy_t[cols].view(torch.uint8).zero_()
+                dbs.append(None)
+                continue
+            want_db = has_bias and need_b
+            _, _, *db = quantize_channelwise(dy2, inv_dy[cols], state.pending, col_sum=want_db,
+                                             out=(qdy[:, cols], qdy_t[cols]))
+            dbs.append(db[0].to(dy2.dtype) if want_db else None)
+        dx, dw = backward_gemms(qdy, qdy_t, s_dy, qw_t, sw_t, qx_t, s_x, ctx.needs_input_grad[0],
+                                any(needs[0::2]), ctx.emulate, x_dtype, w_dtype, ctx.fast_backward)
+        dws = [g if u else None for g, u in zip(dw.split(sizes), used)] if dw is not None else [None] * len(sizes)
+        group.x_scale.roll()
+        for state, u in zip(group.dy_scales.states, used):
+            if u:
+                state.roll()
+        grads = [g for pair in zip(dws, dbs) for g in pair]
+        return (None if dx is None else dx.view(x_shape), None, None, None, None, None, *grads)
 
 
 def _channel_linear(m: nn.Module) -> bool:
     """An unsharded channel-recipe FP8Linear: a tensor-parallel one reads its input through its own
-    copy-to-region (a new tensor per linear), so there is no shared tensor to key codes on."""
+    copy-to-region (a new tensor per linear), so there is no shared tensor to key on."""
     from .fp8 import FP8Linear
 
-    return isinstance(m, FP8Linear) and m.recipe == "channel_delayed" and m.tp_group is None
+    return isinstance(m, FP8Linear) and m.recipe == "channel_delayed" and m.tp_group is None and m.qweight is None
 
 
 def share_input_quantization(model: nn.Module) -> int:
     """For every module naming children that read one tensor (`same_input`) that are all channel-recipe FP8
-    linears: one scale history and one code cache for them. Returns how many groups were wired."""
+    linears of one input width and weight dtype: one x history and one SameInputGroup for them. Returns how many
+    groups were wired."""
     groups = 0
     for module in model.modules():
         names = getattr(module, "same_input", ())
         members = [getattr(module, n, None) for n in names]
         if len(members) < 2 or not all(_channel_linear(m) for m in members):
             continue
-        shared = SharedInputCodes(members[0].x_scale, len(members))
+        if len({(m.in_features, m.weight.dtype, m.weight.device) for m in members}) != 1:
+            continue
         for m in members:
-            m.x_scale, m.x_codes = shared.scale, shared
+            m.x_scale = members[0].x_scale
+        group = SameInputGroup(members)
+        for m in members:
+            m.same_input_group = group
         groups += 1
     return groups

@@ -185,3 +185,60 @@ def test_fp8_channel_fused_ffn_cuda_close_to_cpu_unfused():
         for name, a, b in pairs:
             err = ((a.float().cpu() - b.float()).norm() / b.float().norm()).item()
             assert err < 2e-2, (step, name, err)
+
+
+def test_fp8_same_input_group_cuda_equals_cpu_separate_linears():
+    """q, k, v of the 1.3B shape as one channel linear on CUDA (quant/fp8_shared_input.py: the Triton quantizer
+    writing into slices of the concatenated dy codes, one scaled-mm per pass) against three separate channel
+    linears emulated on the CPU, three steps with fixed output gradients (so dy, and every amax history, is the
+    same in both): histories bitwise, y and dW to accumulation order, dx as close to float64 math as the
+    separate linears'."""
+    from torch import nn
+
+    from megatron_longlive.quant.fp8 import FP8Linear
+    from megatron_longlive.quant.fp8_shared_input import share_input_quantization
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 scaled-mm needs sm89+")
+
+    class QKV(nn.Module):
+        same_input = ("q", "k", "v")
+
+        def __init__(self, lins, emulate):
+            super().__init__()
+            self.q, self.k, self.v = (FP8Linear.from_linear(copy.deepcopy(m), emulate=emulate, fast_accum=True,
+                                                            recipe="channel_delayed", fast_accum_backward=True)
+                                      for m in lins)
+
+        def forward(self, x):
+            return self.q(x), self.k(x), self.v(x)
+
+    torch.manual_seed(0)
+    lins = [nn.Linear(1536, 1536).to(torch.bfloat16) for _ in range(3)]
+    for m in lins:
+        nn.init.normal_(m.bias, std=0.5)
+    fused, plain = QKV(lins, False).cuda(), QKV(lins, True)
+    assert share_input_quantization(fused) == 1
+    for step, gain in enumerate((1.0, 2.0, 0.5)):
+        x = torch.randn(2, 1003, 1536, dtype=torch.bfloat16) * gain
+        dys = [torch.randn(2, 1003, 1536, dtype=torch.bfloat16) * gain for _ in range(3)]
+        xf, xe = x.cuda().requires_grad_(), x.clone().requires_grad_()
+        fused.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        yf, ye = fused(xf), plain(xe)
+        assert yf[0].grad_fn is yf[2].grad_fn and "SameInput" in type(yf[0].grad_fn).__name__
+        torch.autograd.backward(yf, [d.cuda() for d in dys])
+        torch.autograd.backward(ye, dys)
+        pairs = [(f"y{i}", a, b) for i, (a, b) in enumerate(zip(yf, ye))] + [
+            (n, a.grad, b.grad) for (n, a), b in zip(fused.named_parameters(), plain.parameters())]
+        for name, a, b in pairs:
+            err = ((a.float().cpu() - b.float()).norm() / b.float().norm()).item()
+            assert err < 1e-2, (step, name, err)
+        for lf, le in zip((fused.q, fused.k, fused.v), (plain.q, plain.k, plain.v)):
+            assert torch.equal(lf.dy_scale.history.cpu(), le.dy_scale.history), step
+        assert torch.equal(fused.q.x_scale.history.cpu(), plain.q.x_scale.history), step
+        exact = sum(d.double() @ m.weight.detach().double() for d, m in zip(dys, lins))
+        err_f = ((xf.grad.double().cpu() - exact).norm() / exact.norm()).item()
+        err_p = ((xe.grad.double() - exact).norm() / exact.norm()).item()
+        print(f"step {step}: dx error vs float64, one GEMM {err_f:.4e}, separate {err_p:.4e}")
+        assert err_f <= 1.05 * err_p + 1e-4, (step, err_f, err_p)

@@ -79,6 +79,28 @@ def test_roll_kernel_equals_the_torch_roll_over_a_wrap(length, c):
     assert torch.all(pend[1] == 0) and torch.equal(hist[1].amax(0), hist[0].amax(0))
 
 
+def test_channel_quantizer_writes_into_slices_of_wider_code_buffers():
+    """out=: q into a column slice of a [M, 3K] buffer, q^T into a row slice of a [3K, MP] one (the concatenated
+    dy codes of fp8_shared_input), bitwise what separate outputs hold, the neighbours untouched; bad buffers
+    are refused with the layout they need."""
+    m, k = 600, 48
+    t = _hard_data(m, k, seed=4).to(torch.bfloat16)
+    _, inv = channel_scales(t.float().abs().amax(0))
+    mp = -(-m // TOKEN_PAD) * TOKEN_PAD
+    wide = torch.full((m, 3 * k), 0x55, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    tall = torch.full((3 * k, mp), 0x55, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    bits = torch.zeros(k, dtype=torch.int32)
+    q, q_t = fp8_channel_triton.quantize_channelwise(t, inv, bits, out=(wide[:, k:2 * k], tall[k:2 * k]))
+    rq, rq_t, _ = quantize_channelwise_torch(t, inv)
+    assert q.data_ptr() == wide[:, k:].data_ptr() and _bytes_differ(q, rq) == 0 and _bytes_differ(q_t, rq_t) == 0
+    for rest in (wide[:, :k], wide[:, 2 * k:], tall[:k], tall[2 * k:]):
+        assert torch.all(rest.view(torch.uint8) == 0x55)
+    with pytest.raises(ValueError, match="contiguous"):
+        fp8_channel_triton.quantize_channelwise(t, inv, bits, out=(wide[:, :k], tall[:k, :mp].t().t()[:, :m]))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_channel.quantize_channelwise(t, inv, bits, out=(wide[:, :k].view(torch.uint8), tall[:k]))
+
+
 def test_channel_linear_with_the_kernels_equals_the_torch_path(monkeypatch):
     """Two training steps of the linear with both quantizers routed to the Triton kernels (as on CUDA) give
     bitwise the y, dx, dW, db and amax histories of the torch-quantized run."""

@@ -44,7 +44,7 @@ for hw in (False, True):
     sigs["fp8ch_hw" if hw else "fp8ch"] = (
         FC._channel_quantize_kernel, {"x_ptr": "*bf16", "h_ptr": "*bf16", "inv_ptr": "*fp32", "q_ptr": "*u8",
         "qt_ptr": "*u8", "amax_ptr": "*i32", "sum_ptr": "*fp32", "M": "i32", "K": "i32", "MP": "i32", "M_KEY": "i32",
-        "BM": "constexpr", "BK": "constexpr", "ROW_TILES": "constexpr", "COL_SUM": "constexpr", "HW_CAST": "constexpr",
+        "Q_STRIDE": "i32", "BM": "constexpr", "BK": "constexpr", "ROW_TILES": "constexpr", "COL_SUM": "constexpr", "HW_CAST": "constexpr",
         "OP": "constexpr", "NUM_STAGES": "constexpr", "STORES": "constexpr",
         "TILE_STATS": "constexpr"},
         {**FC._launch_meta(FC.CONFIGS[-1]), "COL_SUM": True, "HW_CAST": hw, "OP": 0, "STORES": 3, "TILE_STATS": False})
