@@ -188,6 +188,9 @@ class FP8Linear(QuantLinearBase):
         return emulate, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = getattr(self, "same_input_group", None)
+        if group is not None and torch.is_grad_enabled():   # training: one linear with those reading x too
+            return group.output(self, x)
         if self.tp_group is None:
             return self._local(x, self.bias)
         from .tensor_parallel import tp_forward
@@ -209,9 +212,6 @@ class FP8Linear(QuantLinearBase):
             # forwards (evaluation, a frozen teacher that was never `freeze()`d) scale per token, as rowwise does.
             if self.recipe == "channel_delayed" and torch.is_grad_enabled():
                 from .fp8_channel import FP8ChannelLinearFunction
-                group = getattr(self, "same_input_group", None)   # one GEMM with the linears reading x too, if wired
-                if group is not None:
-                    return group.output(self, x, emulate, out_dtype)
                 return FP8ChannelLinearFunction.apply(x, self.weight, bias, self.x_scale, self.dy_scale, emulate,
                                                       out_dtype, self.fast_accum, self.fast_accum_backward)
             return FP8LinearFunction.apply(x, self.weight, bias, emulate, out_dtype, self.fast_accum,

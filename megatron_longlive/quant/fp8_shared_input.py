@@ -24,7 +24,9 @@ member's dy history; a member whose output got no gradient gets none, and its hi
 stand in for its dy in the shared GEMMs), as if its own backward had not run. A
 recomputed forward (activation checkpointing) recomputes the group with the same scales. Modules declare which
 children read the same tensor (`same_input`, a model fact: WanSelfAttention's q, k, v; WanCrossAttention's k,
-v); `share_input_quantization` wires them from outside the model (STYLE.md §2).
+v); `share_input_quantization` wires them from outside the model (STYLE.md §2). Under tensor parallelism the
+members are column shards of one group: x enters the TP region once for all of them (one all-reduce of dx in the
+backward instead of one per member) and the GEMMs run on the concatenated shards.
 """
 from __future__ import annotations
 
@@ -63,15 +65,23 @@ class SameInputGroup:
         self._key: tuple | None = None          # (weakref to x, x._version)
         self._outs: list | None = None          # the members' outputs not yet taken (None once taken)
 
-    def output(self, member: nn.Module, x: torch.Tensor, emulate: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        """member(x): taken from the group's outputs for x when computed and not yet taken, else computes all."""
+    def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """member(x) of a training forward: taken from the group's outputs for x when computed and not yet taken,
+        else computes all (under TP: the column shards, x entering the region once, so dx is all-reduced once)."""
         i = next(j for j, m in enumerate(self.members) if m is member)
         key = self._key
         if not (key is not None and key[0]() is x and key[1] == x._version and self._outs[i] is not None):
-            params = [t for m in self.members for t in (m.weight, m.bias)]
             lead = self.members[0]
-            outs = SameInputFunction.apply(x, self, emulate, out_dtype, lead.fast_accum, lead.fast_accum_backward,
-                                           *params)
+            x_in = x
+            if lead.tp_group is not None:
+                from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+                x_in = copy_to_tensor_model_parallel_region(x, group=lead.tp_group)
+            emulate, out_dtype = lead.training_settings(x)
+            params = [t for m in self.members for t in (m.weight, m.bias)]
+            with torch.autocast(x.device.type, enabled=False):
+                outs = SameInputFunction.apply(x_in, self, emulate, out_dtype, lead.fast_accum,
+                                               lead.fast_accum_backward, *params)
             self._key, self._outs = (weakref.ref(x), x._version), list(outs)
         out, self._outs[i] = self._outs[i], None
         if all(o is None for o in self._outs):  # every member has its output: hold nothing until the next input
@@ -151,24 +161,24 @@ class SameInputFunction(torch.autograd.Function):
 
 
 def _channel_linear(m: nn.Module) -> bool:
-    """An unsharded channel-recipe FP8Linear: a tensor-parallel one reads its input through its own
-    copy-to-region (a new tensor per linear), so there is no shared tensor to key on."""
+    """A trainable channel-recipe FP8Linear, unsharded or column-parallel (its input whole on every rank)."""
     from .fp8 import FP8Linear
 
-    return isinstance(m, FP8Linear) and m.recipe == "channel_delayed" and m.tp_group is None and m.qweight is None
+    return (isinstance(m, FP8Linear) and m.recipe == "channel_delayed" and m.qweight is None
+            and m.style in ("replicated", "column"))
 
 
 def share_input_quantization(model: nn.Module) -> int:
     """For every module naming children that read one tensor (`same_input`) that are all channel-recipe FP8
-    linears of one input width and weight dtype: one x history and one SameInputGroup for them. Returns how many
-    groups were wired."""
+    linears of one input width, weight dtype and sharding (unsharded, or column shards of one TP group): one x
+    history and one SameInputGroup for them. Returns how many groups were wired."""
     groups = 0
     for module in model.modules():
         names = getattr(module, "same_input", ())
         members = [getattr(module, n, None) for n in names]
         if len(members) < 2 or not all(_channel_linear(m) for m in members):
             continue
-        if len({(m.in_features, m.weight.dtype, m.weight.device) for m in members}) != 1:
+        if len({(m.in_features, m.weight.dtype, m.weight.device, m.style, id(m.tp_group)) for m in members}) != 1:
             continue
         for m in members:
             m.x_scale = members[0].x_scale

@@ -119,6 +119,86 @@ def test_tp2_fused_channel_ffn_equals_the_tp_sequential():
         assert all(equal), equal
 
 
+def _same_input_worker(rank, world):
+    """q, k, v column shards of one TP group as one linear (quant/fp8_shared_input.py) against (a) the same shards
+    as separate TP linears and (b) the unsharded group run on the full weights; 3 steps with fixed output
+    gradients. Returns per step: exact equality of outputs/weight grads with (a) and of this rank's slices with
+    (b), dx errors against float64, and the all-reduces per backward (group, separate)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from megatron_longlive.quant.fp8 import FP8Linear
+    from megatron_longlive.quant.fp8_shared_input import share_input_quantization
+
+    dist.init_process_group("gloo")
+    group = dist.new_group(list(range(world)))
+
+    class QKV(nn.Module):
+        same_input = ("q", "k", "v")
+
+        def __init__(self, shards: bool):
+            super().__init__()
+            n = 96 // world if shards else 96
+            self.q, self.k, self.v = (FP8Linear(64, n, True, emulate=True, recipe="channel_delayed",
+                                                style="column", tp_group=group if shards else None)
+                                      for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x), self.k(x), self.v(x)
+
+    torch.manual_seed(0)
+    full = [nn.Linear(64, 96) for _ in range(3)]
+    rows = slice(rank * 96 // world, (rank + 1) * 96 // world)
+    fused, separate, whole = QKV(True), QKV(True), QKV(False)
+    for mod, part in ((fused, rows), (separate, rows), (whole, slice(None))):
+        with torch.no_grad():
+            for m, f in zip((mod.q, mod.k, mod.v), full):
+                m.weight.copy_(f.weight[part])
+                m.bias.copy_(f.bias[part])
+    wired = share_input_quantization(fused), share_input_quantization(whole)
+    calls, real = [], dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+    out = []
+    for step in range(3):
+        g = torch.Generator().manual_seed(20 + step)
+        x = torch.randn(2, 21, 64, generator=g) * (1 + step)
+        dys = [torch.randn(2, 21, 96, generator=g) for _ in range(3)]
+        res, reduces = {}, []
+        for name, mod in (("fused", fused), ("separate", separate), ("whole", whole)):
+            mod.zero_grad(set_to_none=True)
+            xx = x.clone().requires_grad_()
+            ys = mod(xx)
+            calls.clear()
+            torch.autograd.backward(ys, [d if name == "whole" else d[..., rows] for d in dys])
+            reduces.append(len(calls))
+            res[name] = ([y.detach() for y in ys], [p.grad for p in mod.parameters()], xx.grad)
+        (yf, gf, dxf), (ys_, gs, dxs), (yw, gw, dxw) = res["fused"], res["separate"], res["whole"]
+        same_separate = all(torch.equal(a, b) for a, b in zip(yf + gf, ys_ + gs))
+        mine = [b[..., rows] if b.dim() == 3 else b[rows] for b in yw + gw]
+        # outputs and weight grads bitwise; bias grads (fp32 column sums of 48 vs 96 columns) to summation order
+        same_whole = all(torch.equal(a, b) if a.dim() != 1 else torch.allclose(a, b, rtol=1e-6, atol=1e-6 * b.abs().max())
+                         for a, b in zip(yf + gf, mine))
+        exact = sum(d.double() @ f.weight.detach().double() for d, f in zip(dys, full))
+        err = [((dx.double() - exact).norm() / exact.norm()).item() for dx in (dxf, dxs, dxw)]
+        out.append((same_separate, same_whole, err, reduces[:2]))
+    dist.all_reduce = real
+    return wired, out
+
+
+def test_tp2_same_input_group_shards_equal_the_unsharded_group():
+    for wired, steps in spawn(_same_input_worker, 2):
+        assert wired == (1, 1)
+        for same_separate, same_whole, (err_f, err_s, err_w), reduces in steps:
+            assert same_separate and same_whole
+            assert err_f <= 1.05 * min(err_s, err_w) + 1e-6, (err_f, err_s, err_w)   # dx: E4M3's error only
+            assert reduces == [1, 3], reduces                     # dx all-reduced once, not once per member
+
+
 def _model_worker(rank, world):
     """Per step of SGD: loss and gathered gradients of the TP=2 FP8 model, the TP=1 FP8 model and the TP=2 BF16
     model, all from the same weights and data (each rank computes the TP=1 reference itself)."""
