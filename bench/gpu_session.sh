@@ -133,7 +133,8 @@ run() {
         s19)    # q/k/v as one FP8 GEMM per pass (quant/fp8_shared_input.py): its GPU test (the quantizer writing into
                 # slices of the concatenated codes), the channel quantizer configs bitwise (q's row stride is now an
                 # argument), the q/k/v pass (bf16, bf16 one linear, FP8 separate, FP8 one GEMM), then the 1.3B step
-            step fp8_tests 150 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py -k "channel or same_input"
+            step fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py \
+                -k "same_input or channel_quantizer or channel_linear"
             step fp8_qkv 100 python bench/bench_fp8_qkv.py --warmup 5 --iters 20 --profile --out "$res"
             step train_step_compiled 260 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
                 fp8_channel_fast --warmup 1 --steps 2 --compile-elementwise on --out "$res" ;;

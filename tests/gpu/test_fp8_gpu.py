@@ -112,6 +112,18 @@ def test_fp8_channel_quantizer_and_weight_fold_bitwise_vs_cpu(shape, hw_cast):
             for name, g, w in (("codes", q, rq), ("codes^T", q_t, rq_t)):
                 msg = bytes_differ(g, w)
                 assert msg.startswith("0 of"), f"channel config {config} {name}: {msg}"
+            # out=: the middle column slice of a [M, 3K] buffer and row slice of a [3K, MP] one (fp8_shared_input)
+            m, k = shape
+            wide = torch.zeros(m, 3 * k, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+            tall = torch.zeros(3 * k, rq_t.shape[1], dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+            bits = torch.zeros(k, dtype=torch.int32, device="cuda")
+            quantize_channelwise(src.cuda(), inv.cuda(), bits, config=config, out=(wide[:, k:2 * k], tall[k:2 * k]))
+            for name, g, w in (("codes in a slice", wide[:, k:2 * k], rq), ("codes^T in a slice", tall[k:2 * k], rq_t)):
+                msg = bytes_differ(g, w)
+                assert msg.startswith("0 of"), f"channel config {config} {name}: {msg}"
+            untouched = torch.cat([wide[:, :k].reshape(-1), wide[:, 2 * k:].reshape(-1), tall[:k].reshape(-1),
+                                   tall[2 * k:].reshape(-1)]).view(torch.uint8)
+            assert not untouched.any(), f"channel config {config}: out= wrote outside its slices"
     w = _data(shape[1], 256, seed=1).to(torch.bfloat16)
     rfold, cfold = torch.rand(256) * 3, torch.rand(shape[1]) * 3
     got = quantize_both(w.cuda(), fold=(rfold.cuda(), cfold.cuda()), hw_cast=hw_cast)
