@@ -65,6 +65,11 @@ class SameInputGroup:
         self._key: tuple | None = None          # (weakref to x, x._version)
         self._outs: list | None = None          # the members' outputs not yet taken (None once taken)
 
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy of a wired model, pickling) leave the cached outputs behind: autograd tensors and a
+        weak reference, meaningless in a copy."""
+        return dict(self.__dict__, _key=None, _outs=None)
+
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """member(x) of a training forward: taken from the group's outputs for x when computed and not yet taken,
         else computes all (under TP: the column shards, x entering the region once, so dx is all-reduced once)."""

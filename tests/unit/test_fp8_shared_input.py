@@ -124,6 +124,19 @@ def test_unused_member_gets_no_gradient_and_its_history_does_not_roll():
             assert torch.equal(a, b), step
 
 
+def test_a_wired_module_copies_without_its_cached_outputs():
+    fused, _ = _pair(use_q=False)
+    fused(torch.randn(5, 48, requires_grad=True)).sum().backward()        # q's output is left in the cache
+    assert fused.q.same_input_group._outs is not None
+    twin = copy.deepcopy(fused)
+    group = twin.q.same_input_group
+    assert group is twin.v.same_input_group and group.members == [twin.q, twin.k, twin.v] and group._outs is None
+    assert group.x_scale is twin.k.x_scale and group.x_scale is not fused.q.x_scale
+    x = torch.randn(5, 48, requires_grad=True)
+    twin(x).sum().backward()
+    assert x.grad is not None and twin.k.weight.grad is not None and fused.k.weight.grad is not twin.k.weight.grad
+
+
 def test_outputs_match_only_the_same_unmodified_tensor_and_are_let_go():
     fused, _ = _pair()
     group = fused.q.same_input_group
