@@ -127,20 +127,26 @@ run() {
             step resume 200 python -m pytest -q -m gpu -s tests/gpu/test_train_resume_gpu.py
             step fp8_tests 200 python -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py
             step probe_check 60 python bench/probe_fp8_prologue_gemm.py --check ;;
+        s19a)   # s19 without the step (a short lease)
+            run_s19a ;;
         s18c)   # the 1.3B step after session 18's changes (TP-ready FP8Linear, checkpointed scales), compiled ops
             step train_step_compiled 240 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
                 fp8_channel_fast --warmup 1 --steps 2 --compile-elementwise on --out "$res" ;;
         s19)    # q/k/v as one FP8 GEMM per pass (quant/fp8_shared_input.py): its GPU test (the quantizer writing into
                 # slices of the concatenated codes), the channel quantizer configs bitwise (q's row stride is now an
                 # argument), the q/k/v pass (bf16, bf16 one linear, FP8 separate, FP8 one GEMM), then the 1.3B step
-            step fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py \
-                -k "same_input or channel_quantizer or channel_linear"
-            step fp8_qkv 100 python bench/bench_fp8_qkv.py --warmup 5 --iters 20 --profile --out "$res"
+            run_s19a
             step train_step_compiled 260 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
                 fp8_channel_fast --warmup 1 --steps 2 --compile-elementwise on --out "$res" ;;
-        *) echo "unknown group $g (s19 | s18c | s18b | s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
+        *) echo "unknown group $g (s19 | s19a | s18c | s18b | s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
+}
+
+run_s19a() {   # the same-input FP8 group's GPU tests, then the q/k/v pass table
+    step fp8_tests 100 python -m pytest -q -m gpu -s tests/gpu/test_fp8_gpu.py \
+        -k "same_input or channel_quantizer or channel_linear"
+    step fp8_qkv 100 python bench/bench_fp8_qkv.py --warmup 5 --iters 20 --profile --out "$res"
 }
 
 # Issues 13 and 14 on a machine of N GPUs (a multi-GPU kind): NCCL equality first, then the tables.
