@@ -5,7 +5,8 @@
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
 #   on the device:          run command="bash bench/gpu_session.sh run 560 <group>" carry=[".whl"] (nothing
-#                           pending since session 19; s19 = q/k/v as one FP8 GEMM; attn, e2e, train
+#                           PENDING from session 19 (no machine could be started): s19a = the q/k/v one-GEMM
+#                           group's GPU tests + q/k/v table (~260 s), s19 = those + the 1.3B step; attn, e2e, train
 #                           rerun the main tables)
 #       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
