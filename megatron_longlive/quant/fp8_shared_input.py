@@ -56,7 +56,8 @@ class _ConcatScales:
 
 
 class SameInputGroup:
-    """Linears (FP8Linear, channel recipe, unsharded) that read one tensor: one x history, one GEMM per pass."""
+    """Linears (FP8Linear, channel recipe; unsharded or column shards of one TP group) that read one tensor:
+    one x history, one GEMM per pass."""
 
     def __init__(self, members: list[nn.Module]):
         self.members = members
@@ -76,17 +77,17 @@ class SameInputGroup:
         i = next(j for j, m in enumerate(self.members) if m is member)
         key = self._key
         if not (key is not None and key[0]() is x and key[1] == x._version and self._outs[i] is not None):
-            lead = self.members[0]
+            first = self.members[0]            # the members share every setting (share_input_quantization)
             x_in = x
-            if lead.tp_group is not None:
+            if first.tp_group is not None:
                 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-                x_in = copy_to_tensor_model_parallel_region(x, group=lead.tp_group)
-            emulate, out_dtype = lead.training_settings(x)
+                x_in = copy_to_tensor_model_parallel_region(x, group=first.tp_group)
+            emulate, out_dtype = first.training_settings(x)
             params = [t for m in self.members for t in (m.weight, m.bias)]
             with torch.autocast(x.device.type, enabled=False):
-                outs = SameInputFunction.apply(x_in, self, emulate, out_dtype, lead.fast_accum,
-                                               lead.fast_accum_backward, *params)
+                outs = SameInputFunction.apply(x_in, self, emulate, out_dtype, first.fast_accum,
+                                               first.fast_accum_backward, *params)
             self._key, self._outs = (weakref.ref(x), x._version), list(outs)
         out, self._outs[i] = self._outs[i], None
         if all(o is None for o in self._outs):  # every member has its output: hold nothing until the next input
@@ -111,7 +112,7 @@ class SameInputFunction(torch.autograd.Function):
         y, wsaved = fprop(qx, s_x, torch.cat(weights), bias, group.dy_scales, emulate, out_dtype, fast_accum)
         ctx.save_for_backward(qx_t, s_x, *weights, *(wsaved or ()))
         ctx.group, ctx.emulate, ctx.fast_backward = group, emulate, fast_accum_backward
-        ctx.sizes, ctx.has_bias, ctx.saved_weights = sizes, [b is not None for b in biases], wsaved is not None
+        ctx.sizes, ctx.has_bias = sizes, [b is not None for b in biases]
         ctx.x_meta = (x.shape, x.dtype, weights[0].dtype)
         ctx.set_materialize_grads(False)       # an unused member's dy stays None (not a zero tensor to quantize)
         return tuple(y.split(sizes, dim=-1)[i].view(*lead, n) for i, n in enumerate(sizes))
@@ -127,7 +128,7 @@ class SameInputFunction(torch.autograd.Function):
         for state, dy2 in zip(group.dy_scales.states, dy2s):
             if dy2 is not None and not state.ready:     # dy's first call: its history starts from its amaxes
                 state.bootstrap(dy2)
-        if ctx.saved_weights:
+        if wsaved:                              # the forward folded W^T with dy's scales already
             qw_t, sw_t, s_dy, inv_dy = wsaved
         else:                                   # an unused member's scales only scale its zero codes: ones
             pairs = [st.scales() if st.ready else (torch.ones(n, device=qx_t.device),) * 2
@@ -175,15 +176,17 @@ def _channel_linear(m: nn.Module) -> bool:
 
 def share_input_quantization(model: nn.Module) -> int:
     """For every module naming children that read one tensor (`same_input`) that are all channel-recipe FP8
-    linears of one input width, weight dtype and sharding (unsharded, or column shards of one TP group): one x
-    history and one SameInputGroup for them. Returns how many groups were wired."""
+    linears of one input width, weight dtype, sharding (unsharded, or column shards of one TP group) and GEMM
+    settings: one x history and one SameInputGroup for them. Returns how many groups were wired."""
     groups = 0
     for module in model.modules():
         names = getattr(module, "same_input", ())
         members = [getattr(module, n, None) for n in names]
         if len(members) < 2 or not all(_channel_linear(m) for m in members):
             continue
-        if len({(m.in_features, m.weight.dtype, m.weight.device, m.style, id(m.tp_group)) for m in members}) != 1:
+        settings = {(m.in_features, m.weight.dtype, m.weight.device, m.style, id(m.tp_group), m.emulate, m.fast_accum,
+                     m.fast_accum_backward) for m in members}
+        if len(settings) != 1:
             continue
         for m in members:
             m.x_scale = members[0].x_scale

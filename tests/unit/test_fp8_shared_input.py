@@ -195,3 +195,13 @@ def test_tiny_wan_fused_projections_train_as_separate_linears():
     for a, b in zip(*losses):
         assert abs(a - b) <= 1e-4 * abs(b), losses
     assert _rel(grads[0], grads[1].double()) < 2e-3
+
+
+def test_members_of_other_settings_are_not_grouped():
+    """A group runs one GEMM with one setting: members that differ in accumulation, width or recipe stay
+    separate linears."""
+    for change in (lambda m: setattr(m.k, "fast_accum", True), lambda m: setattr(m.v, "recipe", "rowwise")):
+        torch.manual_seed(3)
+        mod = QKV()
+        change(mod)
+        assert share_input_quantization(mod) == 0 and not hasattr(mod.q, "same_input_group")
