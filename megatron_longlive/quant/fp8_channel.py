@@ -235,8 +235,13 @@ def dgrad_weight(weight, dys: DelayedChannelScale, dy2, op: str = "identity", h=
     if not dys.ready:
         dys.bootstrap(apply_op_torch(dy2, op, h))
     s_dy, inv_dy = dys.scales()
+    return (*fold_dgrad_weight(weight, s_dy), s_dy, inv_dy)
+
+
+def fold_dgrad_weight(weight: torch.Tensor, s_dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qw_t, sw_t): W^T * s_dy quantized rowwise (per input channel), the dgrad's weight operand."""
     _, _, qw_t, sw_t = quantize_both(weight, fold=(torch.ones(weight.shape[1], device=weight.device), s_dy))
-    return qw_t, sw_t, s_dy, inv_dy
+    return qw_t, sw_t
 
 
 def backward_gemms(qdy, qdy_t, s_dy, qw_t, sw_t, qx_t, s_x, need_dx: bool, need_dw: bool, emulate: bool,

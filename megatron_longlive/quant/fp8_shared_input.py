@@ -35,23 +35,27 @@ import weakref
 import torch
 from torch import nn
 
-from .fp8 import TOKEN_PAD, quantize_both
-from .fp8_channel import DelayedChannelScale, backward_gemms, fprop, quantize_channelwise, quantize_operand
+from .fp8 import TOKEN_PAD
+from .fp8_channel import (DelayedChannelScale, backward_gemms, fold_dgrad_weight, fprop, quantize_channelwise,
+                          quantize_operand)
 
 
 class _ConcatScales:
     """The members' dy histories seen as one history of sum N channels (what fprop and the dgrad's weight fold
-    read): ready when all are, scales concatenated in member order."""
+    read): ready when all are, scales concatenated in member order. A member not yet bootstrapped (its output
+    never got a gradient) contributes ones: they only scale its zero codes."""
 
-    def __init__(self, states: list[DelayedChannelScale]):
-        self.states = states
+    def __init__(self, members: list[nn.Module]):
+        self.states: list[DelayedChannelScale] = [m.dy_scale for m in members]
+        self.weights = [m.weight for m in members]      # the widths and device of the ones
 
     @property
     def ready(self) -> bool:
         return all(s.ready for s in self.states)
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [s.scales() for s in self.states]
+        pairs = [s.scales() if s.ready else (torch.ones(w.shape[0], device=w.device),) * 2
+                 for s, w in zip(self.states, self.weights)]
         return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
@@ -62,7 +66,7 @@ class SameInputGroup:
     def __init__(self, members: list[nn.Module]):
         self.members = members
         self.x_scale = members[0].x_scale
-        self.dy_scales = _ConcatScales([m.dy_scale for m in members])
+        self.dy_scales = _ConcatScales(members)
         self._key: tuple | None = None          # (weakref to x, x._version)
         self._outs: list | None = None          # the members' outputs not yet taken (None once taken)
 
@@ -130,12 +134,9 @@ class SameInputFunction(torch.autograd.Function):
                 state.bootstrap(dy2)
         if wsaved:                              # the forward folded W^T with dy's scales already
             qw_t, sw_t, s_dy, inv_dy = wsaved
-        else:                                   # an unused member's scales only scale its zero codes: ones
-            pairs = [st.scales() if st.ready else (torch.ones(n, device=qx_t.device),) * 2
-                     for st, n in zip(group.dy_scales.states, sizes)]
-            s_dy, inv_dy = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-            w = torch.cat(weights)
-            _, _, qw_t, sw_t = quantize_both(w, fold=(torch.ones(w.shape[1], device=w.device), s_dy))
+        else:
+            s_dy, inv_dy = group.dy_scales.scales()
+            qw_t, sw_t = fold_dgrad_weight(torch.cat(weights), s_dy)
         m = x_shape[:-1].numel()
         total = sum(sizes)
         mp = (m + TOKEN_PAD - 1) // TOKEN_PAD * TOKEN_PAD
