@@ -103,8 +103,9 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-class WanSelfAttention(nn.Module):
-    same_input = ("q", "k", "v")        # children that project the same tensor (a precision backend may share work)
+class AttentionProjections(nn.Module):
+    """What Wan's self- and cross-attention share: q/k/v column projections, the o row projection, optional
+    RMS norms of q and k, and the attention core."""
 
     def __init__(self, cfg: ModelConfig, provider: LinearProvider, prefix: str):
         super().__init__()
@@ -116,6 +117,10 @@ class WanSelfAttention(nn.Module):
         self.norm_q = provider.qk_norm(f"{prefix}.norm_q", cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = provider.qk_norm(f"{prefix}.norm_k", cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.core = AttentionCore()
+
+
+class WanSelfAttention(AttentionProjections):
+    same_input = ("q", "k", "v")        # children that project the same tensor (a precision backend may share work)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: ChunkMask | torch.Tensor | None = None, kv_hook: KVHook | None = None) -> torch.Tensor:
@@ -134,20 +139,9 @@ class WanSelfAttention(nn.Module):
         return k, self.v(x).unflatten(-1, (-1, self.head_dim))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(AttentionProjections):
     """Attention from video tokens to text tokens (no mask, no RoPE)."""
     same_input = ("k", "v")             # both project the text context
-
-    def __init__(self, cfg: ModelConfig, provider: LinearProvider, prefix: str):
-        super().__init__()
-        self.head_dim = cfg.head_dim
-        self.q = provider.linear(f"{prefix}.q", cfg.dim, cfg.dim, True, "column")
-        self.k = provider.linear(f"{prefix}.k", cfg.dim, cfg.dim, True, "column")
-        self.v = provider.linear(f"{prefix}.v", cfg.dim, cfg.dim, True, "column")
-        self.o = provider.linear(f"{prefix}.o", cfg.dim, cfg.dim, True, "row")
-        self.norm_q = provider.qk_norm(f"{prefix}.norm_q", cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = provider.qk_norm(f"{prefix}.norm_k", cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.core = AttentionCore()
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text K/V [B, L, H, D]; computed once per prompt and reusable across chunks."""
