@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The GPU measurements still pending, in priority order, for one lent H100/H200 (../.library/device/README.md).
+# The GPU measurement groups (the newest first in `run`), for one lent H100/H200 (../.library/device/README.md).
 #
 #   here (PyPI reachable):  bash bench/gpu_session.sh prepare
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
-#   on the device:          run command="bash bench/gpu_session.sh run 560 <group>" carry=[".whl"] (nothing
-#                           PENDING from session 19 (no machine could be started): s19a = the q/k/v one-GEMM
-#                           group's GPU tests + q/k/v table (~260 s), s19 = those + the 1.3B step; attn, e2e, train
-#                           rerun the main tables)
+#   on the device:          run command="bash bench/gpu_session.sh run 560 <group>" carry=[".whl"]
+#                           (nothing pending: session 20 ran s19a + s18c (bench/RESULTS.md "Session 20"); attn,
+#                           e2e, train rerun the main tables)
 #       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
 #          steps.txt and results.jsonl come back in $OUT.
