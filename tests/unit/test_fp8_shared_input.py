@@ -128,13 +128,15 @@ def test_a_wired_module_copies_without_its_cached_outputs():
     fused, _ = _pair(use_q=False)
     fused(torch.randn(5, 48, requires_grad=True)).sum().backward()        # q's output is left in the cache
     assert fused.q.same_input_group._outs is not None
+    before = fused.k.weight.grad.clone()
     twin = copy.deepcopy(fused)
     group = twin.q.same_input_group
     assert group is twin.v.same_input_group and group.members == [twin.q, twin.k, twin.v] and group._outs is None
     assert group.x_scale is twin.k.x_scale and group.x_scale is not fused.q.x_scale
     x = torch.randn(5, 48, requires_grad=True)
     twin(x).sum().backward()
-    assert x.grad is not None and twin.k.weight.grad is not None and fused.k.weight.grad is not twin.k.weight.grad
+    assert x.grad is not None and twin.k.weight.grad is not None
+    assert torch.equal(fused.k.weight.grad, before)          # the copy's backward left the original's alone
 
 
 def test_outputs_match_only_the_same_unmodified_tensor_and_are_let_go():
@@ -198,7 +200,7 @@ def test_tiny_wan_fused_projections_train_as_separate_linears():
 
 
 def test_members_of_other_settings_are_not_grouped():
-    """A group runs one GEMM with one setting: members that differ in accumulation, width or recipe stay
+    """A group runs one GEMM with one setting: members that differ in accumulation or recipe stay
     separate linears."""
     for change in (lambda m: setattr(m.k, "fast_accum", True), lambda m: setattr(m.v, "recipe", "rowwise")):
         torch.manual_seed(3)
