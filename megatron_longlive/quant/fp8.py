@@ -76,7 +76,7 @@ def fp8_gemm(qa, sa, qb, sb, emulate: bool, out_dtype: torch.dtype, bias: torch.
              fast_accum: bool = False) -> torch.Tensor:
     """(qa * sa) [M, K] @ ((qb * sb) [N, K])^T (+ bias [N]) for row-major E4M3 operands with rowwise scales.
     scaled-mm: bias added in the GEMM epilogue (as bf16), output written once in bf16; fast_accum: the tensor
-    cores' own accumulator over the whole K (the emulation always accumulates exactly)."""
+    cores' own accumulator over the whole K (the emulation ignores it: an fp32 matmul of the decoded operands)."""
     if emulate:
         y = dequantize_rowwise(qa, sa) @ dequantize_rowwise(qb, sb).t()
         return (y if bias is None else y + bias.float()).to(out_dtype)

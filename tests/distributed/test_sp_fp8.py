@@ -2,11 +2,13 @@
 data x sequence parallel group (quant/fp8_channel.reduce_amaxes_over, as the training strategy applies it) and the
 text K/V projections' partial gradients averaged over SP before their backward (the SP plan's replicated_grads).
 
-- SP=2 reproduces the single-process FP8 run: loss and every gradient of the first step to float32 summation
-  order (1e-5), and the later steps within code flips: the bootstrap's channel amaxes already differ at float32
-  order, so some delayed scales differ in their last bits and a value on an E4M3 rounding boundary takes the
-  neighbouring code. Measured, worst gradient's max error over its max: 0.67% at step 2 and 0.42% at step 3 (with
-  q/k/v as one GEMM, fp8_shared_input.py); 2e-6 and 0.40% with separate q/k/v linears.
+- SP=2 reproduces the single-process FP8 run: the losses to float32 summation order (1e-5) and the gradients
+  within code flips: SP=2 sums in another float32 order, so a value on an E4M3 rounding boundary may take the
+  neighbouring code (from step 2 on also because the bootstrap's channel amaxes, hence some delayed scales, differ
+  in their last bits). Worst gradient's error norm over its norm (q/k/v as one GEMM, fp8_shared_input.py): on an
+  AMD EPYC (AVX-512) host 1.3e-4 at step 1 (46 of 6144 patch-embedding gradient values off), 1.4e-3 at step 2,
+  6.5e-3 at step 3; on the earlier CI host step 1 was bitwise and steps 2-3 0.67% / 0.42% (max error over max).
+  Bounds: 1e-3 at step 1, 1e-2 after.
 - At SP=4 every rank rolls the same histories in the same order (the collectives pair up) and ends the step with
   the same scales; the text K/V dy histories hold 1/4 of SP=1's amaxes (the averaged gradient; a power of 2, so
   the same E4M3 codes), and the last block's other histories (its backward runs first) equal SP=1's to float32
@@ -87,12 +89,9 @@ def test_sp2_fp8_training_matches_single_process(reference):
         assert histories > 0
         for step, ((loss, grads), (ref_loss, ref_grads)) in enumerate(zip(steps, ref_steps)):
             assert loss == pytest.approx(ref_loss, rel=1e-5), f"rank {rank} step {step} loss"
-            if step == 0:
-                assert_same(grads, ref_grads, f"rank {rank} step {step} grad")
-            else:
-                worst = max(float((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()) for k in ref_grads
-                            if ref_grads[k].norm() > 0)
-                assert worst < 1e-2, (step, worst)
+            worst = max(float((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()) for k in ref_grads
+                        if ref_grads[k].norm() > 0)
+            assert worst < (1e-3 if step == 0 else 1e-2), (step, worst)
 
 
 def test_sp4_ranks_roll_in_step_and_share_scales(reference):

@@ -1,6 +1,7 @@
 """LoRA on TP linears (issue 5): TP=2 on 2 gloo processes equals TP=1 - the initial adapters drawn from the same
 RNG state, loss and LoRA gradients over training steps, and the saved peft files (gathered) - on megatron-core's
-BF16 linears and on a frozen NVFP4 base (sharded NVFP4Linear: its shards quantize exactly like TP=1's layer)."""
+BF16 linears; on a frozen NVFP4 base the first step (sharded NVFP4Linear: its shards quantize exactly like TP=1's
+layer), the later ones and an FP8 base within the low-precision base's own effect."""
 from __future__ import annotations
 
 import pytest
@@ -25,17 +26,18 @@ def _rel(actual: dict, expected: dict) -> dict[str, float]:
             for k, e in expected.items()}
 
 
-def _close(actual: dict, expected: dict, what: str, base: str) -> None:
-    """Elementwise (assert_same); an NVFP4 base with the code-flip allowance."""
-    assert_same(actual, expected, what, rtol=1e-4 if base == "nvfp4" else 1e-5)
+def _close(actual: dict, expected: dict, what: str) -> None:
+    """Elementwise to float32 summation order (assert_same)."""
+    assert_same(actual, expected, what, rtol=1e-5)
 
 
-def _fp8_within_its_own_effect(tp: list, ref: list, plain: list, what: str) -> list[float]:
-    """An FP8 base: the shards' own weight scales requantize it, so TP=2 is another, equally valid FP8 run, not a
-    bitwise copy of TP=1. Checked against the exact (BF16-base) run: per step, TP=2's loss and every LoRA
-    gradient (relative Frobenius error) are no further from it than 2x TP=1 FP8's distance (+ a small floor).
-    A collective missing or doubled would move them by O(1). Measured (tiny model, 3 SGD steps): TP=2's gradient
-    errors are 0.79x TP=1's (median over tensors and steps), 1.31x at most."""
+def _within_its_own_effect(tp: list, ref: list, plain: list, what: str) -> list[float]:
+    """TP=2 is another, equally valid low-precision run, not a bitwise copy of TP=1: an FP8 base's shards
+    requantize it with their own weight scales; on an NVFP4 base, after the first update, adapters equal to float32
+    summation order put some activations on the neighbouring E2M1 code. Checked against the exact (BF16-base) run:
+    per step, TP=2's loss and every LoRA gradient (relative Frobenius error) are no further from it than 2x TP=1's
+    distance (+ a small floor). A collective missing or doubled would move them by O(1). Measured (tiny model, 3
+    SGD steps): FP8, TP=2's gradient errors are 0.79x TP=1's (median over tensors and steps), 1.31x at most."""
     ratios = []
     for step, ((loss, grads), (ref_loss, ref_grads), (p_loss, p_grads)) in enumerate(zip(tp, ref, plain)):
         assert abs(loss - p_loss) <= 2 * abs(ref_loss - p_loss) + 1e-4 * abs(p_loss), f"{what} step {step} loss"
@@ -132,7 +134,7 @@ def _worker(rank, world, tmp, base):
     sharded = sorted(n for n, p in tp_model.named_parameters() if p.requires_grad
                      and getattr(p, "tensor_model_parallel", False))
     plain_steps = None
-    if base == "fp8":                                            # FP8's own effect, for scale: TP=1 on a BF16 base
+    if base in ("fp8", "nvfp4"):                     # the low-precision base's own effect, for scale: a BF16 base
         plain = make_model()
         apply_lora(plain, TARGETS, RANK, ALPHA)
         plain.load_state_dict(ref.state_dict())
@@ -173,22 +175,31 @@ def test_tp2_lora_equals_tp1(tmp_path, base):
         assert not any(n.startswith("head.") or n.endswith("q.lora_A.weight") for n in r["sharded"])
         assert r["frozen_ok"] and r["reload_equal"]
         if base == "fp8":
-            ratios += _fp8_within_its_own_effect(r["tp"], r["ref"], r["plain"], f"rank {rank}")
+            ratios += _within_its_own_effect(r["tp"], r["ref"], r["plain"], f"rank {rank}")
             continue
-        # NVFP4: after an update, adapters equal to float32 summation order can round an activation to the
-        # neighbouring E2M1 code (measured at step 3: 5 of 384 values of one gradient, 1.7e-5 of its max)
-        for step, ((loss, grads), (ref_loss, ref_grads)) in enumerate(zip(r["tp"], r["ref"])):
+        # BF16 every step, NVFP4 the first (the same adapters: its shards quantize exactly like TP=1's layer): equal to
+        # float32 summation order. NVFP4 after an update: adapters equal to float32 order put some activations on the
+        # neighbouring E2M1 code (measured on an AMD EPYC host: worst LoRA gradient 3.7% / 6.9% off at steps 2 / 3,
+        # loss 5e-5 / 4e-4; on the earlier CI host 5 of 384 values of one gradient at step 3): another valid run
+        exact_steps = 1 if base == "nvfp4" else len(r["ref"])
+        for step, ((loss, grads), (ref_loss, ref_grads)) in enumerate(zip(r["tp"][:exact_steps], r["ref"])):
             assert loss == pytest.approx(ref_loss, rel=1e-5), f"rank {rank} step {step} loss"
-            _close(grads, ref_grads, f"rank {rank} step {step} LoRA grad", base if step else "bf16")
-        _close(r["tp_files"], r["ref_files"], f"rank {rank} adapter tensors", base)
+            _close(grads, ref_grads, f"rank {rank} step {step} LoRA grad")
+        if base == "nvfp4":
+            ratios += _within_its_own_effect(r["tp"][1:], r["ref"][1:], r["plain"][1:], f"rank {rank}")
+        else:
+            _close(r["tp_files"], r["ref_files"], f"rank {rank} adapter tensors")
     _, tp2 = read_adapter_files(str(tmp_path / "tp2"))
     _, tp1 = read_adapter_files(str(tmp_path / "tp1"))
     assert tp2.keys() == tp1.keys() and {tuple(v.shape) for v in tp2.values()} == {tuple(v.shape) for v in tp1.values()}
-    if base == "fp8":
-        print("fp8: TP=2 gradient error over TP=1's, both against the BF16 base: median",
-              sorted(ratios)[len(ratios) // 2], "max", max(ratios))
-    else:
-        _close(tp2, tp1, "saved adapter file", base)
+    if base == "bf16":
+        _close(tp2, tp1, "saved adapter file")
+        return
+    print(f"{base}: TP=2 gradient error over TP=1's, both against the BF16 base: median",
+          sorted(ratios)[len(ratios) // 2], "max", max(ratios))
+    if base == "nvfp4":             # after 3 steps (measured 2.0e-3 on the AMD host): no drift, one valid run
+        worst = max(_rel(tp2, tp1).values())
+        assert worst < 1e-2, worst
 
 
 @pytest.mark.slow  # two torchrun launches of `longlive train` (~1-3 min each on 2 busy cores)

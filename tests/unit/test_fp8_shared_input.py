@@ -32,8 +32,11 @@ class QKV(nn.Module):
                                   for _ in range(3))
 
     def forward(self, x):
-        kv = self.k(x).sigmoid() + self.v(x).square()
-        return self.q(x) * kv if self.use_q else kv
+        # the group's outputs are column slices of one GEMM output; torch's CPU sigmoid rounds a strided input
+        # differently from a contiguous one (AVX-512), so the consumer reads contiguous copies: the claim under
+        # test is the linears', not the elementwise kernels'
+        kv = self.k(x).contiguous().sigmoid() + self.v(x).contiguous().square()
+        return self.q(x).contiguous() * kv if self.use_q else kv
 
 
 def _pair(use_q: bool = True):
