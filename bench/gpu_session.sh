@@ -139,7 +139,7 @@ run() {
             step train_step_compiled 260 python bench/bench_train_step.py --preset wan2.1-1.3b --quant bf16 \
                 fp8_channel_fast --warmup 1 --steps 2 --compile-elementwise on --out "$res" ;;
         suite)  # every single-GPU test at HEAD (multi-GPU ones skip on one card): the whole CUDA path's regression
-            step gpu_suite 560 python -m pytest -q -m gpu -rs --durations=20 tests/gpu ;;
+            step gpu_suite 560 python -m pytest -v -m gpu -rs --durations=20 tests/gpu ;;   # -v: a cut-short run still names each result
         *) echo "unknown group $g (suite | s19 | s19a | s18c | s18b | s18 | s17b | s17 | s16 | s16b | s15 | attn | e2e | train)"; exit 2 ;;
         esac
     done
