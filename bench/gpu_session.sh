@@ -5,8 +5,9 @@
 #       -> .whl/: the cp312 wheels the lent machine lacks (it has torch, triton; no internet). /.whl/ is git-ignored;
 #          carry it: it travels with the checkout (about 45 MB of the 64 MiB a call may carry).
 #   on the device:          run command="bash bench/gpu_session.sh run 560 <group>" carry=[".whl"]
-#                           (nothing pending: session 20 ran s19a + s18c (bench/RESULTS.md "Session 20"); attn,
-#                           e2e, train rerun the main tables)
+#                           (pending: `suite`, every single-GPU test in one call, never run: session 21 got no
+#                           machine; session 20 ran s19a + s18c (bench/RESULTS.md "Session 20"); attn, e2e, train
+#                           rerun the main tables)
 #       -> installs the wheels (into /tmp/site, as the device README says), then runs the group's steps until 560 s
 #          are spent (each with its own limit; the last ones are skipped when the budget runs out); log.txt,
 #          steps.txt and results.jsonl come back in $OUT.
