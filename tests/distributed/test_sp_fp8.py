@@ -23,7 +23,7 @@ import torch
 
 from megatron_longlive.distributed.launch import spawn
 
-from .tf_harness import assert_same, make_model, make_optimizer, reference_loss, setup_rank, train_steps
+from .tf_harness import make_model, make_optimizer, reference_loss, setup_rank, train_steps
 
 pytestmark = pytest.mark.distributed
 STEPS = 3
